@@ -1,0 +1,201 @@
+"""`python -m harness` / `harness`: the command line.
+
+Exit codes: 0 success; 1 a regression found by `check`; 2 bad input or a result that cannot
+be judged (one line on stderr, no traceback); 3 an unexpected crash (traceback);
+130 interrupted (the run folder says where to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+EXIT_CRASH = 3
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the argument (exit 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec value, e.g. --set train.lr=1e-4 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="harness", description="Evaluation-centric LoRA fine-tuning harness.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("run", help="prepare data, train, score base and tuned, write reports")
+    p.add_argument("task", nargs="?", help="task name in tasks/ or a spec path")
+    p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run folder")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    _add_overrides(p)
+
+    p = sub.add_parser("validate", help="check a task spec without running it")
+    p.add_argument("task")
+    _add_overrides(p)
+
+    p = sub.add_parser("prepare", help="clean and split the data; print counts")
+    p.add_argument("task")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad line")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    _add_overrides(p)
+
+    p = sub.add_parser("report", help="render HTML and Markdown reports from run folders")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN")
+    p.add_argument("--out", type=Path, help="output folder (default: the first run folder)")
+
+    p = sub.add_parser("check", help="regression-check a candidate adapter against a baseline")
+    p.add_argument("task")
+    p.add_argument("--candidate", required=True, type=Path, help="adapter folder or run folder")
+    p.add_argument("--baseline", required=True, type=Path, help="baseline file, adapter folder or run folder")
+    p.add_argument("--out", type=Path, default=Path("gate-results"), help="folder for verdict.json/.md/junit.xml")
+    _add_overrides(p)
+
+    p = sub.add_parser("baseline", help="write a committed baseline file from a run")
+    p.add_argument("run", type=Path)
+    p.add_argument("--out", required=True, type=Path)
+
+    p = sub.add_parser("generate", help="write descriptions with a run's tuned model")
+    p.add_argument("run", type=Path)
+    p.add_argument("--title", help="a product title (default: read titles from stdin)")
+    p.add_argument("--compare", action="store_true", help="also print the base model's description")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+
+    p = sub.add_parser("serve", help="serve a run's tuned model over HTTP")
+    p.add_argument("run", type=Path)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+
+    p = sub.add_parser("bench", help="GPU benchmark: seed recipe vs harness (training and scoring)")
+    p.add_argument("task")
+    p.add_argument("--out", type=Path, default=Path("bench/results.json"))
+    p.add_argument("--quick", action="store_true", help="few steps, for a smoke test")
+    _add_overrides(p)
+
+    p = sub.add_parser("fetch-model", help="fetch and convert the embedded default model (once)")
+    return parser
+
+
+def _cmd_run(args) -> int:
+    from harness.run import run_task, summary_line
+
+    if bool(args.task) == bool(args.resume):
+        raise HarnessError("run: give a TASK, or --resume RUN (not both)")
+    run_dir = run_task(args.task, args.overrides, args.runs_dir, resume=args.resume)
+    print(f"run folder: {run_dir}")
+    print(summary_line(run_dir))
+    print(f"reports: {run_dir / 'report.html'}  {run_dir / 'report.md'}")
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from harness.spec import load_spec
+
+    spec = load_spec(args.task, args.overrides)
+    missing = [str(p) for p in spec.data_paths() if not any(p.parent.glob(p.name))]
+    if missing:
+        raise HarnessError(f"{args.task}: data.path: no file matches {missing[0]}")
+    print(f"{args.task}: ok ({len(spec.data_paths())} data path(s), base model {spec.model.base})")
+    return 0
+
+
+def _cmd_prepare(args) -> int:
+    from harness import data
+    from harness.runfolder import Manifest, new_run_dir
+    from harness.spec import load_spec
+
+    overrides = args.overrides + (["data.strict=true"] if args.strict else [])
+    spec = load_spec(args.task, overrides)
+    prepared = data.prepare(spec)
+    run_dir = new_run_dir(args.runs_dir, f"{spec.name}-prepare")
+    data.write_prepared(prepared, run_dir / "data")
+    Manifest.create(run_dir, spec.name).update(status="prepared", data_counts=prepared.counts)
+    print(data.format_counts(prepared.counts))
+    print(f"prepared split: {run_dir / 'data'}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from harness.report import write_reports
+
+    html, md = write_reports(args.runs, args.out or args.runs[0])
+    print(f"{html}\n{md}")
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from harness.gate import run_check
+
+    return run_check(args.task, args.candidate, args.baseline, args.out, args.overrides)
+
+
+def _cmd_baseline(args) -> int:
+    from harness.gate import write_baseline
+
+    print(write_baseline(args.run, args.out))
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from harness.serve import generate_command
+
+    return generate_command(args)
+
+
+def _cmd_serve(args) -> int:
+    from harness.serve import serve_command
+
+    return serve_command(args)
+
+
+def _cmd_bench(args) -> int:
+    from harness.bench import bench_command
+
+    return bench_command(args)
+
+
+def _cmd_fetch_model(args) -> int:
+    from harness.models import resolve_base
+    from harness.spec import EMBEDDED_MODEL
+
+    print(resolve_base(EMBEDDED_MODEL))
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "prepare": _cmd_prepare, "report": _cmd_report,
+            "check": _cmd_check, "baseline": _cmd_baseline, "generate": _cmd_generate, "serve": _cmd_serve,
+            "bench": _cmd_bench, "fetch-model": _cmd_fetch_model}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="harness: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return COMMANDS[args.command](args)
+    except HarnessError as exc:
+        print(f"harness: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("harness: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        print("harness: crashed (this is a bug in harness or a library; exit 3)", file=sys.stderr)
+        return EXIT_CRASH

@@ -1,0 +1,591 @@
+"""Reading, cleaning, de-duplicating and splitting the product records.
+
+The input is AmazonTitles-1.3MM `trn.json`: JSON lines `{"uid", "title", "content", ...}`,
+2.2M lines / 1.9 GB, ~38% with empty content, HTML entities everywhere, and the odd broken
+line. Everything here streams: memory grows with the examples kept plus one 64-bit hash per
+kept title, never with the size of a file or of a single line.
+
+Decisions (each deliberate, see the functions for why):
+
+* A bad line is skipped and counted under one reason (with its first 5 `file:line`
+  locations); `strict=True` turns the first bad line into `DataError("file:line: reason")`.
+  A path that does not exist is always an error.
+* Content that is empty or shorter than `min_content_chars` after cleaning is dropped, and only
+  then are titles de-duplicated: a title's first *usable* record is kept.
+* The split is a pure function of the normalized title and `split_salt` (sha256), so the same
+  title never lands on both sides and adding rows never moves an existing row across it.
+* Caps keep the rows with the smallest split hash (stable as rows are added).
+* Output order is file order for both train and held-out (`source` ascending).
+* `counts` always add up: read = malformed + empty_title + empty + too_short + duplicate
+  + train + heldout + train_capped + heldout_capped.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import gzip
+import hashlib
+import heapq
+import html
+import json
+import re
+import unicodedata
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import DataError, RunError
+from harness.io import atomic_write_json, atomic_writer
+from harness.spec import TaskSpec
+
+MAX_LINE_BYTES = 1 << 20  # 1 MiB: the longest real record is ~30 KB; anything longer is junk.
+_SKIP_CHUNK = 1 << 16  # how much of an over-long line is read (and discarded) at a time
+_MAX_UNESCAPE_ROUNDS = 4  # `&amp;amp;#8217;` needs 3; more rounds would only eat literal text
+_MAX_FIRST = 5  # locations kept per bad-line reason
+
+# Bad-line reasons (the keys of `bad_lines_by_reason`); field reasons add the field name.
+R_INVALID_JSON = "invalid JSON"
+R_NOT_OBJECT = "not a JSON object"
+R_INVALID_UTF8 = "invalid UTF-8"
+R_NUL = "NUL byte"
+R_TOO_LONG = "line too long"
+R_TRUNCATED_GZIP = "truncated gzip"
+R_CORRUPT_GZIP = "corrupt gzip"
+
+
+def r_missing(name: str) -> str:
+    return f"missing field '{name}'"
+
+
+def r_null(name: str) -> str:
+    return f"null field '{name}'"
+
+
+def r_not_string(name: str) -> str:
+    return f"non-string field '{name}'"
+
+
+# --------------------------------------------------------------------------------------------
+# Text cleaning
+# --------------------------------------------------------------------------------------------
+
+_COMMENT_RE = re.compile(r"<!--.*?-->", re.S)
+# Only things that look like real tags (`<br>`, `</p>`, `<div class="x">`), so "size < 5 in" or
+# "<3" survive.
+_TAG_RE = re.compile(r"</?([a-zA-Z][a-zA-Z0-9]*)\b[^<>]*/?>")
+# Hand-written because no stdlib list exists: inline tags vanish without a space ("5<sup>th</sup>"
+# -> "5th"), every other tag (br, p, div, li, ...) separates words ("end.<br>Next").
+_INLINE_TAGS = frozenset("a abbr b bdi bdo cite code em font i mark q s small span strong sub sup u".split())
+# Amazon's "--This text refers to theHardcoveredition." / "... an out of print or unavailable
+# edition of this title." tail (also seen mid-text where descriptions were concatenated). The
+# edition name may be glued to "edition", so no word boundary there; bounded so it cannot eat text.
+_BOILERPLATE_RE = re.compile(r"this text refers to\b[^.]{0,120}?edition(?: of this title)?\.?", re.IGNORECASE)
+_BOILERPLATE_LEAD = " -\u2013\u2014"  # the "--" (or dash) that introduces it, stripped with it
+
+
+def _build_control_table() -> dict[int, Any]:
+    """str.translate table: drop control/invisible characters, keep whitespace as a space.
+
+    Literal C1 controls (U+0080-U+009F) in this data are cp1252 bytes decoded as Latin-1, so
+    they map to their cp1252 character -- the same thing `html.unescape` does for `&#x92;` per
+    HTML5; the five undefined cp1252 bytes are dropped. Built from the codec, not typed in.
+    """
+    table: dict[int, Any] = {}
+    for cp in range(0x20):
+        table[cp] = " " if chr(cp) in "\t\n\r\x0b\x0c" else None
+    table[0x7F] = None
+    for cp in range(0x80, 0xA0):
+        try:
+            table[cp] = bytes([cp]).decode("cp1252")
+        except UnicodeDecodeError:
+            table[cp] = None
+    # Invisible format characters that only break words and de-duplication; U+FFFD is what
+    # html.unescape makes of `&#0;` and invalid references.
+    for cp in (0x00AD, 0x200B, 0x200C, 0x200D, 0x200E, 0x200F, 0x2060, 0xFEFF, 0xFFFD):
+        table[cp] = None
+    # Lone surrogates come from JSON escapes like "\ud800" and cannot be written as UTF-8.
+    for cp in range(0xD800, 0xE000):
+        table[cp] = None
+    return table
+
+
+_CONTROL_TABLE = _build_control_table()
+# translate() is a per-character dict lookup; a regex scan first skips it for clean strings.
+_CONTROL_RE = re.compile("[" + "".join(re.escape(chr(cp)) for cp in sorted(_CONTROL_TABLE) if cp < 0xD800)
+                         + "\ud800-\udfff]")
+
+
+def _unescape(s: str) -> str:
+    """html.unescape until stable: the data is sometimes escaped twice (`&amp;#8217;`)."""
+    for _ in range(_MAX_UNESCAPE_ROUNDS):
+        if "&" not in s:
+            break
+        new = html.unescape(s)
+        if new == s:
+            break
+        s = new
+    return s
+
+
+def _strip_tags(s: str) -> str:
+    s = _COMMENT_RE.sub(" ", s)
+    return _TAG_RE.sub(lambda m: "" if m.group(1).lower() in _INLINE_TAGS else " ", s)
+
+
+def clean_text(s: str) -> str:
+    """Entities unescaped, tags and control characters removed, NFC, one space between words.
+
+    Also drops Amazon's "--This text refers to ... edition." boilerplate, which would otherwise
+    be learned as part of every book description.
+    """
+    s = _unescape(s)
+    if "<" in s:
+        s = _strip_tags(s)
+    if _CONTROL_RE.search(s):
+        s = s.translate(_CONTROL_TABLE)
+    s = " ".join(unicodedata.normalize("NFC", s).split())  # str.split: any Unicode whitespace
+    if "refers to" in s.lower():
+        s = _drop_boilerplate(s)
+    return s
+
+
+def _drop_boilerplate(s: str) -> str:
+    """Remove every "--This text refers to ... edition." together with its leading dashes."""
+    while m := _BOILERPLATE_RE.search(s):
+        s = s[: m.start()].rstrip(_BOILERPLATE_LEAD) + " " + s[m.end():]
+    return " ".join(s.split())
+
+
+class _PunctTable(dict):
+    """Lazy str.translate table for normalize_title: punctuation and decorative symbols -> space.
+
+    Python's `re` has no `\\p{P}`; classifying each code point once (on first sight) keeps
+    normalize_title fast on 2M titles without precomputing all 1.1M code points at import.
+    Math (+, =) and currency symbols are kept: "C++ Primer" and "C Primer" are different books.
+    """
+
+    def __missing__(self, cp: int) -> Any:
+        cat = unicodedata.category(chr(cp))
+        value: Any = " " if cat[0] == "P" or cat in ("Sk", "So") else cp
+        self[cp] = value
+        return value
+
+
+# Apostrophes are deleted rather than spaced so "Mog's" == "Mogs" == "Mog’s".
+_TITLE_TABLE = _PunctTable({ord(c): None for c in "'\u2018\u2019\u02bc`\u00b4"})
+
+
+def normalize_title(s: str) -> str:
+    """The de-duplication and split key: cleaned, NFKC, casefolded, punctuation-free."""
+    return _title_key(clean_text(s))
+
+
+def _title_key(cleaned: str) -> str:
+    """normalize_title for text that is already clean (prepare cleans each title once)."""
+    s = unicodedata.normalize("NFKC", cleaned).casefold()
+    return " ".join(s.translate(_TITLE_TABLE).split())
+
+
+def title_hash(normalized: str, salt: str) -> int:
+    """64 bits of sha256(salt, normalized title): the split position and the dedupe key."""
+    digest = hashlib.sha256(f"{salt}\x00{normalized}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def split_value(normalized: str, salt: str) -> float:
+    """Uniform in [0, 1); the row is held out when this is < heldout_fraction."""
+    return (title_hash(normalized, salt) >> 11) / float(1 << 53)
+
+
+def truncate_words(s: str, limit: int) -> str:
+    """Cut to at most `limit` characters at a word boundary (a hard cut if one word is huge)."""
+    if len(s) <= limit:
+        return s
+    cut = s[:limit]
+    if not s[limit].isspace():
+        space = cut.rfind(" ")
+        if space > limit // 2:
+            cut = cut[:space]
+    return cut.rstrip()
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming reader
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class RawRecord:
+    """One parsed line: `file` is the file name shown in counts and sources."""
+
+    file: str
+    line_no: int
+    obj: dict
+
+    @property
+    def source(self) -> str:
+        return f"{self.file}:{self.line_no}"
+
+
+@dataclass
+class ReadStats:
+    """What the reader saw: records attempted (`read`) and bad lines by reason."""
+
+    read: int = 0
+    bad: dict[str, int] = field(default_factory=dict)
+    first: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def malformed(self) -> int:
+        return sum(self.bad.values())
+
+    def add_bad(self, reason: str, where: str) -> None:
+        self.bad[reason] = self.bad.get(reason, 0) + 1
+        firsts = self.first.setdefault(reason, [])
+        if len(firsts) < _MAX_FIRST:
+            firsts.append(where)
+
+    def by_reason(self) -> dict[str, dict]:
+        return {r: {"count": n, "first": list(self.first.get(r, []))} for r, n in self.bad.items()}
+
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def expand_paths(paths: Iterable[Path | str]) -> list[Path]:
+    """Expand globs (sorted), check every file exists, drop repeats; errors name the path.
+
+    A path that exists is taken literally even if it contains glob characters. Listing the same
+    file twice (or via a file and a glob) reads it once, so records are not double-counted.
+    """
+    out: list[Path] = []
+    seen: set[Path] = set()
+    for p in paths:
+        p = Path(p)
+        if not p.exists() and _GLOB_CHARS.search(str(p)):
+            matches = sorted(glob.glob(str(p)))
+            if not matches:
+                raise DataError(f"{p}: no files match this pattern")
+            candidates = [Path(m) for m in matches]
+        else:
+            candidates = [p]
+        for c in candidates:
+            if c.is_dir():
+                raise DataError(f"{c}: is a folder, expected a JSON-lines file")
+            if not c.exists():
+                raise DataError(f"{c}: no such file")
+            key = c.resolve()
+            if key not in seen:
+                seen.add(key)
+                out.append(c)
+    return out
+
+
+def _open_binary(path: Path):
+    """Open plain or gzip by magic bytes (a `.gz` name is not trusted, nor needed)."""
+    try:
+        fh = open(path, "rb")
+        magic = fh.read(2)
+        fh.seek(0)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if magic == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=fh, mode="rb"), fh
+    return fh, fh
+
+
+def _read_lines(fh, path: Path) -> Iterator[tuple[int, bytes | None, str | None]]:
+    """Yield (line_no, bytes, None) per line or (line_no, None, reason) for a bad one.
+
+    `readline(limit)` bounds memory: an over-long line is reported once and the rest of it is
+    read and discarded in small chunks. A cut-short or corrupt gzip stream ends the file.
+    """
+    line_no = 0
+    while True:
+        try:
+            line = fh.readline(MAX_LINE_BYTES + 1)
+        except EOFError:
+            yield line_no + 1, None, R_TRUNCATED_GZIP
+            return
+        except (gzip.BadGzipFile, zlib.error):
+            yield line_no + 1, None, R_CORRUPT_GZIP
+            return
+        except OSError as exc:
+            raise DataError(f"{path}:{line_no + 1}: cannot read ({exc.strerror or exc})") from None
+        if not line:
+            return
+        line_no += 1
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            try:
+                while True:
+                    rest = fh.readline(_SKIP_CHUNK)
+                    if not rest or rest.endswith(b"\n"):
+                        break
+            except EOFError:
+                yield line_no, None, R_TOO_LONG
+                yield line_no + 1, None, R_TRUNCATED_GZIP
+                return
+            except (gzip.BadGzipFile, zlib.error):
+                yield line_no, None, R_TOO_LONG
+                yield line_no + 1, None, R_CORRUPT_GZIP
+                return
+            yield line_no, None, R_TOO_LONG
+            continue
+        yield line_no, line, None
+
+
+def _parse_line(line: bytes, title_field: str, content_field: str) -> dict | str:
+    """The record as a dict, or the reason it is bad."""
+    if b"\x00" in line:
+        return R_NUL
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return R_INVALID_UTF8
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested 100k deep
+        return R_INVALID_JSON
+    if not isinstance(obj, dict):
+        return R_NOT_OBJECT
+    for name in (title_field, content_field):
+        if name not in obj:
+            return r_missing(name)
+        value = obj[name]
+        if value is None:
+            return r_null(name)
+        if not isinstance(value, str):
+            return r_not_string(name)
+    return obj
+
+
+def iter_records(
+    paths: list[Path],
+    strict: bool = False,
+    *,
+    title_field: str = "title",
+    content_field: str = "content",
+    stats: ReadStats | None = None,
+) -> Iterator[RawRecord]:
+    """Stream parsed records from JSON-lines files (plain or gzip, globs allowed).
+
+    Bad lines are counted in `stats` (pass your own ReadStats to see them) and skipped, or with
+    `strict=True` raise `DataError("path:line: reason")` at the first one. Blank lines are
+    skipped silently (a trailing newline is not an error). Missing paths always raise.
+    """
+    stats = stats if stats is not None else ReadStats()
+    for path in expand_paths(paths):
+        name = path.name
+        reader, raw = _open_binary(path)
+        try:
+            for line_no, line, reason in _read_lines(reader, path):
+                if line is not None:
+                    if line_no == 1 and line.startswith(b"\xef\xbb\xbf"):
+                        line = line[3:]  # a UTF-8 BOM at file start is an editor artifact, not an error
+                    if not line.strip():
+                        continue
+                stats.read += 1
+                if reason is None:
+                    parsed = _parse_line(line, title_field, content_field)
+                    if isinstance(parsed, dict):
+                        yield RawRecord(name, line_no, parsed)
+                        continue
+                    reason = parsed
+                if strict:
+                    raise DataError(f"{path}:{line_no}: {reason}")
+                stats.add_bad(reason, f"{name}:{line_no}")
+        finally:
+            reader.close()
+            raw.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Prepare
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Example:
+    """One cleaned training/held-out pair; `source` is `file:line` of the record it came from."""
+
+    id: str
+    title: str
+    content: str
+    source: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Example":
+        return cls(id=str(d["id"]), title=str(d["title"]), content=str(d["content"]), source=str(d["source"]))
+
+
+@dataclass
+class PreparedData:
+    train: list[Example]
+    heldout: list[Example]
+    counts: dict
+
+
+COUNT_KEYS = ("read", "malformed", "empty_title", "empty", "too_short", "duplicate",
+              "train", "heldout", "train_capped", "heldout_capped")
+
+
+@functools.lru_cache(maxsize=256)
+def _stem(name: str) -> str:
+    return Path(name).stem
+
+
+def _record_id(rec: RawRecord, id_field: str) -> str:
+    """The record's id, or `file-stem:line` when it has none (most trn.json sample rows)."""
+    value = rec.obj.get(id_field)
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        return f"{_stem(rec.file)}:{rec.line_no}"
+    return str(value).strip()
+
+
+class _Side:
+    """The rows of one split side; with a cap, only the `cap` smallest hashes (a max-heap)."""
+
+    def __init__(self, cap: int | None):
+        self.cap = cap
+        self.total = 0
+        self._rows: list[tuple[int, int, Example]] = []  # (-hash, seq, example) when capped
+
+    def add(self, h: int, seq: int, ex: Example) -> None:
+        self.total += 1
+        if self.cap is None:
+            self._rows.append((-h, seq, ex))
+        elif len(self._rows) < self.cap:
+            heapq.heappush(self._rows, (-h, seq, ex))
+        elif self.cap > 0 and -self._rows[0][0] > h:
+            heapq.heapreplace(self._rows, (-h, seq, ex))
+
+    def examples(self) -> list[Example]:
+        """File order (seq ascending), whatever the cap kept."""
+        return [ex for _, _, ex in sorted(self._rows, key=lambda r: r[1])]
+
+
+def prepare(spec: TaskSpec) -> PreparedData:
+    """Read, clean, filter, de-duplicate and split the spec's data files (streaming).
+
+    Raises DataError when a path is missing, in strict mode at the first bad line, and when no
+    example at all survives (the counts say why).
+    """
+    d = spec.data
+    stats = ReadStats()
+    counts = {k: 0 for k in COUNT_KEYS}
+    seen: set[int] = set()
+    train, heldout = _Side(d.max_train), _Side(d.max_heldout)
+    threshold = d.heldout_fraction
+    seq = 0
+    records = iter_records(spec.data_paths(), d.strict, title_field=d.title_field,
+                           content_field=d.content_field, stats=stats)
+    for rec in records:
+        content = clean_text(rec.obj[d.content_field])
+        if not content:
+            counts["empty"] += 1
+            continue
+        if len(content) < d.min_content_chars:
+            counts["too_short"] += 1
+            continue
+        title = clean_text(rec.obj[d.title_field])
+        key = _title_key(title)
+        if not key:
+            counts["empty_title"] += 1
+            continue
+        h = title_hash(key, d.split_salt)
+        if h in seen:
+            counts["duplicate"] += 1
+            continue
+        seen.add(h)
+        ex = Example(_record_id(rec, d.id_field), title, truncate_words(content, d.max_content_chars), rec.source)
+        side = heldout if (h >> 11) / float(1 << 53) < threshold else train
+        side.add(h, seq, ex)
+        seq += 1
+    counts["read"] = stats.read
+    counts["malformed"] = stats.malformed
+    train_rows, heldout_rows = train.examples(), heldout.examples()
+    counts["train"], counts["heldout"] = len(train_rows), len(heldout_rows)
+    counts["train_capped"] = train.total - len(train_rows)
+    counts["heldout_capped"] = heldout.total - len(heldout_rows)
+    counts["bad_lines_by_reason"] = stats.by_reason()
+    if not train_rows and not heldout_rows:
+        names = ", ".join(str(p) for p in spec.data_paths())
+        raise DataError(f"{names}: no usable records ({_one_line(counts)})")
+    return PreparedData(train_rows, heldout_rows, counts)
+
+
+def _one_line(counts: dict) -> str:
+    return ", ".join(f"{k} {counts[k]}" for k in COUNT_KEYS if counts.get(k)) or "read 0"
+
+
+def format_counts(counts: dict) -> str:
+    """A short human summary for the `prepare` command: one line per count, then bad lines."""
+    keys = [k for k in COUNT_KEYS if k in counts]
+    width = max(len(k) for k in keys) if keys else 0
+    lines = [f"{k:<{width}}  {counts[k]:>9,}" for k in keys]
+    for reason, info in (counts.get("bad_lines_by_reason") or {}).items():
+        first = ", ".join(info.get("first", []))
+        more = ", ..." if info.get("count", 0) > len(info.get("first", [])) else ""
+        lines.append(f"  {reason}: {info.get('count', 0):,} (first: {first}{more})")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing and reading prepared data
+# --------------------------------------------------------------------------------------------
+
+TRAIN_FILE, HELDOUT_FILE, COUNTS_FILE = "train.jsonl", "heldout.jsonl", "data_counts.json"
+
+
+def _write_examples(path: Path, examples: list[Example]) -> None:
+    with atomic_writer(path) as fh:
+        for ex in examples:
+            fh.write(json.dumps(ex.to_dict(), ensure_ascii=False))
+            fh.write("\n")
+
+
+def write_prepared(data: PreparedData, folder: Path) -> None:
+    """Write train.jsonl, heldout.jsonl, then data_counts.json (last: it marks completion)."""
+    folder = Path(folder)
+    _write_examples(folder / TRAIN_FILE, data.train)
+    _write_examples(folder / HELDOUT_FILE, data.heldout)
+    atomic_write_json(folder / COUNTS_FILE, data.counts)
+
+
+def _read_examples(path: Path) -> list[Example]:
+    out = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for i, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    out.append(Example.from_dict(json.loads(line)))
+                except (ValueError, KeyError, TypeError):
+                    raise RunError(f"{path}:{i}: not a prepared example; run prepare again") from None
+    except FileNotFoundError:
+        raise RunError(f"{path}: missing; run prepare first") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    return out
+
+
+def read_prepared(folder: Path) -> PreparedData:
+    """Load what write_prepared wrote; a missing or damaged file is a one-line RunError."""
+    folder = Path(folder)
+    counts_path = folder / COUNTS_FILE
+    try:
+        counts = json.loads(counts_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{counts_path}: missing; run prepare first") from None
+    except (OSError, ValueError) as exc:
+        raise RunError(f"cannot read {counts_path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not isinstance(counts, dict):
+        raise RunError(f"{counts_path}: not a counts object; run prepare again")
+    return PreparedData(_read_examples(folder / TRAIN_FILE), _read_examples(folder / HELDOUT_FILE), counts)

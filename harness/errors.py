@@ -1,0 +1,32 @@
+"""User-facing errors.
+
+Every problem a user can cause or fix (bad spec, bad data, missing model, a metric that
+cannot be computed) is raised as a `HarnessError` subclass with a one-line message; the CLI
+prints it without a traceback and exits with the class's `exit_code`.
+"""
+
+
+class HarnessError(Exception):
+    """A user-facing error: one line, exit code 2."""
+
+    exit_code = 2
+
+
+class SpecError(HarnessError):
+    """An invalid task spec or command-line override."""
+
+
+class DataError(HarnessError):
+    """Unreadable or unusable input data."""
+
+
+class ModelError(HarnessError):
+    """A base model or adapter that cannot be found, verified or loaded."""
+
+
+class MetricError(HarnessError):
+    """A metric could not be computed; never reported as a number."""
+
+
+class RunError(HarnessError):
+    """A run folder that is missing, incomplete or not writable."""

@@ -1,0 +1,50 @@
+"""Fingerprints: sha256 of everything that determines a score.
+
+Two results are comparable (and a cached base score reusable) only when the model weights,
+tokenizer and chat template, held-out split, prompt, generation and metric settings all
+match. Each gets its own hash so a mismatch can be named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from harness.models import sha256_file
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "config.json", "adapter_config.json")
+
+
+def hash_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
+
+
+def hash_folder(folder: Path, patterns=WEIGHT_PATTERNS) -> str:
+    """sha256 over (name, file sha256) of the weight and config files in a folder."""
+    files = sorted({p for pattern in patterns for p in Path(folder).glob(pattern) if p.is_file()})
+    return hash_json([[p.name, sha256_file(p)] for p in files])
+
+
+def model_fingerprint(model_ref: str) -> str:
+    """Local folders are hashed by content; a hub id only by name (its cache may change)."""
+    path = Path(model_ref)
+    return hash_folder(path) if path.is_dir() else hash_json({"hub_id": model_ref})
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    return hash_json({"vocab": vocab, "chat_template": tokenizer.chat_template,
+                      "eos": tokenizer.eos_token, "pad": tokenizer.pad_token})
+
+
+def split_fingerprint(examples) -> str:
+    return hash_json([[e.id, e.title, e.content] for e in examples])
+
+
+def settings_fingerprints(spec, metric_settings_record: dict) -> dict[str, str]:
+    from dataclasses import asdict
+
+    return {"prompt": hash_json(asdict(spec.prompt)), "generation": hash_json(asdict(spec.generation)),
+            "metrics": hash_json(metric_settings_record)}

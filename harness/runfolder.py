@@ -1,0 +1,109 @@
+"""Run folders: `runs/<run-id>/` holds everything one run produced, plus its manifest.
+
+A run id is created with an exclusive mkdir, so two runs started at once never share a
+folder. The manifest is rewritten atomically after every stage, so a killed run still says
+how far it got.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import secrets
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from harness.errors import RunError
+from harness.io import atomic_write_json
+
+PACKAGES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "liger-kernel",
+            "rouge-score", "sacrebleu", "pandas", "matplotlib", "numpy", "harness")
+MANIFEST = "manifest.json"
+
+
+def new_run_dir(runs_root: Path, task: str) -> Path:
+    runs_root.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for _ in range(10):
+        folder = runs_root / f"{task}-{stamp}-{secrets.token_hex(2)}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise RunError(f"cannot create run folder under {runs_root}: {exc.strerror}") from None
+    raise RunError(f"cannot find a free run folder name under {runs_root}")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment() -> dict:
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": package_versions(),
+            "git_commit": git_commit()}
+
+
+def read_manifest(run_dir: Path) -> dict:
+    path = Path(run_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{path}: not a run folder (no manifest.json)") from None
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{path}: unreadable manifest ({exc})") from None
+
+
+class Manifest:
+    """The run's manifest, persisted on every change."""
+
+    def __init__(self, run_dir: Path, data: dict):
+        self.run_dir = Path(run_dir)
+        self.data = data
+
+    @classmethod
+    def create(cls, run_dir: Path, task: str) -> "Manifest":
+        manifest = cls(run_dir, {"run_id": Path(run_dir).name, "task": task, "status": "running",
+                                 "pid": os.getpid(), "started_at": _now(), "timings_s": {}, **environment()})
+        manifest.save()
+        return manifest
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "Manifest":
+        return cls(run_dir, read_manifest(run_dir))
+
+    def update(self, **fields) -> None:
+        self.data.update(fields)
+        self.save()
+
+    def timing(self, stage: str, seconds: float) -> None:
+        self.data.setdefault("timings_s", {})[stage] = round(seconds, 3)
+        self.save()
+
+    def save(self) -> None:
+        self.data["updated_at"] = _now()
+        atomic_write_json(self.run_dir / MANIFEST, self.data)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

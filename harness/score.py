@@ -1,0 +1,121 @@
+"""Model-side scoring: batched greedy generation and reference perplexity.
+
+Both run in length-sorted batches (less padding, no per-example loop) and return results in
+the caller's order. Perplexity never materialises full-vocabulary logits for the whole
+batch: only positions that predict a description token go through the LM head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from harness.prompts import EncodedExample, encode_prompt
+from harness.spec import GenerationSpec
+
+
+@dataclass
+class Generation:
+    text: str
+    n_tokens: int
+    hit_max_new_tokens: bool
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterable[list[int]]:
+    """Index batches, longest first, so similar lengths share a batch (and OOM shows up early)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+def _left_pad(rows: list[list[int]], pad_id: int):
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+def generate(model, tokenizer, prompts: Sequence[str], gen: GenerationSpec, device,
+             on_done: Callable[[int, Generation], None] | None = None,
+             batch_size: int | None = None) -> list[Generation]:
+    """Generate a description per prompt; `on_done(index, result)` lets callers persist as they go."""
+    import torch
+
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    results: list[Generation | None] = [None] * len(prompts)
+    eos_id = tokenizer.eos_token_id
+    sampling = {"do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p} if gen.do_sample \
+        else {"do_sample": False}
+    model.eval()
+    for batch in length_sorted_batches([len(e) for e in encoded], batch_size or gen.batch_size):
+        ids, mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids.to(device.torch_device), attention_mask=mask.to(device.torch_device),
+                max_new_tokens=gen.max_new_tokens, eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id,
+                repetition_penalty=gen.repetition_penalty, **sampling)
+        new_tokens = out[:, ids.shape[1]:].cpu().tolist()
+        for i, tokens in zip(batch, new_tokens):
+            ended = eos_id in tokens
+            kept = tokens[: tokens.index(eos_id)] if ended else tokens
+            result = Generation(
+                text=tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                n_tokens=len(kept),
+                hit_max_new_tokens=not ended and len(tokens) >= gen.max_new_tokens,
+            )
+            results[i] = result
+            if on_done is not None:
+                on_done(i, result)
+    return results  # type: ignore[return-value]
+
+
+def _decoder_and_head(model):
+    """The transformer body and LM head, through a PEFT wrapper if there is one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def reference_nll(model, examples: Sequence[EncodedExample], batch_size: int, device,
+                  pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example summed NLL (nats) of description tokens given the prompt, and their counts.
+
+    Right padding keeps real tokens at positions 0..len-1 so padding cannot change a score;
+    the test suite checks that batch size leaves every value unchanged.
+    """
+    import torch
+
+    nll = np.zeros(len(examples), dtype=np.float64)
+    counts = np.zeros(len(examples), dtype=np.int64)
+    decoder, head = _decoder_and_head(model)
+    model.eval()
+    for batch in length_sorted_batches([len(e.input_ids) for e in examples], batch_size):
+        width = max(len(examples[i].input_ids) for i in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            n = len(examples[i].input_ids)
+            ids[row, :n] = torch.tensor(examples[i].input_ids)
+            labels[row, :n] = torch.tensor(examples[i].labels)
+            mask[row, :n] = 1
+        ids, labels, mask = (t.to(device.torch_device) for t in (ids, labels, mask))
+        with torch.inference_mode():
+            hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            targets = labels[:, 1:]
+            rows, cols = torch.nonzero(targets != -100, as_tuple=True)
+            logits = head(hidden[:, :-1][rows, cols]).float()
+            token_nll = torch.nn.functional.cross_entropy(logits, targets[rows, cols], reduction="none")
+            per_row = torch.zeros(len(batch), dtype=torch.float64, device=token_nll.device)
+            per_row.index_add_(0, rows, token_nll.double())
+            n_per_row = torch.bincount(rows, minlength=len(batch))
+        for row, i in enumerate(batch):
+            nll[i] = per_row[row].item()
+            counts[i] = n_per_row[row].item()
+    return nll, counts

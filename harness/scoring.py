@@ -1,0 +1,228 @@
+"""Scoring a run: base and tuned outputs on the held-out split, metrics, guards, predictions.
+
+Generations are appended to `scores/<side>_generations.jsonl` as each batch finishes, so an
+interrupted run resumes without regenerating them. Base-model scores are cached under a key
+built from every fingerprint that determines them; any change misses the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from harness import fingerprint, models
+from harness.errors import ModelError
+from harness.io import atomic_write_json
+from harness.metrics import MetricSettings, ModelOutputs, per_example_scores, score_outputs, settings_record
+from harness.prompts import build_prompt, encode_example
+from harness.score import Generation, generate, reference_nll
+
+log = logging.getLogger(__name__)
+ADAPTER_TOLERANCE = 1e-4
+
+
+def metric_settings(spec) -> MetricSettings:
+    return MetricSettings(rouge_stemmer=spec.metrics.rouge_stemmer,
+                          bootstrap_replicates=spec.metrics.bootstrap_replicates,
+                          bootstrap_seed=spec.metrics.bootstrap_seed)
+
+
+def read_generations(path: Path) -> dict[str, dict]:
+    """Rows already generated (by id); a torn last line from a kill is ignored."""
+    rows = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            rows[row["id"]] = row
+    return rows
+
+
+def assert_adapter_applied(model, tokenizer, prompts: list[str], device) -> float:
+    """Fail when the adapter leaves the logits unchanged (an untrained or unapplied adapter)."""
+    import torch
+
+    from harness.score import _left_pad
+    from harness.prompts import encode_prompt
+
+    ids, mask = _left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
+    ids, mask = ids.to(device.torch_device), mask.to(device.torch_device)
+    with torch.inference_mode():
+        tuned = model(input_ids=ids, attention_mask=mask).logits.float()
+        with model.disable_adapter():
+            base = model(input_ids=ids, attention_mask=mask).logits.float()
+    diff = (tuned - base).abs().max().item()
+    if not diff > ADAPTER_TOLERANCE:
+        raise ModelError(f"the adapter does not change the model (max logit change {diff:.2e} <= "
+                         f"{ADAPTER_TOLERANCE:.0e} on probe prompts); refusing to report base numbers twice")
+    return diff
+
+
+def guards(predictions: list[str], references: list[str], titles: list[str], generations: list[dict],
+           instruction: str) -> dict:
+    """Length and format checks: a metric gain that comes from a format change should be visible."""
+    words = np.array([len(p.split()) for p in predictions], dtype=float)
+    ref_words = np.array([len(r.split()) for r in references], dtype=float)
+    norm = lambda s: " ".join(s.casefold().split())  # noqa: E731
+    repeats = [norm(instruction) in norm(p) or (norm(p) != "" and norm(p) == norm(t))
+               for p, t in zip(predictions, titles)]
+    return {
+        "mean_tokens": float(np.mean([g["n_tokens"] for g in generations])),
+        "mean_words": float(words.mean()),
+        "length_ratio": float(words.mean() / ref_words.mean()),
+        "empty_share": float(np.mean([p.strip() == "" for p in predictions])),
+        "truncated_share": float(np.mean([g["hit_max_new_tokens"] for g in generations])),
+        "prompt_repeat_share": float(np.mean(repeats)),
+    }
+
+
+def guard_warnings(metrics: dict, guard: dict, shift_limit: float) -> list[str]:
+    out = []
+    gain = metrics["delta"]["rougeL"]["value"] if "rougeL" in metrics["delta"] else 0.0
+    shift = guard["tuned"]["length_ratio"] - guard["base"]["length_ratio"]
+    if gain > 0 and abs(shift) > shift_limit:
+        out.append(f"ROUGE-L gain of {gain:.2f} comes with a length-ratio shift of {shift:+.2f} "
+                   f"(limit {shift_limit}): check the outputs, not only the score")
+    for side in ("base", "tuned"):
+        if guard[side]["empty_share"] > 0.05:
+            out.append(f"{side}: {guard[side]['empty_share']:.0%} of outputs are empty")
+        if guard[side]["truncated_share"] > 0.5:
+            out.append(f"{side}: {guard[side]['truncated_share']:.0%} of outputs hit max_new_tokens")
+        if guard[side]["prompt_repeat_share"] > 0.1:
+            out.append(f"{side}: {guard[side]['prompt_repeat_share']:.0%} of outputs repeat the prompt")
+    return out
+
+
+class ScoringSession:
+    """Everything one run scores, sharing prompts, encodings and fingerprints across sides."""
+
+    def __init__(self, spec, tokenizer, heldout, run_dir: Path, device, model_ref: str, manifest):
+        self.spec, self.tokenizer, self.heldout = spec, tokenizer, heldout
+        self.run_dir, self.device, self.model_ref, self.manifest = Path(run_dir), device, model_ref, manifest
+        self.scores_dir = self.run_dir / "scores"
+        self.scores_dir.mkdir(exist_ok=True)
+        self.prompts = [build_prompt(tokenizer, spec.prompt, e.title) for e in heldout]
+        self.encoded = [encode_example(tokenizer, p, e.content, None) for p, e in zip(self.prompts, heldout)]
+        self.settings = metric_settings(spec)
+
+    # -- fingerprints and the base cache ---------------------------------------------------
+    def fingerprints(self) -> dict[str, str]:
+        if "fingerprints" not in self.manifest.data:
+            prints = {"base_model": fingerprint.model_fingerprint(self.model_ref),
+                      "tokenizer": fingerprint.tokenizer_fingerprint(self.tokenizer),
+                      "heldout_split": fingerprint.split_fingerprint(self.heldout),
+                      **fingerprint.settings_fingerprints(self.spec, settings_record(self.settings))}
+            self.manifest.update(fingerprints=prints)
+        return self.manifest.data["fingerprints"]
+
+    def base_cache_key(self) -> str:
+        prints = self.fingerprints()
+        parts = {k: prints[k] for k in ("base_model", "tokenizer", "heldout_split", "prompt", "generation")}
+        # Numerics differ between bf16 on CUDA and fp32 on CPU: never share a cache across them.
+        return fingerprint.hash_json({**parts, "device": self.device.kind, "dtype": str(self.device.dtype)})[:32]
+
+    def score_base(self) -> None:
+        key = self.base_cache_key()
+        cached = models.cache_dir() / "base_scores" / key
+        files = ("base_generations.jsonl", "base_nll.json")
+        if all((cached / f).is_file() for f in files) and len(read_generations(cached / files[0])) == len(self.heldout):
+            for f in files:
+                shutil.copyfile(cached / f, self.scores_dir / f)
+            log.info("base cache hit: reusing base-model predictions and perplexities (%s)", key)
+            self.manifest.update(base_cache={"hit": True, "key": key})
+            return
+        model = models.load_model(self.model_ref, self.spec.model, self.tokenizer, self.device)
+        self._score_side("base", model)
+        tmp = cached.with_name(f".{key}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for f in files:
+            shutil.copyfile(self.scores_dir / f, tmp / f)
+        shutil.rmtree(cached, ignore_errors=True)
+        tmp.rename(cached)
+        log.info("base cache miss: stored base scores under %s", key)
+        self.manifest.update(base_cache={"hit": False, "key": key})
+
+    def score_tuned(self, adapter_dir: Path) -> None:
+        model = models.load_model(self.model_ref, self.spec.model, self.tokenizer, self.device)
+        model = models.load_adapter(model, adapter_dir, self.spec.model.allow_pickle)
+        change = assert_adapter_applied(model, self.tokenizer, self.prompts[:4], self.device)
+        prints = dict(self.fingerprints(), adapter=fingerprint.hash_folder(adapter_dir))
+        self.manifest.update(fingerprints=prints, adapter_logit_change=change)
+        self._score_side("tuned", model)
+
+    # -- one side ---------------------------------------------------------------------------
+    def _score_side(self, side: str, model) -> None:
+        gens_path = self.scores_dir / f"{side}_generations.jsonl"
+        done = read_generations(gens_path)
+        todo = [i for i, e in enumerate(self.heldout) if e.id not in done]
+        if done:
+            log.info("%s: %d generations already written, %d to go", side, len(done), len(todo))
+        if todo:
+            with open(gens_path, "a", encoding="utf-8") as sink:
+                def persist(j: int, result: Generation) -> None:
+                    row = {"id": self.heldout[todo[j]].id, "text": result.text, "n_tokens": result.n_tokens,
+                           "hit_max_new_tokens": result.hit_max_new_tokens}
+                    sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    sink.flush()
+
+                generate(model, self.tokenizer, [self.prompts[i] for i in todo], self.spec.generation,
+                         self.device, on_done=persist)
+        nll_path = self.scores_dir / f"{side}_nll.json"
+        if not nll_path.is_file():
+            nll, counts = reference_nll(model, self.encoded, self.spec.generation.batch_size, self.device,
+                                        self.tokenizer.pad_token_id)
+            atomic_write_json(nll_path, {"ids": [e.id for e in self.heldout], "nll_sum": nll.tolist(),
+                                         "n_tokens": counts.tolist()})
+
+    def _side(self, side: str) -> tuple[ModelOutputs, list[dict]]:
+        rows = read_generations(self.scores_dir / f"{side}_generations.jsonl")
+        nll = json.loads((self.scores_dir / f"{side}_nll.json").read_text())
+        if nll["ids"] != [e.id for e in self.heldout] or len(rows) != len(self.heldout):
+            raise ModelError(f"{self.scores_dir}: {side} scores do not cover the held-out split; "
+                             "delete the scores folder and resume")
+        gens = [rows[e.id] for e in self.heldout]
+        outputs = ModelOutputs([g["text"] for g in gens], [e.content for e in self.heldout],
+                               np.array(nll["nll_sum"]), np.array(nll["n_tokens"]))
+        return outputs, gens
+
+    def metrics(self) -> dict:
+        base, base_gens = self._side("base")
+        tuned, tuned_gens = self._side("tuned")
+        result = score_outputs(base, tuned, self.settings)
+        names = self.spec.metrics.names
+        for section in ("base", "tuned", "delta", "win_tie_loss", "higher_is_better"):
+            result[section] = {k: v for k, v in result[section].items() if k in names}
+        titles = [e.title for e in self.heldout]
+        refs = [e.content for e in self.heldout]
+        result["guards"] = {side: guards(out.predictions, refs, titles, gens, self.spec.prompt.instruction)
+                            for side, out, gens in (("base", base, base_gens), ("tuned", tuned, tuned_gens))}
+        result["warnings"] = guard_warnings(result, result["guards"], self.spec.metrics.length_shift_warning)
+        result["fingerprints"] = self.manifest.data.get("fingerprints", {})
+        return result
+
+    def write_predictions(self) -> None:
+        base, base_gens = self._side("base")
+        tuned, tuned_gens = self._side("tuned")
+        base_scores = per_example_scores(base, self.settings)
+        tuned_scores = per_example_scores(tuned, self.settings)
+        names = self.spec.metrics.names
+        lines = []
+        for i, e in enumerate(self.heldout):
+            lines.append(json.dumps({
+                "id": e.id, "title": e.title, "reference": e.content,
+                "base": base.predictions[i], "tuned": tuned.predictions[i],
+                "scores": {"base": {m: float(base_scores[m][i]) for m in names},
+                           "tuned": {m: float(tuned_scores[m][i]) for m in names}},
+                "base_truncated": base_gens[i]["hit_max_new_tokens"],
+                "tuned_truncated": tuned_gens[i]["hit_max_new_tokens"],
+            }, ensure_ascii=False))
+        from harness.io import atomic_write_text
+
+        atomic_write_text(self.run_dir / "predictions.jsonl", "\n".join(lines) + "\n")

@@ -1,0 +1,332 @@
+"""Task specs: YAML files that map 1:1 onto typed dataclasses.
+
+A spec is plain data. Loading checks every key and type, so a typo fails at once with a
+one-line error naming the file and the key ("did you mean ..."), never halfway through a
+run. `--set section.key=value` overrides are parsed as YAML scalars and checked the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from harness.errors import SpecError
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+METRIC_NAMES = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf", "perplexity")
+
+
+@dataclass
+class DataSpec:
+    """Where the records are and how they are cleaned and split."""
+
+    path: list[str] = field(default_factory=lambda: ["data/amazon_demo.jsonl"])
+    title_field: str = "title"
+    content_field: str = "content"
+    id_field: str = "uid"
+    min_content_chars: int = 20
+    max_content_chars: int = 1200
+    heldout_fraction: float = 0.15
+    split_salt: str = "harness-v1"
+    max_train: int | None = None
+    max_heldout: int | None = None
+    strict: bool = False
+
+
+@dataclass
+class PromptSpec:
+    """How a title becomes a prompt. `template=None` uses the model's chat template."""
+
+    instruction: str = "Write a product description for the following product title."
+    system: str | None = None
+    template: str | None = None
+
+
+@dataclass
+class ModelSpec:
+    """The base model: the embedded default, a local folder, or a hub id."""
+
+    base: str = EMBEDDED_MODEL
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+@dataclass
+class LoraSpec:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class TrainSpec:
+    epochs: float = 1.0
+    max_steps: int | None = None
+    lr: float = 2e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 256
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    seed: int = 42
+    logging_steps: int = 5
+    eval_fraction: float = 0.05
+    quantization: Literal["auto", "none", "nf4"] = "auto"
+    gradient_checkpointing: bool = False
+    packing: Literal["auto", "on", "off"] = "auto"
+    fused_loss: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False
+    save_steps: int = 20
+
+
+@dataclass
+class GenerationSpec:
+    max_new_tokens: int = 96
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 16
+    repetition_penalty: float = 1.0
+
+
+@dataclass
+class MetricsSpec:
+    names: list[str] = field(default_factory=lambda: list(METRIC_NAMES))
+    rouge_stemmer: bool = True
+    bootstrap_replicates: int = 1000
+    bootstrap_seed: int = 0
+    length_shift_warning: float = 0.5
+
+
+@dataclass
+class RuleSpec:
+    """One regression rule of the CI gate."""
+
+    metric: str
+    margin: float = 0.0
+    floor: float | None = None
+
+
+@dataclass
+class GateSpec:
+    """The CI gate: which rules a candidate adapter must pass against a baseline."""
+
+    subset: int | None = None
+    subset_seed: int = 0
+    rules: list[RuleSpec] = field(
+        default_factory=lambda: [RuleSpec("rougeL", margin=1.0), RuleSpec("chrf", margin=1.0),
+                                 RuleSpec("perplexity", margin=0.5)]
+    )
+    max_empty_share: float = 0.05
+    max_truncated_share: float = 0.5
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    description: str = ""
+    data: DataSpec = field(default_factory=DataSpec)
+    prompt: PromptSpec = field(default_factory=PromptSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    metrics: MetricsSpec = field(default_factory=MetricsSpec)
+    gate: GateSpec = field(default_factory=GateSpec)
+    # Folder that relative data paths in the YAML are resolved against; not a YAML key.
+    base_dir: str = field(default=".", metadata={"internal": True})
+
+    def data_paths(self) -> list[Path]:
+        return [Path(p) if Path(p).is_absolute() else Path(self.base_dir) / p for p in self.data.path]
+
+
+def _did_you_mean(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f" (allowed: {', '.join(choices)})"
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only lossless cases (int->float, str->[str])."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except SpecError as exc:
+                errors.append(str(exc))
+        raise SpecError(errors[0] if len(errors) == 1 else f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            allowed = ", ".join(repr(a) for a in typing.get_args(tp))
+            raise SpecError(f"{where}: {value!r} is not allowed (allowed: {allowed})")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str) and item_tp is str:
+            return [value]
+        if not isinstance(value, list):
+            raise SpecError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "2e-4" as a string; accept it as the float the user meant.
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, str, bool) and type(value) is tp:
+        return value
+    raise SpecError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    public = [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+    names = [f.name for f in public]
+    for key in data:
+        if key not in names:
+            raise SpecError(f"{where}.{key}: unknown key{_did_you_mean(str(key), names)}".lstrip("."))
+    kwargs = {}
+    for f in public:
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], f"{where}.{f.name}".lstrip("."))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise SpecError(f"{where}.{f.name}: missing required key".lstrip("."))
+    return cls(**kwargs)
+
+
+def resolve_spec_path(name_or_path: str, tasks_dir: Path = Path("tasks")) -> Path:
+    """A task name (`amazon_desc`) means `tasks/<name>.yaml`; anything else is a path."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml"):
+        if not candidate.is_file():
+            raise SpecError(f"{candidate}: spec file not found")
+        return candidate
+    path = tasks_dir / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in tasks_dir.glob("*.yaml")) if tasks_dir.is_dir() else []
+        raise SpecError(f"{path}: no such task{_did_you_mean(name_or_path, known) if known else ''}")
+    return path
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (["train", "lr"], 1e-4); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--set {text!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _apply_override(raw: dict, keys: list[str], value: Any, text: str) -> None:
+    node = raw
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"--set {text}: '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def load_spec(name_or_path: str, overrides: list[str] = (), tasks_dir: Path = Path("tasks")) -> TaskSpec:
+    """Load, override and validate a task spec; every failure is a one-line SpecError."""
+    path = resolve_spec_path(name_or_path, tasks_dir)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise SpecError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot read spec ({exc})") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a spec must be a mapping of sections")
+    cli_paths: list[str] | None = None
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys == ["data", "path"]:
+            # Paths typed on the command line are relative to the shell's folder, not the spec's.
+            cli_paths = [str(Path(p).resolve()) for p in (value if isinstance(value, list) else [value])]
+            value = cli_paths
+        _apply_override(raw, keys, value, text)
+    try:
+        spec = build(TaskSpec, raw, "")
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
+    spec.base_dir = str(path.parent.resolve())
+    _check_values(spec, path)
+    return spec
+
+
+def _check_values(spec: TaskSpec, path: Path) -> None:
+    """Range checks that types alone cannot express."""
+    checks = [
+        (0.0 < spec.data.heldout_fraction < 1.0, "data.heldout_fraction", "must be between 0 and 1"),
+        (spec.data.min_content_chars >= 0, "data.min_content_chars", "must be >= 0"),
+        (spec.data.max_content_chars > spec.data.min_content_chars, "data.max_content_chars",
+         "must be greater than data.min_content_chars"),
+        (bool(spec.data.path), "data.path", "must name at least one file"),
+        (spec.lora.r > 0, "lora.r", "must be > 0"),
+        (0.0 <= spec.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)"),
+        (spec.train.lr > 0, "train.lr", "must be > 0"),
+        (spec.train.epochs > 0, "train.epochs", "must be > 0"),
+        (spec.train.max_steps is None or spec.train.max_steps > 0, "train.max_steps", "must be > 0 or null"),
+        (spec.train.batch_size > 0, "train.batch_size", "must be > 0"),
+        (spec.train.grad_accum > 0, "train.grad_accum", "must be > 0"),
+        (spec.train.max_length >= 16, "train.max_length", "must be >= 16"),
+        (0.0 <= spec.train.eval_fraction < 0.5, "train.eval_fraction", "must be in [0, 0.5)"),
+        (spec.generation.max_new_tokens > 0, "generation.max_new_tokens", "must be > 0"),
+        (spec.generation.batch_size > 0, "generation.batch_size", "must be > 0"),
+        (spec.generation.temperature > 0, "generation.temperature", "must be > 0"),
+        (0.0 < spec.generation.top_p <= 1.0, "generation.top_p", "must be in (0, 1]"),
+        (spec.metrics.bootstrap_replicates >= 100, "metrics.bootstrap_replicates", "must be >= 100"),
+    ]
+    for ok, key, msg in checks:
+        if not ok:
+            raise SpecError(f"{path}: {key}: {msg}")
+    for i, name in enumerate(spec.metrics.names):
+        if name not in METRIC_NAMES:
+            raise SpecError(f"{path}: metrics.names[{i}]: unknown metric '{name}'{_did_you_mean(name, list(METRIC_NAMES))}")
+    for i, rule in enumerate(spec.gate.rules):
+        if rule.metric not in METRIC_NAMES:
+            raise SpecError(f"{path}: gate.rules[{i}].metric: unknown metric '{rule.metric}'"
+                            f"{_did_you_mean(rule.metric, list(METRIC_NAMES))}")
+    if spec.prompt.template is not None and "{title}" not in spec.prompt.template:
+        raise SpecError(f"{path}: prompt.template: must contain {{title}}")
+
+
+def spec_to_dict(spec: TaskSpec) -> dict:
+    """The resolved spec as plain data (what a run folder records)."""
+    out = dataclasses.asdict(spec)
+    out.pop("base_dir")
+    out["data"]["path"] = [str(p) for p in spec.data_paths()]
+    return out

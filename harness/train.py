@@ -1,0 +1,210 @@
+"""LoRA / QLoRA training through peft and trl's SFTTrainer.
+
+Examples reach trl already tokenized, with labels masked to the description tokens, so the
+loss is on the completion only and the tokens match scoring exactly (harness.prompts).
+SIGINT/SIGTERM save a checkpoint and stop cleanly; `resume_from` continues from one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.errors import HarnessError
+from harness.models import Device, sync_eos
+from harness.prompts import build_prompt, encode_example
+from harness.spec import TaskSpec
+
+log = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(HarnessError):
+    """Training stopped by a signal after saving a checkpoint."""
+
+    exit_code = 130
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    log_path: Path
+    steps: int
+    train_tokens: int
+    seconds: float
+
+
+def fast_path_options(spec: TaskSpec, device: Device) -> dict:
+    """Resolve the `auto` switches: the fast paths are for CUDA; CPU keeps the plain path."""
+    cuda = device.kind == "cuda"
+    t = spec.train
+    return {
+        "quantize": t.quantization == "nf4" or (t.quantization == "auto" and cuda and _has_bitsandbytes()),
+        "packing": t.packing == "on" or (t.packing == "auto" and cuda),
+        "fused_loss": t.fused_loss == "on" or (t.fused_loss == "auto" and cuda and _has_liger()),
+    }
+
+
+def _has_bitsandbytes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _has_liger() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def tokenized_dataset(spec: TaskSpec, tokenizer, examples):
+    from datasets import Dataset
+
+    rows = []
+    for ex in examples:
+        enc = encode_example(tokenizer, build_prompt(tokenizer, spec.prompt, ex.title), ex.content,
+                             spec.train.max_length)
+        rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
+    return Dataset.from_list(rows)
+
+
+def split_eval(examples: list, fraction: float) -> tuple[list, list]:
+    """A small validation slice from the training side (never the held-out split)."""
+    n_eval = int(len(examples) * fraction)
+    if fraction <= 0 or n_eval < 1:
+        return examples, []
+    return examples[n_eval:], examples[:n_eval]
+
+
+class _StopOnSignal:
+    """A TrainerCallback that turns SIGINT/SIGTERM into save-checkpoint-and-stop."""
+
+    def __init__(self):
+        self.received: int | None = None
+
+    def handler(self, signum, _frame):
+        if self.received is not None:  # a second signal: the user really wants out now
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning("signal %s: saving a checkpoint, then stopping (send again to abort now)", signum)
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if outer.received is not None:
+                    control.should_save = True
+                    control.should_training_stop = True
+
+        return Callback()
+
+
+@contextmanager
+def _signals_to(stopper: _StopOnSignal):
+    previous = {s: signal.signal(s, stopper.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class _LossLog:
+    """Append every logged loss to `train_log.jsonl` as it happens (survives a crash)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        path = self.path
+
+        class Callback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs:
+                    with open(path, "a", encoding="utf-8") as fh:
+                        fh.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+        return Callback()
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    found = sorted(checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return found[-1] if found else None
+
+
+def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, device: Device,
+          resume_from: Path | None = None) -> TrainResult:
+    """Train a LoRA adapter on `train_examples`; save it in standard PEFT format under run_dir/adapter."""
+    import time
+
+    from peft import LoraConfig, prepare_model_for_kbit_training
+    from trl import SFTConfig, SFTTrainer
+
+    t = spec.train
+    fast = fast_path_options(spec, device)
+    train_part, eval_part = split_eval(train_examples, t.eval_fraction)
+    train_ds = tokenized_dataset(spec, tokenizer, train_part)
+    eval_ds = tokenized_dataset(spec, tokenizer, eval_part) if eval_part else None
+    if fast["quantize"]:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
+    lora = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                      target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
+    checkpoints = run_dir / "checkpoints"
+    config = SFTConfig(
+        output_dir=str(checkpoints),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if eval_ds is not None else "no",
+        eval_steps=t.save_steps,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=device.kind == "cuda",
+        use_cpu=device.kind == "cpu",
+        report_to="none",
+        max_length=t.max_length,
+        packing=fast["packing"],
+        padding_free=fast["packing"],
+        use_liger_kernel=fast["fused_loss"],
+        gradient_checkpointing=t.gradient_checkpointing,
+        torch_compile=t.compile,
+        eos_token=tokenizer.eos_token,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, peft_config=lora)
+    stopper = _StopOnSignal()
+    trainer.add_callback(stopper.callback())
+    trainer.add_callback(_LossLog(run_dir / "train_log.jsonl").callback())
+    started = time.perf_counter()
+    with _signals_to(stopper):
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if stopper.received is not None:
+        raise TrainingInterrupted(f"training interrupted by signal {stopper.received}; "
+                                  f"resume with: python -m harness run --resume {run_dir}")
+    adapter_dir = run_dir / "adapter"
+    sync_eos(trainer.model, tokenizer)
+    trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    n_tokens = sum(len(ids) for ids in train_ds["input_ids"]) * max(t.epochs, 1)
+    return TrainResult(adapter_dir=adapter_dir, log_path=run_dir / "train_log.jsonl",
+                       steps=trainer.state.global_step, train_tokens=int(n_tokens),
+                       seconds=time.perf_counter() - started)
