@@ -16,7 +16,8 @@ Decisions (each deliberate, see the functions for why):
   title never lands on both sides and adding rows never moves an existing row across it.
 * Caps keep the rows with the smallest split hash (stable as rows are added).
 * Output order is file order for both train and held-out (`source` ascending).
-* `counts` always add up: read = malformed + empty_title + empty + too_short + duplicate
+* `read` counts every non-blank line (good or bad) plus one per cut-short/corrupt gzip stream,
+  so `counts` always add up: read = malformed + empty_title + empty + too_short + duplicate
   + train + heldout + train_capped + heldout_capped.
 """
 
@@ -114,7 +115,8 @@ def _build_control_table() -> dict[int, Any]:
 
 _CONTROL_TABLE = _build_control_table()
 # translate() is a per-character dict lookup; a regex scan first skips it for clean strings.
-_CONTROL_RE = re.compile("[" + "".join(re.escape(chr(cp)) for cp in sorted(_CONTROL_TABLE) if cp < 0xD800)
+_CONTROL_RE = re.compile("[" + "".join(re.escape(chr(cp)) for cp in sorted(_CONTROL_TABLE)
+                                           if not 0xD800 <= cp < 0xE000)
                          + "\ud800-\udfff]")
 
 
@@ -197,7 +199,12 @@ def title_hash(normalized: str, salt: str) -> int:
 
 def split_value(normalized: str, salt: str) -> float:
     """Uniform in [0, 1); the row is held out when this is < heldout_fraction."""
-    return (title_hash(normalized, salt) >> 11) / float(1 << 53)
+    return _unit(title_hash(normalized, salt))
+
+
+def _unit(h: int) -> float:
+    # 53 bits, exactly representable: h / 2**64 could round up to 1.0.
+    return (h >> 11) / float(1 << 53)
 
 
 def truncate_words(s: str, limit: int) -> str:
@@ -288,9 +295,13 @@ def _open_binary(path: Path):
     """Open plain or gzip by magic bytes (a `.gz` name is not trusted, nor needed)."""
     try:
         fh = open(path, "rb")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
         magic = fh.read(2)
         fh.seek(0)
     except OSError as exc:
+        fh.close()
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if magic == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=fh, mode="rb"), fh
@@ -504,7 +515,7 @@ def prepare(spec: TaskSpec) -> PreparedData:
             continue
         seen.add(h)
         ex = Example(_record_id(rec, d.id_field), title, truncate_words(content, d.max_content_chars), rec.source)
-        side = heldout if (h >> 11) / float(1 << 53) < threshold else train
+        side = heldout if _unit(h) < threshold else train
         side.add(h, seq, ex)
         seq += 1
     counts["read"] = stats.read

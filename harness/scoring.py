@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -23,6 +24,11 @@ from harness.score import Generation, generate, reference_nll
 
 log = logging.getLogger(__name__)
 ADAPTER_TOLERANCE = 1e-4
+
+
+def score_cache_dir() -> Path:
+    """`$HARNESS_SCORE_CACHE`, else `<cache>/base_scores`: cached base-model predictions."""
+    return Path(os.environ.get("HARNESS_SCORE_CACHE") or models.cache_dir() / "base_scores")
 
 
 def metric_settings(spec) -> MetricSettings:
@@ -129,7 +135,7 @@ class ScoringSession:
 
     def score_base(self) -> None:
         key = self.base_cache_key()
-        cached = models.cache_dir() / "base_scores" / key
+        cached = score_cache_dir() / key
         files = ("base_generations.jsonl", "base_nll.json")
         if all((cached / f).is_file() for f in files) and len(read_generations(cached / files[0])) == len(self.heldout):
             for f in files:

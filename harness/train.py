@@ -184,11 +184,12 @@ def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, devic
         packing=fast["packing"],
         padding_free=fast["packing"],
         use_liger_kernel=fast["fused_loss"],
-        gradient_checkpointing=t.gradient_checkpointing,
         torch_compile=t.compile,
         eos_token=tokenizer.eos_token,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        # Named only when on: the name is deprecated in transformers 5.23 but the only one 5.17 knows.
+        **({"gradient_checkpointing": True} if t.gradient_checkpointing else {}),
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=lora)

@@ -1,0 +1,708 @@
+"""Reports people want to read: one run (base vs tuned) or several adapters against one base.
+
+`write_reports` renders two files from finished run folders:
+
+* `report.html` -- one self-contained page: inline CSS, matplotlib plots as PNG data URIs and
+  a Content-Security-Policy that forbids every fetch and every script but our own filter, so
+  it opens offline and stays inert whatever the model wrote. Model text is only ever inserted
+  through jinja2 autoescaping.
+* `report.md` -- the same numbers as a compact GitHub-flavoured summary, always under
+  `MD_MAX_BYTES`, with every piece of model/data text escaped so it renders as text.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+import numpy as np
+import yaml
+from markupsafe import Markup
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from harness.errors import RunError
+from harness.io import atomic_write_text, os_error_message
+from harness.metrics import METRICS, ROUGE_TYPES
+
+TEMPLATES = Path(__file__).parent / "templates"
+MD_MAX_BYTES = 60_000
+LENGTH_SHIFT = 0.5  # |tuned - base| length ratio beyond which a ROUGE gain is suspect
+HIGHLIGHTS = 5  # most improved / most regressed examples per run in the HTML
+TIE = 1e-9  # per-example ROUGE-L deltas within this are ties
+# Markdown fallbacks, tried in order until the summary fits MD_MAX_BYTES:
+# (characters kept per text, warnings listed per run, best/worst examples per run).
+MD_LEVELS = ((300, 20, 3), (120, 10, 3), (60, 5, 1), (0, 3, 0))
+GUARDS = (
+    ("empty_share", "Empty outputs", "share"),
+    ("truncated_share", "Truncated outputs (hit the token limit)", "share"),
+    ("length_ratio", "Length ratio (output words / reference words)", "ratio"),
+    ("prompt_repeat_share", "Outputs repeating the prompt", "share"),
+    ("mean_words", "Mean words per output", "count"),
+    ("mean_tokens", "Mean tokens per output", "count"),
+)
+PALETTE = ("#2f6fde", "#e07b28", "#2a9d5b", "#c23b3b", "#7b52c7", "#8c5a3c", "#d45aa8", "#1fa3b5")
+BASE_GREYS = ("#8a8f98", "#b3b8c0", "#6b7079", "#cfd3d9")
+REFERENCE_COLOR = "#222222"
+_LENGTH_WARNING = re.compile(r"length\s+(shift|ratio)", re.IGNORECASE)
+_MD_ESCAPES = {
+    "\\": "\\\\", "&": "&amp;", "<": "&lt;", ">": "&gt;", "|": "\\|", "`": "\\`",
+    "[": "\\[", "]": "\\]", "*": "\\*", "_": "\\_", "~": "\\~",
+}
+
+
+@dataclass
+class Run:
+    """One run folder, read and checked; `train_log` is None when the run left no log."""
+
+    path: Path
+    manifest: dict
+    spec: dict
+    spec_text: str
+    metrics: dict
+    predictions: list[dict]
+    train_log: list[dict] | None
+    label: str = ""
+
+
+def write_reports(run_dirs: list[Path], out_dir: Path) -> tuple[Path, Path]:
+    """Render `report.html` and `report.md` for `run_dirs` into `out_dir`; return both paths.
+
+    Both are rendered before either is written, so a bad run folder leaves no half report.
+    """
+    if not run_dirs:
+        raise RunError("no run folders given to report on")
+    runs = [load_run(Path(d)) for d in run_dirs]
+    labels = [str(r.manifest.get("run_id") or r.path.name) for r in runs]
+    if len(set(labels)) < len(labels):
+        labels = [f"{i}. {label}" for i, label in enumerate(labels, 1)]
+    for run, label in zip(runs, labels):
+        run.label = label
+    context = build_context(runs)
+    html = render_html(context)
+    markdown = render_markdown(context)
+    out_dir = Path(out_dir)
+    html_path, md_path = out_dir / "report.html", out_dir / "report.md"
+    atomic_write_text(html_path, html)
+    atomic_write_text(md_path, markdown)
+    return html_path, md_path
+
+
+# --- reading run folders -------------------------------------------------------------------
+
+
+def load_run(path: Path) -> Run:
+    """Read a run folder; anything missing or malformed is a one-line RunError naming the file."""
+    if not path.is_dir():
+        raise RunError(f"{path}: no such run folder")
+    spec_path = path / "spec.yaml"
+    spec_text = _read_text(spec_path)
+    try:
+        spec = yaml.safe_load(spec_text)
+    except yaml.YAMLError as exc:
+        raise RunError(f"{spec_path}: invalid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(spec, dict):
+        raise RunError(f"{spec_path}: expected a YAML mapping")
+    metrics_path = path / "metrics.json"
+    metrics = _read_json_object(metrics_path)
+    _check_metrics(metrics_path, metrics)
+    log_path = path / "train_log.jsonl"
+    return Run(
+        path=path,
+        manifest=_read_json_object(path / "manifest.json"),
+        spec=spec,
+        spec_text=spec_text,
+        metrics=metrics,
+        predictions=_read_predictions(path / "predictions.jsonl"),
+        train_log=_read_train_log(log_path) if log_path.exists() else None,
+    )
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RunError(f"{path}: missing; not a complete run folder") from None
+    except UnicodeDecodeError:
+        raise RunError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise RunError(os_error_message(path, exc, "read")) from None
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        data = json.loads(_read_text(path))
+    except ValueError as exc:
+        raise RunError(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{path}: expected a JSON object")
+    return data
+
+
+def _is_num(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_metrics(path: Path, metrics: dict) -> None:
+    """Every metric in base must have a numeric value and CI in base, tuned and delta."""
+    names = metrics.get("base")
+    if not isinstance(names, dict) or not names:
+        raise RunError(f'{path}: no "base" metrics')
+    for side in ("base", "tuned", "delta"):
+        block = metrics.get(side)
+        for name in names:
+            stat = block.get(name) if isinstance(block, dict) else None
+            ci = stat.get("ci95") if isinstance(stat, dict) else None
+            if not (
+                _is_num(stat.get("value") if isinstance(stat, dict) else None)
+                and isinstance(ci, list) and len(ci) == 2 and all(_is_num(x) for x in ci)
+            ):
+                raise RunError(f"{path}: {side}.{name} needs a numeric value and ci95 [low, high]")
+
+
+def _read_predictions(path: Path) -> list[dict]:
+    rows = []
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends unescaped.
+    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise RunError(f"{path}:{lineno}: invalid JSON ({exc})") from None
+        if not (
+            isinstance(row, dict) and "id" in row
+            and all(isinstance(row.get(k), str) for k in ("title", "reference", "base", "tuned"))
+        ):
+            raise RunError(f"{path}:{lineno}: needs an id and string title, reference, base, tuned")
+        rows.append(row)
+    if not rows:
+        raise RunError(f"{path}: no predictions")
+    return rows
+
+
+def _read_train_log(path: Path) -> list[dict]:
+    """Parse the loss log leniently: a run killed mid-write leaves a partial last line."""
+    entries = []
+    for line in _read_text(path).split("\n"):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
+
+
+# --- numbers and views ---------------------------------------------------------------------
+
+
+def significance(ci95: list[float], higher_is_better: bool) -> str | None:
+    """"better"/"worse" when the delta's 95% CI excludes zero, else None (not significant)."""
+    low, high = ci95
+    if low <= 0 <= high:
+        return None
+    return "better" if (low > 0) == higher_is_better else "worse"
+
+
+def _higher(run: Run, name: str) -> bool:
+    value = (run.metrics.get("higher_is_better") or {}).get(name)
+    return value if isinstance(value, bool) else name != "perplexity"
+
+
+def _ordered(names) -> list[str]:
+    names = list(names)
+    return [m for m in METRICS if m in names] + [m for m in names if m not in METRICS]
+
+
+def _stat(block: dict) -> dict:
+    low, high = block["ci95"]
+    return {"value": f"{block['value']:.2f}", "ci": f"[{low:.2f}, {high:.2f}]"}
+
+
+def _delta(block: dict, higher: bool) -> dict:
+    low, high = block["ci95"]
+    return {"value": f"{block['value']:+.2f}", "ci": f"[{low:+.2f}, {high:+.2f}]",
+            "sig": significance(block["ci95"], higher)}
+
+
+def _wtl(run: Run, name: str) -> dict | None:
+    counts = (run.metrics.get("win_tie_loss") or {}).get(name)
+    if isinstance(counts, dict) and all(isinstance(counts.get(k), int) for k in ("win", "tie", "loss")):
+        return counts
+    return None
+
+
+def _headline(runs: list[Run]) -> list[dict]:
+    rows = []
+    for name in _ordered(runs[0].metrics["base"]):
+        higher = _higher(runs[0], name)
+        cells = []
+        for run in runs:
+            m = run.metrics
+            if name not in m["base"]:
+                cells.append(None)
+                continue
+            cells.append({"base": _stat(m["base"][name]), "tuned": _stat(m["tuned"][name]),
+                          "delta": _delta(m["delta"][name], _higher(run, name)), "wtl": _wtl(run, name)})
+        rows.append({"name": name, "arrow": "↑" if higher else "↓", "runs": cells})
+    return rows
+
+
+def _verdict(run: Run) -> dict:
+    verdict = {"better": [], "worse": [], "unclear": []}
+    for name in _ordered(run.metrics["base"]):
+        sig = significance(run.metrics["delta"][name]["ci95"], _higher(run, name))
+        verdict[sig or "unclear"].append(name)
+    return verdict
+
+
+def _comparability(runs: list[Run]) -> tuple[list[str], bool]:
+    """Why the runs may not be comparable, and whether they share one base (scores and ids)."""
+    first, problems, shared = runs[0], [], True
+    first_ids = {str(p["id"]) for p in first.predictions}
+    for run in runs[1:]:
+        a, b = first.metrics["base"], run.metrics["base"]
+        differ = [n for n in _ordered({**a, **b}) if n not in a or n not in b
+                  or not math.isclose(a[n]["value"], b[n]["value"], rel_tol=1e-9, abs_tol=1e-9)]
+        if differ:
+            shared = False
+            problems.append(f"{run.label}: base metrics differ from {first.label} ({', '.join(differ)})")
+        ids = {str(p["id"]) for p in run.predictions}
+        if ids != first_ids:
+            shared = False
+            problems.append(f"{run.label}: held-out ids differ from {first.label} "
+                            f"({len(ids - first_ids)} only here, {len(first_ids - ids)} missing)")
+        if run.manifest.get("task") != first.manifest.get("task"):
+            problems.append(f"{run.label}: task {run.manifest.get('task')!r} differs from "
+                            f"{first.label}'s {first.manifest.get('task')!r}")
+    return problems, shared
+
+
+def _warnings(run: Run) -> list[str]:
+    """metrics.json warnings plus a ROUGE gain that comes with a large length shift."""
+    warnings = [str(w) for w in run.metrics.get("warnings") or []]
+    guards = run.metrics.get("guards") or {}
+    base = (guards.get("base") or {}).get("length_ratio")
+    tuned = (guards.get("tuned") or {}).get("length_ratio")
+    if not (_is_num(base) and _is_num(tuned)) or abs(tuned - base) <= LENGTH_SHIFT:
+        return warnings
+    gains = [n for n in ROUGE_TYPES if n in run.metrics["delta"] and run.metrics["delta"][n]["value"] > 0]
+    if gains and not any(_LENGTH_WARNING.search(w) for w in warnings):
+        warnings.append(f"ROUGE gain ({', '.join(gains)}) comes with a length shift: length ratio "
+                        f"{base:.2f} -> {tuned:.2f} (|shift| > {LENGTH_SHIFT}); read the outputs "
+                        "before trusting the gain")
+    return warnings
+
+
+def _guard_value(value, kind: str) -> str:
+    if not _is_num(value):
+        return "—"
+    return {"share": f"{100 * value:.1f}%", "ratio": f"{value:.2f}", "count": f"{value:.1f}"}[kind]
+
+
+def _guards(runs: list[Run]) -> list[dict]:
+    rows = []
+    for key, label, kind in GUARDS:
+        cells = []
+        for run in runs:
+            guards = run.metrics.get("guards") or {}
+            cells.append({side: _guard_value((guards.get(side) or {}).get(key), kind)
+                          for side in ("base", "tuned")})
+        rows.append({"label": label, "runs": cells})
+    return rows
+
+
+def _scores(row: dict, side: str) -> dict[str, float]:
+    scores = row.get("scores")
+    scores = scores.get(side) if isinstance(scores, dict) else None
+    return {k: float(v) for k, v in scores.items() if _is_num(v)} if isinstance(scores, dict) else {}
+
+
+def rouge_delta(row: dict) -> float | None:
+    """Per-example ROUGE-L tuned - base, or None when the row has no ROUGE-L scores."""
+    base, tuned = _scores(row, "base").get("rougeL"), _scores(row, "tuned").get("rougeL")
+    return None if base is None or tuned is None else tuned - base
+
+
+def _state(delta: float | None) -> str:
+    if delta is None:
+        return ""
+    return "up" if delta > TIE else "down" if delta < -TIE else "tie"
+
+
+def _example(run: Run, row: dict) -> dict:
+    base, tuned = _scores(row, "base"), _scores(row, "tuned")
+    scores = []
+    for name in _ordered(n for n in base if n in tuned):
+        gain = (tuned[name] - base[name]) * (1 if _higher(run, name) else -1)
+        scores.append({"name": name, "base": f"{base[name]:.2f}", "tuned": f"{tuned[name]:.2f}",
+                       "delta": f"{tuned[name] - base[name]:+.2f}", "state": _state(gain)})
+    delta = rouge_delta(row)
+    return {"id": str(row["id"]), "title": row["title"], "reference": row["reference"],
+            "base": row["base"], "tuned": row["tuned"],
+            "base_truncated": bool(row.get("base_truncated")),
+            "tuned_truncated": bool(row.get("tuned_truncated")),
+            "rouge": f"{base['rougeL']:.2f} → {tuned['rougeL']:.2f}" if delta is not None else "",
+            "delta": f"{delta:+.2f}" if delta is not None else "", "scores": scores}
+
+
+def _highlights(run: Run) -> dict:
+    """Most improved and most regressed examples by ROUGE-L delta (ties and unscored left out)."""
+    scored = [(d, i, row) for i, row in enumerate(run.predictions) if (d := rouge_delta(row)) is not None]
+    improved = sorted((x for x in scored if x[0] > TIE), key=lambda x: (-x[0], x[1]))
+    regressed = sorted((x for x in scored if x[0] < -TIE), key=lambda x: (x[0], x[1]))
+    keep = max(HIGHLIGHTS, max(level[2] for level in MD_LEVELS))
+    return {"label": run.label,
+            "improved": [_example(run, row) for _, _, row in improved[:keep]],
+            "regressed": [_example(run, row) for _, _, row in regressed[:keep]]}
+
+
+def _all_examples(runs: list[Run]) -> list[dict]:
+    """One row per held-out id (union over runs, first run's order), outputs per run."""
+    rows: dict[str, dict] = {}
+    for k, run in enumerate(runs):
+        for p in run.predictions:
+            key = str(p["id"])
+            if key not in rows:
+                rows[key] = {"id": key, "title": p["title"], "reference": p["reference"],
+                             "base": p["base"], "base_truncated": bool(p.get("base_truncated")),
+                             "outputs": [None] * len(runs), "flags": set()}
+            row, delta = rows[key], rouge_delta(p)
+            rouge = "" if delta is None else (f"{_scores(p, 'base')['rougeL']:.1f} → "
+                                              f"{_scores(p, 'tuned')['rougeL']:.1f} ({delta:+.1f})")
+            row["outputs"][k] = {"text": p["tuned"], "truncated": bool(p.get("tuned_truncated")),
+                                 "state": _state(delta), "rouge": rouge}
+            if p.get("base_truncated") or p.get("tuned_truncated"):
+                row["flags"].add("truncated")
+            if not p["base"].strip() or not p["tuned"].strip():
+                row["flags"].add("empty")
+    for row in rows.values():
+        row["flags"] = " ".join(sorted(row["flags"]))
+    return list(rows.values())
+
+
+def _plain(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _union_rows(dicts: list[dict], fmt=_plain) -> list[dict]:
+    """Key/value tables across runs: one row per key, one value per run ("—" where absent)."""
+    keys = list(dict.fromkeys(k for d in dicts for k in d))
+    return [{"label": str(k), "values": [fmt(d[k]) if k in d else "—" for d in dicts]} for k in keys]
+
+
+def _base_cache(manifest: dict) -> str:
+    cache = manifest.get("base_cache")
+    if not isinstance(cache, dict):
+        return "not recorded"
+    return f"{'hit' if cache.get('hit') else 'miss'} ({_plain(cache.get('key'))})"
+
+
+def _environment(runs: list[Run]) -> dict:
+    manifests = [r.manifest for r in runs]
+    fields = (
+        ("Run id", lambda m: m.get("run_id")), ("Task", lambda m: m.get("task")),
+        ("Status", lambda m: m.get("status")), ("Started", lambda m: m.get("started_at")),
+        ("Device", lambda m: m.get("device")), ("Git commit", lambda m: m.get("git_commit")),
+        ("Python", lambda m: m.get("python")), ("Platform", lambda m: m.get("platform")),
+        ("Base-score cache", _base_cache),
+        ("Train steps", lambda m: _dict(m.get("train")).get("steps")),
+        ("Train tokens", lambda m: _dict(m.get("train")).get("train_tokens")),
+        ("Train seconds", lambda m: _dict(m.get("train")).get("seconds")),
+    )
+    return {
+        "general": [{"label": label, "values": [_plain(get(m)) for m in manifests]} for label, get in fields],
+        "timings": _union_rows([_dict(m.get("timings_s")) for m in manifests],
+                               lambda s: f"{s:.1f} s" if _is_num(s) else _plain(s)),
+        "data_counts": _union_rows([_dict(m.get("data_counts")) for m in manifests]),
+        "packages": _union_rows([_dict(m.get("packages")) for m in manifests],
+                                lambda v: "not installed" if v is None else _plain(v)),
+        "fingerprints": _union_rows([_dict(m.get("fingerprints")) for m in manifests]),
+    }
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict) and value:
+        out = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def _spec_differences(runs: list[Run]) -> list[dict]:
+    """Spec settings that differ between the runs (what makes the adapters different)."""
+    flat = [_flatten(r.spec) for r in runs]
+    rows = _union_rows(flat, lambda v: json.dumps(v, ensure_ascii=False))
+    return [row for row in rows if len(set(row["values"])) > 1]
+
+
+def build_context(runs: list[Run]) -> dict:
+    """Everything both templates show, as pre-formatted strings (templates only lay out)."""
+    problems, shared_base = _comparability(runs)
+    tasks = {str(r.manifest.get("task") or r.spec.get("name") or "") for r in runs}
+    first = runs[0]
+    model = _dict(first.spec.get("model")).get("base")
+    return {
+        "task": tasks.pop() if len(tasks) == 1 else "several tasks",
+        "model": _plain(model),
+        "runs": [{"label": r.label, "color": PALETTE[k % len(PALETTE)],
+                  "n": len(r.predictions), "status": _plain(r.manifest.get("status")),
+                  "started": _plain(r.manifest.get("started_at")), "device": _plain(r.manifest.get("device")),
+                  "verdict": _verdict(r), "warnings": _warnings(r), "highlights": _highlights(r),
+                  "spec_text": r.spec_text,
+                  "settings": yaml.safe_dump(r.metrics.get("settings") or {}, sort_keys=False,
+                                             allow_unicode=True)}
+                 for k, r in enumerate(runs)],
+        "multi": len(runs) > 1,
+        "shared_base": shared_base,
+        "problems": problems,
+        "headline": _headline(runs),
+        "guards": _guards(runs),
+        "examples": _all_examples(runs),
+        "plots": _plots(runs, shared_base),
+        "spec_differences": _spec_differences(runs) if len(runs) > 1 else [],
+        "environment": _environment(runs),
+    }
+
+
+# --- plots ---------------------------------------------------------------------------------
+
+
+def _figure(height: float = 3.6) -> Figure:
+    fig = Figure(figsize=(10, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)  # explicit Agg: never touch pyplot's global backend
+    return fig
+
+
+def _png(fig: Figure) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _placeholder(message: str) -> str:
+    fig = _figure(1.3)
+    fig.text(0.5, 0.5, message, ha="center", va="center", fontsize=14, color="#5b6472")
+    return _png(fig)
+
+
+def _mpl(text: str) -> str:
+    """A run label as matplotlib text: `$` would start mathtext; long ids would swamp legends."""
+    text = text if len(text) <= 40 else text[:39] + "…"
+    return text.replace("$", r"\$")
+
+
+def _style(ax) -> None:
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def _tuned_label(run: Run, multi: bool) -> str:
+    return _mpl(run.label) if multi else "tuned"
+
+
+def _bars_plot(runs: list[Run], shared_base: bool) -> str:
+    multi = len(runs) > 1
+    bases = [runs[0]] if shared_base else runs
+    series = [("base" if len(bases) == 1 else f"base · {_mpl(r.label)}", BASE_GREYS[k % len(BASE_GREYS)],
+               r.metrics["base"]) for k, r in enumerate(bases)]
+    series += [(_tuned_label(r, multi), PALETTE[k % len(PALETTE)], r.metrics["tuned"])
+               for k, r in enumerate(runs)]
+    names = [n for n in _ordered(runs[0].metrics["base"]) if all(n in block for _, _, block in series)]
+    groups = [(g, label) for g, label in (
+        ([n for n in names if n != "perplexity"], "score (0–100), higher is better"),
+        ([n for n in names if n == "perplexity"], "perplexity, lower is better")) if g]
+    fig = _figure(3.9)
+    grid = fig.add_gridspec(1, 5)
+    width = 0.8 / len(series)
+    for g, (group, ylabel) in enumerate(groups):
+        span = grid[0, :] if len(groups) == 1 else grid[0, :4] if g == 0 else grid[0, 4]
+        ax = fig.add_subplot(span)
+        for i, (label, color, block) in enumerate(series):
+            x = np.arange(len(group)) + (i - (len(series) - 1) / 2) * width
+            values = np.array([block[n]["value"] for n in group])
+            low = np.array([block[n]["ci95"][0] for n in group])
+            high = np.array([block[n]["ci95"][1] for n in group])
+            err = np.vstack([np.clip(values - low, 0, None), np.clip(high - values, 0, None)])
+            ax.bar(x, values, width, yerr=err, capsize=3, color=color, label=label,
+                   error_kw={"elinewidth": 1, "ecolor": "#333333"})
+        ax.set_xticks(np.arange(len(group)), group)
+        ax.set_ylabel(ylabel)
+        _style(ax)
+        if g == 0:
+            fig.legend(*ax.get_legend_handles_labels(), loc="outside upper center",
+                       ncols=min(len(series), 4), frameon=False)
+    return _png(fig)
+
+
+def _delta_plot(runs: list[Run]) -> str:
+    multi = len(runs) > 1
+    series = []
+    for k, run in enumerate(runs):
+        deltas = np.array([d for row in run.predictions if (d := rouge_delta(row)) is not None])
+        if deltas.size:
+            series.append((_tuned_label(run, multi), PALETTE[k % len(PALETTE)], deltas))
+    if not series:
+        return _placeholder("no per-example ROUGE-L scores")
+    values = np.concatenate([d for _, _, d in series])
+    low, high = float(values.min()), float(values.max())
+    if low == high:
+        low, high = low - 1, high + 1
+    bins = np.linspace(low, high, 41)
+    fig = _figure(3.4)
+    ax = fig.add_subplot()
+    for label, color, deltas in series:
+        ups, downs = int(np.sum(deltas > TIE)), int(np.sum(deltas < -TIE))
+        ax.hist(deltas, bins=bins, color=color, histtype="step" if multi else "stepfilled",
+                alpha=1 if multi else 0.75, linewidth=1.8,
+                label=f"{label}: mean {deltas.mean():+.2f}, {ups} better / {downs} worse")
+    ax.axvline(0, color="#222222", linestyle="--", linewidth=1)
+    ax.set_xlabel("ROUGE-L, tuned − base, per example")
+    ax.set_ylabel("examples")
+    ax.legend(frameon=False, fontsize=9)
+    _style(ax)
+    return _png(fig)
+
+
+def _length_plot(runs: list[Run]) -> str:
+    multi, first = len(runs) > 1, runs[0]
+
+    def words(field: str, run: Run) -> np.ndarray:
+        return np.array([len(row[field].split()) for row in run.predictions], dtype=float)
+
+    series = [("reference", REFERENCE_COLOR, words("reference", first)),
+              ("base", BASE_GREYS[0], words("base", first))]
+    series += [(_tuned_label(r, multi), PALETTE[k % len(PALETTE)], words("tuned", r)) for k, r in enumerate(runs)]
+    top = max(1.0, float(np.percentile(np.concatenate([w for _, _, w in series]), 99)))
+    bins = np.linspace(0, top, 31)
+    fig = _figure(3.4)
+    ax = fig.add_subplot()
+    for label, color, counts in series:
+        ax.hist(np.clip(counts, 0, top), bins=bins, histtype="step", linewidth=1.8, color=color,
+                label=f"{label} (mean {counts.mean():.1f} words)")
+    ax.set_xlabel("words per text (the longest 1% are counted in the last bin)")
+    ax.set_ylabel("examples")
+    ax.legend(frameon=False, fontsize=9)
+    _style(ax)
+    return _png(fig)
+
+
+def _loss_plot(runs: list[Run]) -> str:
+    multi = len(runs) > 1
+    curves = []
+    for k, run in enumerate(runs):
+        log = run.train_log or []
+        train = [(e["step"], e["loss"]) for e in log if _is_num(e.get("step")) and _is_num(e.get("loss"))]
+        evals = [(e["step"], e["eval_loss"]) for e in log
+                 if _is_num(e.get("step")) and _is_num(e.get("eval_loss"))]
+        if train or evals:
+            curves.append((run.label, PALETTE[k % len(PALETTE)], train, evals))
+    if not curves:
+        no_log = all(r.train_log is None for r in runs)
+        return _placeholder("no training log" if no_log else "no loss values in the training log")
+    fig = _figure(3.4)
+    ax = fig.add_subplot()
+    for label, color, train, evals in curves:
+        prefix = f"{_mpl(label)}: " if multi else ""
+        if train:
+            ax.plot(*zip(*train), color=color, linewidth=1.6, label=f"{prefix}train loss")
+        if evals:
+            ax.plot(*zip(*evals), color=color, linestyle="--", marker="o", markersize=4,
+                    linewidth=1.4, label=f"{prefix}eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(frameon=False, fontsize=9)
+    _style(ax)
+    return _png(fig)
+
+
+def _plots(runs: list[Run], shared_base: bool) -> list[dict]:
+    without_log = [r.label for r in runs if r.train_log is None]
+    loss_caption = "Training loss (solid) and eval loss (dashed) per logged step."
+    if without_log:
+        loss_caption += f" No training log for: {', '.join(without_log)}."
+    return [
+        {"id": "plot-metrics", "title": "Corpus metrics",
+         "alt": "Bar chart of corpus metrics, base vs tuned, with 95% confidence whiskers",
+         "caption": "Corpus scores with 95% bootstrap confidence intervals; perplexity on its own axis.",
+         "src": _bars_plot(runs, shared_base)},
+        {"id": "plot-deltas", "title": "Per-example ROUGE-L change",
+         "alt": "Histogram of per-example ROUGE-L deltas, tuned minus base",
+         "caption": "Right of the dashed line: tuned beats base on that example.",
+         "src": _delta_plot(runs)},
+        {"id": "plot-lengths", "title": "Output lengths",
+         "alt": "Histograms of output lengths in words: reference, base and tuned",
+         "caption": "A tuned model that wins ROUGE by writing much longer or shorter text shows up here.",
+         "src": _length_plot(runs)},
+        {"id": "plot-loss", "title": "Training", "alt": "Training and eval loss curves",
+         "caption": loss_caption, "src": _loss_plot(runs)},
+    ]
+
+
+# --- rendering -----------------------------------------------------------------------------
+
+
+def md_escape(text, limit: int | None = None) -> str:
+    """Model/data text as inert Markdown: one line, at most `limit` chars, markup escaped."""
+    text = " ".join(str(text).split())
+    if limit is not None and len(text) > limit:
+        text = text[: max(limit - 1, 0)].rstrip() + "…"
+    text = "".join(_MD_ESCAPES.get(c, c) for c in text)
+    return "\\" + text if text.startswith("#") else text
+
+
+_ENV = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(TEMPLATES),
+    autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), disabled_extensions=("md.j2",),
+                                        default=True),
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+)
+_ENV.filters["md"] = md_escape
+
+
+def render_html(context: dict) -> str:
+    """The page; its only script is our filter, allowed by hash in the page's CSP."""
+    script = (TEMPLATES / "filter.js").read_text(encoding="utf-8")
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+    return _ENV.get_template("report.html.j2").render(
+        **context, script=Markup(script), script_hash=f"sha256-{digest}")
+
+
+def render_markdown(context: dict) -> str:
+    """The summary at the most detailed level that fits MD_MAX_BYTES (cut hard as a last resort)."""
+    template = _ENV.get_template("report.md.j2")
+    for text_limit, max_warnings, per_side in MD_LEVELS:
+        text = template.render(**context, text_limit=text_limit, max_warnings=max_warnings,
+                               per_side=per_side)
+        if len(text.encode("utf-8")) < MD_MAX_BYTES:
+            return text
+    note = "\n\n_Summary cut to fit; see report.html._\n"
+    budget = MD_MAX_BYTES - len(note.encode("utf-8")) - 4
+    cut = text.encode("utf-8")[:budget].decode("utf-8", errors="ignore")
+    return cut[: cut.rfind("\n")] + note
