@@ -297,7 +297,7 @@ def _warnings(run: Run) -> list[str]:
     gains = [n for n in ROUGE_TYPES if n in run.metrics["delta"] and run.metrics["delta"][n]["value"] > 0]
     if gains and not any(_LENGTH_WARNING.search(w) for w in warnings):
         warnings.append(f"ROUGE gain ({', '.join(gains)}) comes with a length shift: length ratio "
-                        f"{base:.2f} -> {tuned:.2f} (|shift| > {LENGTH_SHIFT}); read the outputs "
+                        f"{base:.2f} → {tuned:.2f} (shift over {LENGTH_SHIFT}); read the outputs "
                         "before trusting the gain")
     return warnings
 
@@ -351,7 +351,8 @@ def _example(run: Run, row: dict) -> dict:
             "base_truncated": bool(row.get("base_truncated")),
             "tuned_truncated": bool(row.get("tuned_truncated")),
             "rouge": f"{base['rougeL']:.2f} → {tuned['rougeL']:.2f}" if delta is not None else "",
-            "delta": f"{delta:+.2f}" if delta is not None else "", "scores": scores}
+            "delta": f"{delta:+.2f}" if delta is not None else "", "state": _state(delta),
+            "scores": scores}
 
 
 def _highlights(run: Run) -> dict:
@@ -475,6 +476,7 @@ def build_context(runs: list[Run]) -> dict:
                                              allow_unicode=True)}
                  for k, r in enumerate(runs)],
         "multi": len(runs) > 1,
+        "highlight_count": HIGHLIGHTS,
         "shared_base": shared_base,
         "problems": problems,
         "headline": _headline(runs),
@@ -524,6 +526,14 @@ def _tuned_label(run: Run, multi: bool) -> str:
     return _mpl(run.label) if multi else "tuned"
 
 
+def _legend(fig: Figure, ax) -> None:
+    """Legend above the axes (never over the data), as many columns as long labels allow."""
+    handles, labels = ax.get_legend_handles_labels()
+    widest = max(len(label) for label in labels)
+    ncols = max(1, min(len(labels), 4, int(10 / (0.075 * widest + 0.8))))
+    fig.legend(handles, labels, loc="outside upper center", ncols=ncols, frameon=False, fontsize=9)
+
+
 def _bars_plot(runs: list[Run], shared_base: bool) -> str:
     multi = len(runs) > 1
     bases = [runs[0]] if shared_base else runs
@@ -553,8 +563,7 @@ def _bars_plot(runs: list[Run], shared_base: bool) -> str:
         ax.set_ylabel(ylabel)
         _style(ax)
         if g == 0:
-            fig.legend(*ax.get_legend_handles_labels(), loc="outside upper center",
-                       ncols=min(len(series), 4), frameon=False)
+            _legend(fig, ax)
     return _png(fig)
 
 
@@ -571,7 +580,7 @@ def _delta_plot(runs: list[Run]) -> str:
     low, high = float(values.min()), float(values.max())
     if low == high:
         low, high = low - 1, high + 1
-    bins = np.linspace(low, high, 41)
+    bins = np.linspace(low, high, int(np.clip(2 * np.sqrt(values.size / len(series)), 10, 50)) + 1)
     fig = _figure(3.4)
     ax = fig.add_subplot()
     for label, color, deltas in series:
@@ -582,7 +591,7 @@ def _delta_plot(runs: list[Run]) -> str:
     ax.axvline(0, color="#222222", linestyle="--", linewidth=1)
     ax.set_xlabel("ROUGE-L, tuned − base, per example")
     ax.set_ylabel("examples")
-    ax.legend(frameon=False, fontsize=9)
+    _legend(fig, ax)
     _style(ax)
     return _png(fig)
 
@@ -605,7 +614,7 @@ def _length_plot(runs: list[Run]) -> str:
                 label=f"{label} (mean {counts.mean():.1f} words)")
     ax.set_xlabel("words per text (the longest 1% are counted in the last bin)")
     ax.set_ylabel("examples")
-    ax.legend(frameon=False, fontsize=9)
+    _legend(fig, ax)
     _style(ax)
     return _png(fig)
 
@@ -634,7 +643,7 @@ def _loss_plot(runs: list[Run]) -> str:
                     linewidth=1.4, label=f"{prefix}eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend(frameon=False, fontsize=9)
+    _legend(fig, ax)
     _style(ax)
     return _png(fig)
 

@@ -19,6 +19,7 @@ from harness import data as data_mod
 from harness import models
 from harness.errors import HarnessError, RunError
 from harness.io import atomic_write_json
+from harness.leakage import assert_no_exact_leak, leakage_report
 from harness.runfolder import Manifest, new_run_dir, read_manifest
 from harness.spec import TaskSpec, build, load_spec, spec_to_dict
 
@@ -106,6 +107,11 @@ def _stages(spec: TaskSpec, manifest: Manifest) -> None:
             manifest.update(data_counts=prepared.counts)
             log.info("data: %d train, %d held-out", len(prepared.train), len(prepared.heldout))
     prepared = data_mod.read_prepared(run_dir / "data")
+    leaks = leakage_report(prepared.train, prepared.heldout)
+    manifest.update(leakage=leaks)
+    assert_no_exact_leak(leaks)
+    if leaks["near"]:
+        log.warning("%d held-out title(s) are near-duplicates of train titles (other edition/format)", leaks["near"])
     if not prepared.train or not prepared.heldout:
         raise HarnessError(f"{spec.name}: need at least one train and one held-out example "
                            f"(got {len(prepared.train)} train, {len(prepared.heldout)} held-out)")

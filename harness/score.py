@@ -42,6 +42,26 @@ def _left_pad(rows: list[list[int]], pad_id: int):
     return ids, mask
 
 
+def auto_batch_size(model, device, longest_prompt: int, max_new_tokens: int, n_prompts: int,
+                    requested: int) -> int:
+    """On CUDA, as many sequences as half the free memory holds in KV cache (capped at 256).
+
+    The spec's batch size is kept on CPU, where larger batches do not pay.
+    """
+    if device.kind != "cuda":
+        return requested
+    import torch
+
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    bytes_per_seq = 2 * cfg.num_hidden_layers * kv_heads * head_dim * (longest_prompt + max_new_tokens) * 2
+    # Logits of the last position (fp32) and activations: budget them as another KV cache's worth.
+    bytes_per_seq = 2 * bytes_per_seq + cfg.vocab_size * 4
+    free, _total = torch.cuda.mem_get_info(device.index)
+    return max(1, min(256, n_prompts, int(free * 0.5 // bytes_per_seq)))
+
+
 def generate(model, tokenizer, prompts: Sequence[str], gen: GenerationSpec, device,
              on_done: Callable[[int, Generation], None] | None = None,
              batch_size: int | None = None) -> list[Generation]:
@@ -54,7 +74,10 @@ def generate(model, tokenizer, prompts: Sequence[str], gen: GenerationSpec, devi
     sampling = {"do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p} if gen.do_sample \
         else {"do_sample": False}
     model.eval()
-    for batch in length_sorted_batches([len(e) for e in encoded], batch_size or gen.batch_size):
+    if batch_size is None:
+        batch_size = auto_batch_size(model, device, max(map(len, encoded), default=1), gen.max_new_tokens,
+                                     len(encoded), gen.batch_size)
+    for batch in length_sorted_batches([len(e) for e in encoded], batch_size):
         ids, mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id)
         with torch.inference_mode():
             out = model.generate(

@@ -182,7 +182,9 @@ class ScoringSession:
                          self.device, on_done=persist)
         nll_path = self.scores_dir / f"{side}_nll.json"
         if not nll_path.is_file():
-            nll, counts = reference_nll(model, self.encoded, self.spec.generation.batch_size, self.device,
+            # Only description positions reach the LM head, so CUDA affords large batches here.
+            batch = 64 if self.device.kind == "cuda" else self.spec.generation.batch_size
+            nll, counts = reference_nll(model, self.encoded, batch, self.device,
                                         self.tokenizer.pad_token_id)
             atomic_write_json(nll_path, {"ids": [e.id for e in self.heldout], "nll_sum": nll.tolist(),
                                          "n_tokens": counts.tolist()})

@@ -42,10 +42,21 @@ def fast_path_options(spec: TaskSpec, device: Device) -> dict:
     cuda = device.kind == "cuda"
     t = spec.train
     return {
-        "quantize": t.quantization == "nf4" or (t.quantization == "auto" and cuda and _has_bitsandbytes()),
+        # QLoRA saves memory at a speed cost: `auto` uses it on CUDA only for models too big to train
+        # comfortably in bf16 (> 4 GB of weights, i.e. >= ~2B parameters).
+        "quantize": t.quantization == "nf4" or (t.quantization == "auto" and cuda and _has_bitsandbytes()
+                                                and weight_bytes(spec.model.base) > 4e9),
         "packing": t.packing == "on" or (t.packing == "auto" and cuda),
         "fused_loss": t.fused_loss == "on" or (t.fused_loss == "auto" and cuda and _has_liger()),
     }
+
+
+def weight_bytes(model_ref: str) -> int:
+    """Size of a model's weight files (0 when it is not a local folder yet)."""
+    from harness.models import resolve_base
+
+    folder = Path(resolve_base(model_ref))
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) if folder.is_dir() else 0
 
 
 def _has_bitsandbytes() -> bool:
@@ -140,26 +151,20 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, device: Device,
-          resume_from: Path | None = None) -> TrainResult:
-    """Train a LoRA adapter on `train_examples`; save it in standard PEFT format under run_dir/adapter."""
-    import time
-
+def build_trainer(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, output_dir: Path, device: Device,
+                  **overrides):
+    """An SFTTrainer for `spec` on pre-tokenized datasets; `overrides` replace SFTConfig fields (bench recipes)."""
     from peft import LoraConfig, prepare_model_for_kbit_training
     from trl import SFTConfig, SFTTrainer
 
     t = spec.train
     fast = fast_path_options(spec, device)
-    train_part, eval_part = split_eval(train_examples, t.eval_fraction)
-    train_ds = tokenized_dataset(spec, tokenizer, train_part)
-    eval_ds = tokenized_dataset(spec, tokenizer, eval_part) if eval_part else None
-    if fast["quantize"]:
+    if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
     lora = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                       target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
-    checkpoints = run_dir / "checkpoints"
-    config = SFTConfig(
-        output_dir=str(checkpoints),
+    options = dict(
+        output_dir=str(output_dir),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
         per_device_train_batch_size=t.batch_size,
@@ -188,11 +193,23 @@ def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, devic
         eos_token=tokenizer.eos_token,
         dataloader_num_workers=0,
         disable_tqdm=False,
-        # Named only when on: the name is deprecated in transformers 5.23 but the only one 5.17 knows.
-        **({"gradient_checkpointing": True} if t.gradient_checkpointing else {}),
     )
-    trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, peft_config=lora)
+    if t.gradient_checkpointing:  # named only when on: deprecated in transformers 5.23, the only name in 5.17
+        options["gradient_checkpointing"] = True
+    options.update(overrides)
+    return SFTTrainer(model=model, args=SFTConfig(**options), train_dataset=train_ds, eval_dataset=eval_ds,
+                      processing_class=tokenizer, peft_config=lora)
+
+
+def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, device: Device,
+          resume_from: Path | None = None) -> TrainResult:
+    """Train a LoRA adapter on `train_examples`; save it in standard PEFT format under run_dir/adapter."""
+    import time
+
+    train_part, eval_part = split_eval(train_examples, spec.train.eval_fraction)
+    train_ds = tokenized_dataset(spec, tokenizer, train_part)
+    eval_ds = tokenized_dataset(spec, tokenizer, eval_part) if eval_part else None
+    trainer = build_trainer(spec, model, tokenizer, train_ds, eval_ds, run_dir / "checkpoints", device)
     stopper = _StopOnSignal()
     trainer.add_callback(stopper.callback())
     trainer.add_callback(_LossLog(run_dir / "train_log.jsonl").callback())
@@ -205,7 +222,7 @@ def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, devic
     adapter_dir = run_dir / "adapter"
     sync_eos(trainer.model, tokenizer)
     trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
-    n_tokens = sum(len(ids) for ids in train_ds["input_ids"]) * max(t.epochs, 1)
+    n_tokens = sum(len(ids) for ids in train_ds["input_ids"]) * max(spec.train.epochs, 1)
     return TrainResult(adapter_dir=adapter_dir, log_path=run_dir / "train_log.jsonl",
                        steps=trainer.state.global_step, train_tokens=int(n_tokens),
                        seconds=time.perf_counter() - started)

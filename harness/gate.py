@@ -1,0 +1,471 @@
+"""The CI regression gate: is a candidate adapter still as good as the accepted baseline?
+
+`harness check` scores a candidate adapter on the task's held-out split (or a seeded subset of
+it, `gate.subset`, so a CPU-only CI can afford it) and compares it with a baseline on the same
+examples and the same bootstrap draws. Every rule in `spec.gate` becomes a `CheckResult`; the
+verdict is written as verdict.json, verdict.md and junit.xml.
+
+The gate fails closed. Anything that makes the comparison meaningless (another task, split,
+tokenizer or base model, a NaN, an unreadable adapter or baseline) raises `CannotJudge`
+(exit 2) and is never a pass. Outputs already computed are reused only when their
+fingerprints show they come from the same computation: a baseline file's predictions, or a
+run folder's scores/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from harness import data, fingerprint, models
+from harness.errors import HarnessError, RunError, SpecError
+from harness.io import atomic_write_json, atomic_write_text
+from harness.metrics import (HIGHER_IS_BETTER, METRICS, MetricSettings, ModelOutputs, bootstrap_replicates,
+                             paired_comparison, per_example_scores, score_single, settings_record)
+from harness.prompts import build_prompt, encode_example
+from harness.runfolder import read_manifest
+from harness.score import generate, reference_nll
+from harness.scoring import assert_adapter_applied, guards, metric_settings, read_generations
+
+log = logging.getLogger(__name__)
+
+BASELINE_FORMAT = 1
+Z_POWER = 1.96 + 0.84  # two-sided 5% test with 80% power
+EXIT_CODES = {"pass": 0, "regression": 1, "cannot_judge": 2}
+# Outputs are comparable (and reusable) only when all of these match.
+SAME_COMPUTATION = {
+    "base_model": "another base model",
+    "tokenizer": "another tokenizer or chat template",
+    "heldout_split": "another held-out split (data file or data.* settings)",
+    "prompt": "other prompt settings",
+    "generation": "other generation settings",
+}
+
+
+class CannotJudge(HarnessError):
+    """The candidate cannot be compared with the baseline (exit 2): never a pass."""
+
+
+@dataclass
+class CheckResult:
+    """One rule's outcome, promptfoo-style. `score` is the number the rule tested."""
+
+    name: str
+    passed: bool
+    score: float
+    reason: str
+
+
+@dataclass
+class Side:
+    """One adapter's outputs on the evaluated examples, and where they came from."""
+
+    outputs: ModelOutputs
+    generations: list[dict]  # per example: text, n_tokens (generated), hit_max_new_tokens
+    adapter: str  # adapter fingerprint
+    source: str
+    device: str  # cpu (fp32) or cuda (bf16): greedy decoding differs slightly between them
+
+
+@dataclass
+class Context:
+    """What is evaluated, shared by candidate and baseline."""
+
+    spec: object
+    examples: list  # data.Example, the evaluated (possibly subset) held-out examples
+    heldout_size: int
+    model_ref: str
+    tokenizer: object
+    device: models.Device
+    settings: MetricSettings
+    prints: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
+
+
+# -- rules (pure functions, unit-tested without a model) --------------------------------------
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def margin_check(metric: str, delta: float, ci95: list[float], margin: float, mde: float, n: int) -> CheckResult:
+    """Non-inferiority on the paired delta (candidate - baseline): fail only when the whole 95%
+    interval lies beyond the margin on the bad side, so noise alone does not fail a build."""
+    low, high = ci95
+    if HIGHER_IS_BETTER[metric]:
+        passed, bound = not high < -margin, f"fails only if the upper end is below -{_fmt(margin)}"
+    else:
+        passed, bound = not low > margin, f"fails only if the lower end is above +{_fmt(margin)}"
+    reason = f"delta {delta:+.4g}, 95% CI [{low:+.4g}, {high:+.4g}]; {bound}"
+    if not passed:
+        reason = f"regression: {reason}"
+    if mde > margin:
+        reason += f"; underpowered: n={n} detects only changes of about {_fmt(mde)} (MDE) > margin {_fmt(margin)}"
+    return CheckResult(f"{metric}.margin", passed, float(delta), reason)
+
+
+def floor_check(metric: str, value: float, floor: float) -> CheckResult:
+    """Absolute floor on the candidate's value (a ceiling for lower-is-better metrics)."""
+    if HIGHER_IS_BETTER[metric]:
+        passed, words = value >= floor, ("at or above the floor" if value >= floor else "below the floor")
+    else:
+        passed, words = value <= floor, ("at or below the ceiling" if value <= floor else "above the ceiling")
+    return CheckResult(f"{metric}.floor", passed, float(value), f"candidate {metric} {_fmt(value)} {words} {_fmt(floor)}")
+
+
+def guard_check(name: str, share: float, limit: float) -> CheckResult:
+    """A format guard on the candidate: a metric can hold up while outputs go empty or run on."""
+    passed = share <= limit
+    return CheckResult(f"guard.{name}", passed, float(share),
+                       f"{share:.0%} of candidate outputs ({'within' if passed else 'over'} the limit {limit:.0%})")
+
+
+def evaluate(gate, baseline: ModelOutputs, candidate: ModelOutputs, shares: dict,
+             settings: MetricSettings) -> tuple[list[CheckResult], list[str], dict]:
+    """All rules of `gate` for candidate vs baseline; returns results, power warnings, metrics.
+
+    Both sides are resampled with the same seeded draws (paired), so the spread of the delta
+    replicates is what the test can resolve: MDE = (1.96 + 0.84) * std(delta replicates).
+    """
+    n = len(candidate.references)
+    paired = paired_comparison(baseline, candidate, settings)
+    reps_b, reps_c = bootstrap_replicates(baseline, settings), bootstrap_replicates(candidate, settings)
+    results, warnings = [], []
+    for rule in gate.rules:
+        m = rule.metric
+        mde = Z_POWER * float(np.std(reps_c[m] - reps_b[m]))
+        results.append(margin_check(m, paired["delta"][m]["value"], paired["delta"][m]["ci95"], rule.margin, mde, n))
+        if mde > rule.margin:
+            warnings.append(f"{m}: the held-out set (n={n}) is too small to detect a regression of the margin "
+                            f"{_fmt(rule.margin)}; minimum detectable effect about {_fmt(mde)}")
+        if rule.floor is not None:
+            results.append(floor_check(m, paired["b"][m]["value"], rule.floor))
+    results.append(guard_check("empty_share", shares["empty_share"], gate.max_empty_share))
+    results.append(guard_check("truncated_share", shares["truncated_share"], gate.max_truncated_share))
+    metrics = {m: {"baseline": paired["a"][m]["value"], "candidate": paired["b"][m]["value"],
+                   "delta": paired["delta"][m]["value"], "delta_ci95": paired["delta"][m]["ci95"]}
+               for m in dict.fromkeys(r.metric for r in gate.rules)}
+    return results, warnings, metrics
+
+
+# -- what is evaluated -------------------------------------------------------------------------
+def select_subset(examples: list, size: int | None, seed: int) -> list:
+    """A seeded fixed-size subset in split order (all examples when `size` is None or larger)."""
+    if size is None or size >= len(examples):
+        return list(examples)
+    keep = np.random.default_rng(seed).choice(len(examples), size=size, replace=False)
+    return [examples[i] for i in sorted(keep)]
+
+
+def _check_gate_spec(gate) -> None:
+    if not gate.rules:
+        raise SpecError("gate.rules: empty; a gate with no rules would pass anything")
+    if gate.subset is not None and gate.subset < 1:
+        raise SpecError("gate.subset: must be >= 1 or null")
+    for i, rule in enumerate(gate.rules):
+        if not rule.margin >= 0:
+            raise SpecError(f"gate.rules[{i}].margin: must be >= 0")
+
+
+def build_context(task: str, overrides: list[str]) -> Context:
+    from harness.spec import load_spec
+
+    spec = load_spec(task, overrides)
+    _check_gate_spec(spec.gate)
+    heldout = data.prepare(spec).heldout
+    if not heldout:
+        raise CannotJudge(f"{spec.name}: the held-out split is empty; nothing to judge on")
+    examples = select_subset(heldout, spec.gate.subset, spec.gate.subset_seed)
+    model_ref = models.resolve_base(spec.model.base)
+    tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
+    settings = metric_settings(spec)
+    prints = {"base_model": fingerprint.model_fingerprint(model_ref),
+              "tokenizer": fingerprint.tokenizer_fingerprint(tokenizer),
+              "heldout_split": fingerprint.split_fingerprint(heldout),
+              "evaluated_split": fingerprint.split_fingerprint(examples),
+              **fingerprint.settings_fingerprints(spec, settings_record(settings))}
+    return Context(spec, examples, len(heldout), model_ref, tokenizer, models.pick_device(), settings, prints)
+
+
+def _side(ctx: Context, gens: list[dict], nll, counts, adapter: str, source: str, device: str) -> Side:
+    outputs = ModelOutputs([g["text"] for g in gens], [e.content for e in ctx.examples],
+                           np.asarray(nll, dtype=float), np.asarray(counts))
+    return Side(outputs, gens, adapter, source, device)
+
+
+def _mismatch(where: Path, key: str) -> CannotJudge:
+    return CannotJudge(f"{where}: fingerprints.{key} differs: scored with {SAME_COMPUTATION[key]}; "
+                       "cannot compare (re-create the baseline with the current settings)")
+
+
+def score_adapter(adapter_dir: Path, ctx: Context) -> Side:
+    """Generate and score with an adapter on the evaluated examples (the same calls a run makes)."""
+    log.info("scoring %s on %d examples (%s)", adapter_dir, len(ctx.examples), ctx.device.kind)
+    model = models.load_model(ctx.model_ref, ctx.spec.model, ctx.tokenizer, ctx.device)
+    try:
+        model = models.load_adapter(model, adapter_dir, ctx.spec.model.allow_pickle)
+    except HarnessError:
+        raise
+    except Exception as exc:  # e.g. a corrupt safetensors header
+        raise CannotJudge(f"{adapter_dir}: unreadable adapter ({type(exc).__name__}: {exc})") from None
+    prompts = [build_prompt(ctx.tokenizer, ctx.spec.prompt, e.title) for e in ctx.examples]
+    encoded = [encode_example(ctx.tokenizer, p, e.content, None) for p, e in zip(prompts, ctx.examples)]
+    assert_adapter_applied(model, ctx.tokenizer, prompts[:4], ctx.device)
+    results = generate(model, ctx.tokenizer, prompts, ctx.spec.generation, ctx.device)
+    nll, counts = reference_nll(model, encoded, ctx.spec.generation.batch_size, ctx.device,
+                                ctx.tokenizer.pad_token_id)
+    gens = [{"text": g.text, "n_tokens": g.n_tokens, "hit_max_new_tokens": g.hit_max_new_tokens} for g in results]
+    return _side(ctx, gens, nll, counts, fingerprint.hash_folder(adapter_dir), f"scored {adapter_dir}",
+                 ctx.device.kind)
+
+
+def read_run_scores(run_dir: Path, ids: list[str]) -> tuple[list[dict], list, list] | None:
+    """A run's tuned generations and reference NLLs for `ids`; None when they do not cover them."""
+    scores = Path(run_dir) / "scores"
+    try:
+        rows = read_generations(scores / "tuned_generations.jsonl")
+        nll = json.loads((scores / "tuned_nll.json").read_text(encoding="utf-8"))
+        by_id = {i: (s, c) for i, s, c in zip(nll["ids"], nll["nll_sum"], nll["n_tokens"], strict=True)}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not all(i in rows and i in by_id for i in ids):
+        return None
+    return [rows[i] for i in ids], [by_id[i][0] for i in ids], [by_id[i][1] for i in ids]
+
+
+def _device_kind(description: str | None) -> str:
+    return (description or "unknown").split(":")[0].split(" ")[0]
+
+
+def from_run(run_dir: Path, ctx: Context) -> Side:
+    """A run folder's tuned outputs: its scores/ when fingerprints prove them reusable, else its adapter/."""
+    manifest = read_manifest(run_dir)
+    if manifest.get("task") != ctx.spec.name:
+        raise CannotJudge(f"{run_dir}: a run of task '{manifest.get('task')}', not '{ctx.spec.name}'")
+    prints = manifest.get("fingerprints") or {}
+    for key in ("base_model", "tokenizer"):  # the adapter itself belongs to that model
+        if key in prints and prints[key] != ctx.prints[key]:
+            raise _mismatch(run_dir / "manifest.json", key)
+    adapter_dir = run_dir / "adapter"
+    adapter = fingerprint.hash_folder(adapter_dir)
+    if all(prints.get(k) == ctx.prints[k] for k in SAME_COMPUTATION) and prints.get("adapter") == adapter:
+        cached = read_run_scores(run_dir, [e.id for e in ctx.examples])
+        if cached is not None:
+            log.info("%s: reusing its scores/ (fingerprints match)", run_dir)
+            return _side(ctx, *cached, adapter, f"cached scores of {run_dir}", _device_kind(manifest.get("device")))
+    log.info("%s: scores/ not reusable for this evaluation; scoring its adapter", run_dir)
+    return score_adapter(adapter_dir, ctx)
+
+
+def _nonfinite(obj, where: str = "") -> str | None:
+    """Path of the first NaN/Infinity in parsed JSON (Python's json reads them as floats)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where or "value"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, value in items:
+        found = _nonfinite(value, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}".lstrip("."))
+        if found:
+            return found
+    return None
+
+
+def from_baseline_file(path: Path, ctx: Context) -> Side:
+    """A committed baseline's predictions, reused as they are: it must match what is evaluated now."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CannotJudge(f"{path}: unreadable baseline file ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != BASELINE_FORMAT:
+        raise CannotJudge(f"{path}: not a harness baseline file (expected format {BASELINE_FORMAT}; "
+                          "write one with `harness baseline RUN --out FILE`)")
+    bad = _nonfinite(doc)
+    if bad:
+        raise CannotJudge(f"{path}: {bad} is not a finite number")
+    if doc.get("task") != ctx.spec.name:
+        raise CannotJudge(f"{path}: a baseline of task '{doc.get('task')}', not '{ctx.spec.name}'")
+    prints = doc.get("fingerprints")
+    if not isinstance(prints, dict):
+        raise CannotJudge(f"{path}: fingerprints missing")
+    for key in SAME_COMPUTATION:
+        if key not in prints:
+            raise CannotJudge(f"{path}: fingerprints.{key} missing")
+        if prints[key] != ctx.prints[key]:
+            raise _mismatch(path, key)
+    if prints.get("metrics") != ctx.prints["metrics"]:
+        ctx.warnings.append(f"{path}: metric settings differ from the baseline's; both sides are re-scored "
+                            "with the current settings from their predictions")
+    try:
+        rows = {r["id"]: r for r in doc["examples"]}
+        picked = [rows[e.id] for e in ctx.examples]
+        gens = [{"text": r["prediction"], "n_tokens": r["generated_tokens"],
+                 "hit_max_new_tokens": r["hit_max_new_tokens"]} for r in picked]
+        nll, counts = [r["nll_sum"] for r in picked], [r["n_tokens"] for r in picked]
+    except (KeyError, TypeError) as exc:
+        raise CannotJudge(f"{path}: examples: missing or malformed key {exc}") from None
+    return _side(ctx, gens, nll, counts, str(prints.get("adapter", "")), f"baseline file {path}",
+                 str(doc.get("device", "unknown")))
+
+
+def load_side(path: Path, ctx: Context, label: str) -> Side:
+    """An adapter folder, a run folder, or (for the baseline only) a baseline file."""
+    path = Path(path)
+    if path.is_file() and label == "baseline":
+        return from_baseline_file(path, ctx)
+    if (path / "adapter_config.json").is_file():
+        return score_adapter(path, ctx)
+    if (path / "manifest.json").is_file():
+        return from_run(path, ctx)
+    kinds = "a baseline file, a run folder or an adapter folder" if label == "baseline" else \
+        "a run folder or an adapter folder"
+    what = "does not exist" if not path.exists() else f"is not {kinds}"
+    raise CannotJudge(f"--{label} {path}: {what}")
+
+
+# -- the verdict -------------------------------------------------------------------------------
+def judge(record: dict, task: str, candidate: Path, baseline: Path, overrides: list[str]) -> dict:
+    """Fill `record` (the verdict.json object) step by step, so a failure still says how far it got."""
+    ctx = build_context(task, overrides)
+    record.update(task=ctx.spec.name, n=len(ctx.examples), heldout_size=ctx.heldout_size,
+                  subset={"size": ctx.spec.gate.subset, "seed": ctx.spec.gate.subset_seed},
+                  fingerprints=dict(ctx.prints))
+    base = load_side(baseline, ctx, "baseline")  # first: a mismatched baseline fails before any scoring
+    cand = load_side(candidate, ctx, "candidate")
+    record["fingerprints"].update(baseline_adapter=base.adapter, candidate_adapter=cand.adapter)
+    record["sources"] = {"baseline": base.source, "candidate": cand.source}
+    if base.device != cand.device:
+        ctx.warnings.append(f"baseline outputs come from {base.device}, candidate outputs from {cand.device}: "
+                            "bf16 and fp32 decode slightly differently")
+    shares = guards(cand.outputs.predictions, cand.outputs.references, [e.title for e in ctx.examples],
+                    cand.generations, ctx.spec.prompt.instruction)
+    results, power, metrics = evaluate(ctx.spec.gate, base.outputs, cand.outputs, shares, ctx.settings)
+    verdict = "pass" if all(r.passed for r in results) else "regression"
+    failed = [r.name for r in results if not r.passed]
+    reason = f"failed: {', '.join(failed)}" if failed else f"all {len(results)} rules passed"
+    if power:
+        reason += " (underpowered: see warnings)"
+    record.update(verdict=verdict, exit_code=EXIT_CODES[verdict], reason=reason,
+                  rules=[asdict(r) for r in results], warnings=power + ctx.warnings, metrics=metrics)
+    return record
+
+
+def render_markdown(record: dict) -> str:
+    icon = {"pass": "✅ PASS", "regression": "❌ REGRESSION", "cannot_judge": "⚠️ CANNOT JUDGE"}[record["verdict"]]
+    cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = [f"## Adapter gate: {icon} ({record['task']})", "",
+             f"Candidate `{record['candidate']}` vs baseline `{record['baseline']}`"
+             + (f" on n={record['n']} held-out examples (of {record.get('heldout_size')})." if record["n"] else "."),
+             "", f"**{cell(record['reason'])}** (exit {record['exit_code']})", ""]
+    if record["rules"]:
+        lines += ["| rule | result | score | reason |", "|---|---|---|---|"]
+        lines += [f"| {cell(r['name'])} | {'pass' if r['passed'] else '**FAIL**'} | {r['score']:.4g} | {cell(r['reason'])} |"
+                  for r in record["rules"]]
+        lines.append("")
+    if record["warnings"]:
+        lines += ["**Warnings**", ""] + [f"- {cell(w)}" for w in record["warnings"]] + [""]
+    return "\n".join(lines)
+
+
+def render_junit(record: dict) -> str:
+    """One testcase per rule; a cannot-judge verdict is one errored testcase. ElementTree escapes."""
+    rules = record["rules"]
+    suite = ET.Element("testsuite", name=f"harness-gate.{record['task']}", tests=str(max(1, len(rules))),
+                       failures=str(sum(not r["passed"] for r in rules)),
+                       errors=str(int(record["verdict"] == "cannot_judge")))
+    for r in rules:
+        case = ET.SubElement(suite, "testcase", classname=f"gate.{record['task']}", name=r["name"])
+        if not r["passed"]:
+            ET.SubElement(case, "failure", message=r["reason"]).text = r["reason"]
+    if record["verdict"] == "cannot_judge":
+        case = ET.SubElement(suite, "testcase", classname=f"gate.{record['task']}", name="judge")
+        ET.SubElement(case, "error", message=record["reason"]).text = record["reason"]
+    if record["warnings"]:
+        ET.SubElement(suite, "system-out").text = "\n".join(record["warnings"])
+    root = ET.Element("testsuites")
+    root.append(suite)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def write_outputs(record: dict, out_dir: Path) -> None:
+    out_dir = Path(out_dir)
+    markdown = render_markdown(record)
+    atomic_write_json(out_dir / "verdict.json", record)
+    atomic_write_text(out_dir / "verdict.md", markdown)
+    atomic_write_text(out_dir / "junit.xml", render_junit(record))
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a", encoding="utf-8") as fh:
+            fh.write(markdown + "\n")
+
+
+def run_check(task: str, candidate: Path, baseline: Path, out_dir: Path, overrides: list[str]) -> int:
+    """`harness check`: 0 pass, 1 regression, 2 cannot judge (raised as a HarnessError)."""
+    record = {"task": task, "verdict": "cannot_judge", "exit_code": 2, "reason": "", "rules": [], "warnings": [],
+              "n": None, "fingerprints": {}, "candidate": str(candidate), "baseline": str(baseline)}
+    try:
+        judge(record, task, Path(candidate), Path(baseline), overrides)
+    except Exception as exc:
+        record.update(verdict="cannot_judge", rules=[], reason=str(exc) or type(exc).__name__,
+                      exit_code=exc.exit_code if isinstance(exc, HarnessError) else 3)
+        try:
+            write_outputs(record, out_dir)
+        except Exception as write_exc:  # keep the original error; it is the one to report
+            log.warning("could not write the cannot-judge verdict: %s", write_exc)
+        raise
+    write_outputs(record, out_dir)
+    for r in record["rules"]:
+        print(f"{'PASS' if r['passed'] else 'FAIL'}  {r['name']}: {r['reason']}")
+    for w in record["warnings"]:
+        print(f"warning: {w}")
+    print(f"verdict: {record['verdict']} (exit {record['exit_code']}); {Path(out_dir) / 'verdict.md'}")
+    return record["exit_code"]
+
+
+# -- baseline files ----------------------------------------------------------------------------
+def write_baseline(run_dir: Path, out: Path) -> Path:
+    """Freeze a finished run's tuned outputs as a committed baseline (atomic write).
+
+    Predictions and reference NLLs are stored per example so `check` never regenerates them;
+    fingerprints say exactly which model, tokenizer, split and settings they belong to.
+    """
+    from harness.run import load_run_spec
+
+    run_dir, out = Path(run_dir), Path(out)
+    manifest = read_manifest(run_dir)
+    if manifest.get("status") != "completed":
+        raise RunError(f"{run_dir}: run status is '{manifest.get('status')}'; only a completed run can be a baseline")
+    spec = load_run_spec(run_dir)
+    heldout = data.read_prepared(run_dir / "data").heldout
+    prints = manifest.get("fingerprints") or {}
+    for key in (*SAME_COMPUTATION, "metrics", "adapter"):
+        if key not in prints:
+            raise RunError(f"{run_dir / 'manifest.json'}: fingerprints.{key} missing")
+    if prints["heldout_split"] != fingerprint.split_fingerprint(heldout):
+        raise RunError(f"{run_dir / 'data'}: held-out split changed since the run scored it")
+    if prints["adapter"] != fingerprint.hash_folder(run_dir / "adapter"):
+        raise RunError(f"{run_dir / 'adapter'}: adapter changed since the run scored it")
+    scored = read_run_scores(run_dir, [e.id for e in heldout])
+    if scored is None:
+        raise RunError(f"{run_dir / 'scores'}: tuned scores missing or do not cover the held-out split")
+    gens, nll, counts = scored
+    outputs = ModelOutputs([g["text"] for g in gens], [e.content for e in heldout], np.asarray(nll, dtype=float),
+                           np.asarray(counts))
+    settings = metric_settings(spec)
+    per_example = per_example_scores(outputs, settings)
+    doc = {
+        "format": BASELINE_FORMAT, "task": spec.name, "source_run": run_dir.name,
+        "device": _device_kind(manifest.get("device")), "n": len(heldout),
+        "metrics": score_single(outputs, settings),
+        "fingerprints": {k: prints[k] for k in (*SAME_COMPUTATION, "metrics", "adapter")},
+        "examples": [{"id": e.id, "prediction": g["text"], "nll_sum": float(s), "n_tokens": int(c),
+                      "generated_tokens": int(g["n_tokens"]), "hit_max_new_tokens": bool(g["hit_max_new_tokens"]),
+                      "scores": {m: float(per_example[m][i]) for m in METRICS}}
+                     for i, (e, g, s, c) in enumerate(zip(heldout, gens, nll, counts))],
+    }
+    atomic_write_json(out, doc)
+    return out
