@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -83,7 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="GPU benchmark: seed recipe vs harness (training and scoring)")
     p.add_argument("task")
     p.add_argument("--out", type=Path, default=Path("bench/results.json"))
-    p.add_argument("--quick", action="store_true", help="few steps, for a smoke test")
+    p.add_argument("--quick", action="store_true", help="allow a CPU smoke test (numbers mean nothing there)")
+    p.add_argument("--only", help="comma-separated parts: smollm2,tinyllama,qlora8b,generate (default: all)")
+    p.add_argument("--examples", type=int, default=2048, help="training examples per recipe (default 2048)")
+    p.add_argument("--batch", type=int, default=32, help="harness recipe: packed sequences per step (default 32)")
+    p.add_argument("--gen-examples", type=int, default=256, help="prompts for the batched scorer (default 256)")
+    p.add_argument("--loop-examples", type=int, default=32, help="prompts for the one-at-a-time loop (default 32)")
+    p.add_argument("--work", default="/tmp/harness-bench", help="scratch folder (checkpoints, random 8B weights)")
     _add_overrides(p)
 
     p = sub.add_parser("fetch-model", help="fetch and convert the embedded default model (once)")
@@ -95,11 +102,23 @@ def _cmd_run(args) -> int:
 
     if bool(args.task) == bool(args.resume):
         raise HarnessError("run: give a TASK, or --resume RUN (not both)")
-    run_dir = run_task(args.task, args.overrides, args.runs_dir, resume=args.resume)
+    # SIGTERM outside training (which saves a checkpoint first) acts like Ctrl-C: run marked interrupted, exit 130.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if _main_thread() else None
+    try:
+        run_dir = run_task(args.task, args.overrides, args.runs_dir, resume=args.resume)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(f"run folder: {run_dir}")
     print(summary_line(run_dir))
     print(f"reports: {run_dir / 'report.html'}  {run_dir / 'report.md'}")
     return 0
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _cmd_validate(args) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from harness import data, fingerprint, models
-from harness.errors import HarnessError, RunError, SpecError
+from harness.errors import HarnessError, RunError
 from harness.io import atomic_write_json, atomic_write_text
 from harness.metrics import (HIGHER_IS_BETTER, METRICS, MetricSettings, ModelOutputs, bootstrap_replicates,
                              paired_comparison, per_example_scores, score_single, settings_record)
@@ -33,6 +33,7 @@ from harness.prompts import build_prompt, encode_example
 from harness.runfolder import read_manifest
 from harness.score import generate, reference_nll
 from harness.scoring import assert_adapter_applied, guards, metric_settings, read_generations
+from harness.spec import GateSpec, TaskSpec, load_spec
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,8 @@ class Side:
 class Context:
     """What is evaluated, shared by candidate and baseline."""
 
-    spec: object
-    examples: list  # data.Example, the evaluated (possibly subset) held-out examples
+    spec: TaskSpec
+    examples: list[data.Example]  # the evaluated held-out examples (a subset when gate.subset is set)
     heldout_size: int
     model_ref: str
     tokenizer: object
@@ -94,10 +95,17 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
+def _require_finite(name: str, *values: float) -> None:
+    """A NaN compares False both ways, so it could pass a rule by accident: refuse it instead."""
+    if not all(math.isfinite(v) for v in values):
+        raise CannotJudge(f"{name}: not a finite number ({', '.join(map(str, values))})")
+
+
 def margin_check(metric: str, delta: float, ci95: list[float], margin: float, mde: float, n: int) -> CheckResult:
     """Non-inferiority on the paired delta (candidate - baseline): fail only when the whole 95%
     interval lies beyond the margin on the bad side, so noise alone does not fail a build."""
     low, high = ci95
+    _require_finite(f"{metric}.margin", delta, low, high, margin, mde)
     if HIGHER_IS_BETTER[metric]:
         passed, bound = not high < -margin, f"fails only if the upper end is below -{_fmt(margin)}"
     else:
@@ -112,21 +120,24 @@ def margin_check(metric: str, delta: float, ci95: list[float], margin: float, md
 
 def floor_check(metric: str, value: float, floor: float) -> CheckResult:
     """Absolute floor on the candidate's value (a ceiling for lower-is-better metrics)."""
+    _require_finite(f"{metric}.floor", value, floor)
     if HIGHER_IS_BETTER[metric]:
         passed, words = value >= floor, ("at or above the floor" if value >= floor else "below the floor")
     else:
         passed, words = value <= floor, ("at or below the ceiling" if value <= floor else "above the ceiling")
-    return CheckResult(f"{metric}.floor", passed, float(value), f"candidate {metric} {_fmt(value)} {words} {_fmt(floor)}")
+    reason = f"candidate {metric} {_fmt(value)} {words} {_fmt(floor)}"
+    return CheckResult(f"{metric}.floor", passed, float(value), reason)
 
 
 def guard_check(name: str, share: float, limit: float) -> CheckResult:
     """A format guard on the candidate: a metric can hold up while outputs go empty or run on."""
+    _require_finite(f"guard.{name}", share, limit)
     passed = share <= limit
     return CheckResult(f"guard.{name}", passed, float(share),
                        f"{share:.0%} of candidate outputs ({'within' if passed else 'over'} the limit {limit:.0%})")
 
 
-def evaluate(gate, baseline: ModelOutputs, candidate: ModelOutputs, shares: dict,
+def evaluate(gate: GateSpec, baseline: ModelOutputs, candidate: ModelOutputs, shares: dict,
              settings: MetricSettings) -> tuple[list[CheckResult], list[str], dict]:
     """All rules of `gate` for candidate vs baseline; returns results, power warnings, metrics.
 
@@ -163,21 +174,8 @@ def select_subset(examples: list, size: int | None, seed: int) -> list:
     return [examples[i] for i in sorted(keep)]
 
 
-def _check_gate_spec(gate) -> None:
-    if not gate.rules:
-        raise SpecError("gate.rules: empty; a gate with no rules would pass anything")
-    if gate.subset is not None and gate.subset < 1:
-        raise SpecError("gate.subset: must be >= 1 or null")
-    for i, rule in enumerate(gate.rules):
-        if not rule.margin >= 0:
-            raise SpecError(f"gate.rules[{i}].margin: must be >= 0")
-
-
 def build_context(task: str, overrides: list[str]) -> Context:
-    from harness.spec import load_spec
-
-    spec = load_spec(task, overrides)
-    _check_gate_spec(spec.gate)
+    spec = load_spec(task, overrides)  # validates gate.rules, margins and subset
     heldout = data.prepare(spec).heldout
     if not heldout:
         raise CannotJudge(f"{spec.name}: the held-out split is empty; nothing to judge on")
@@ -355,20 +353,21 @@ def judge(record: dict, task: str, candidate: Path, baseline: Path, overrides: l
 
 
 def render_markdown(record: dict) -> str:
+    """The verdict for people: a PR comment, a job summary."""
     icon = {"pass": "✅ PASS", "regression": "❌ REGRESSION", "cannot_judge": "⚠️ CANNOT JUDGE"}[record["verdict"]]
     cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    scope = f" on n={record['n']} held-out examples (of {record.get('heldout_size')})" if record["n"] else ""
     lines = [f"## Adapter gate: {icon} ({record['task']})", "",
-             f"Candidate `{record['candidate']}` vs baseline `{record['baseline']}`"
-             + (f" on n={record['n']} held-out examples (of {record.get('heldout_size')})." if record["n"] else "."),
+             f"Candidate `{record['candidate']}` vs baseline `{record['baseline']}`{scope}.",
              "", f"**{cell(record['reason'])}** (exit {record['exit_code']})", ""]
     if record["rules"]:
         lines += ["| rule | result | score | reason |", "|---|---|---|---|"]
-        lines += [f"| {cell(r['name'])} | {'pass' if r['passed'] else '**FAIL**'} | {r['score']:.4g} | {cell(r['reason'])} |"
-                  for r in record["rules"]]
+        lines += [f"| {cell(r['name'])} | {'pass' if r['passed'] else '**FAIL**'} | {r['score']:.4g} "
+                  f"| {cell(r['reason'])} |" for r in record["rules"]]
         lines.append("")
     if record["warnings"]:
-        lines += ["**Warnings**", ""] + [f"- {cell(w)}" for w in record["warnings"]] + [""]
-    return "\n".join(lines)
+        lines += ["**Warnings**", ""] + [f"- {cell(w)}" for w in record["warnings"]]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def render_junit(record: dict) -> str:
@@ -399,8 +398,11 @@ def write_outputs(record: dict, out_dir: Path) -> None:
     atomic_write_text(out_dir / "junit.xml", render_junit(record))
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
-        with open(summary, "a", encoding="utf-8") as fh:
-            fh.write(markdown + "\n")
+        try:
+            with open(summary, "a", encoding="utf-8") as fh:
+                fh.write(markdown + "\n")
+        except OSError as exc:  # the verdict files are what counts; the summary is a courtesy
+            log.warning("cannot append to $GITHUB_STEP_SUMMARY (%s): %s", summary, exc.strerror)
 
 
 def run_check(task: str, candidate: Path, baseline: Path, out_dir: Path, overrides: list[str]) -> int:

@@ -175,6 +175,17 @@ def resolve_base(base: str) -> str:
         return str(path)
     if base.startswith((".", "/", "~")):
         raise ModelError(f"{base}: model folder not found")
+    from huggingface_hub import is_offline_mode, try_to_load_from_cache
+
+    if is_offline_mode():  # HF_HUB_OFFLINE=1: say what is missing instead of letting a download fail
+        try:
+            cached = try_to_load_from_cache(base, "config.json")
+        except ValueError:  # HFValidationError
+            raise ModelError(f"model.base: '{base}' is neither a model folder nor a valid hub id") from None
+        if not isinstance(cached, str):
+            raise ModelError(f"model.base: '{base}' is not in the local Hugging Face cache and HF_HUB_OFFLINE "
+                             "is set, so nothing is downloaded; fetch it where the hub is reachable, or "
+                             "point model.base at a model folder")
     return base
 
 

@@ -101,7 +101,8 @@ def write_reports(run_dirs: list[Path], out_dir: Path) -> tuple[Path, Path]:
 def load_run(path: Path) -> Run:
     """Read a run folder; anything missing or malformed is a one-line RunError naming the file."""
     if not path.is_dir():
-        raise RunError(f"{path}: no such run folder")
+        raise RunError(f"{path}: {'not a folder' if path.exists() else 'no such run folder'}")
+    manifest = _read_json_object(path / "manifest.json")
     spec_path = path / "spec.yaml"
     spec_text = _read_text(spec_path)
     try:
@@ -116,7 +117,7 @@ def load_run(path: Path) -> Run:
     log_path = path / "train_log.jsonl"
     return Run(
         path=path,
-        manifest=_read_json_object(path / "manifest.json"),
+        manifest=manifest,
         spec=spec,
         spec_text=spec_text,
         metrics=metrics,
@@ -213,7 +214,7 @@ def significance(ci95: list[float], higher_is_better: bool) -> str | None:
 
 
 def _higher(run: Run, name: str) -> bool:
-    value = (run.metrics.get("higher_is_better") or {}).get(name)
+    value = _dict(run.metrics.get("higher_is_better")).get(name)
     return value if isinstance(value, bool) else name != "perplexity"
 
 
@@ -234,7 +235,7 @@ def _delta(block: dict, higher: bool) -> dict:
 
 
 def _wtl(run: Run, name: str) -> dict | None:
-    counts = (run.metrics.get("win_tie_loss") or {}).get(name)
+    counts = _dict(run.metrics.get("win_tie_loss")).get(name)
     if isinstance(counts, dict) and all(isinstance(counts.get(k), int) for k in ("win", "tie", "loss")):
         return counts
     return None
@@ -288,10 +289,11 @@ def _comparability(runs: list[Run]) -> tuple[list[str], bool]:
 
 def _warnings(run: Run) -> list[str]:
     """metrics.json warnings plus a ROUGE gain that comes with a large length shift."""
-    warnings = [str(w) for w in run.metrics.get("warnings") or []]
-    guards = run.metrics.get("guards") or {}
-    base = (guards.get("base") or {}).get("length_ratio")
-    tuned = (guards.get("tuned") or {}).get("length_ratio")
+    raw = run.metrics.get("warnings") or []
+    warnings = [str(w) for w in (raw if isinstance(raw, list) else [raw])]
+    guards = _dict(run.metrics.get("guards"))
+    base = _dict(guards.get("base")).get("length_ratio")
+    tuned = _dict(guards.get("tuned")).get("length_ratio")
     if not (_is_num(base) and _is_num(tuned)) or abs(tuned - base) <= LENGTH_SHIFT:
         return warnings
     gains = [n for n in ROUGE_TYPES if n in run.metrics["delta"] and run.metrics["delta"][n]["value"] > 0]
@@ -313,8 +315,8 @@ def _guards(runs: list[Run]) -> list[dict]:
     for key, label, kind in GUARDS:
         cells = []
         for run in runs:
-            guards = run.metrics.get("guards") or {}
-            cells.append({side: _guard_value((guards.get(side) or {}).get(key), kind)
+            guards = _dict(run.metrics.get("guards"))
+            cells.append({side: _guard_value(_dict(guards.get(side)).get(key), kind)
                           for side in ("base", "tuned")})
         rows.append({"label": label, "runs": cells})
     return rows
@@ -361,8 +363,7 @@ def _highlights(run: Run) -> dict:
     improved = sorted((x for x in scored if x[0] > TIE), key=lambda x: (-x[0], x[1]))
     regressed = sorted((x for x in scored if x[0] < -TIE), key=lambda x: (x[0], x[1]))
     keep = max(HIGHLIGHTS, max(level[2] for level in MD_LEVELS))
-    return {"label": run.label,
-            "improved": [_example(run, row) for _, _, row in improved[:keep]],
+    return {"improved": [_example(run, row) for _, _, row in improved[:keep]],
             "regressed": [_example(run, row) for _, _, row in regressed[:keep]]}
 
 
@@ -472,7 +473,7 @@ def build_context(runs: list[Run]) -> dict:
                   "started": _plain(r.manifest.get("started_at")), "device": _plain(r.manifest.get("device")),
                   "verdict": _verdict(r), "warnings": _warnings(r), "highlights": _highlights(r),
                   "spec_text": r.spec_text,
-                  "settings": yaml.safe_dump(r.metrics.get("settings") or {}, sort_keys=False,
+                  "settings": yaml.safe_dump(_dict(r.metrics.get("settings")), sort_keys=False,
                                              allow_unicode=True)}
                  for k, r in enumerate(runs)],
         "multi": len(runs) > 1,

@@ -7,8 +7,10 @@ does not regenerate predictions already written.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,9 +20,9 @@ import yaml
 from harness import data as data_mod
 from harness import models
 from harness.errors import HarnessError, RunError
-from harness.io import atomic_write_json
+from harness.io import atomic_write_json, atomic_write_text, os_error_message
 from harness.leakage import assert_no_exact_leak, leakage_report
-from harness.runfolder import Manifest, new_run_dir, read_manifest
+from harness.runfolder import Manifest, new_run_dir, pid_alive, process_start, read_manifest
 from harness.spec import TaskSpec, build, load_spec, spec_to_dict
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,8 @@ def load_run_spec(run_dir: Path) -> TaskSpec:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError:
         raise RunError(f"{path}: missing; not a run folder") from None
+    except yaml.YAMLError:
+        raise RunError(f"{path}: damaged (not valid YAML)") from None
     spec = build(TaskSpec, raw, "")
     spec.base_dir = "/"
     return spec
@@ -51,19 +55,27 @@ def load_run_spec(run_dir: Path) -> TaskSpec:
 def start_run(task: str, overrides: list[str], runs_root: Path) -> tuple[TaskSpec, Manifest]:
     spec = load_spec(task, overrides)
     run_dir = new_run_dir(runs_root, spec.name)
-    (run_dir / SPEC_FILE).write_text(yaml.safe_dump(spec_to_dict(spec), sort_keys=False), encoding="utf-8")
+    atomic_write_text(run_dir / SPEC_FILE, yaml.safe_dump(spec_to_dict(spec), sort_keys=False))
     manifest = Manifest.create(run_dir, spec.name)
     manifest.update(overrides=list(overrides))
     return load_run_spec(run_dir), manifest
 
 
 def resume_run(run_dir: Path) -> tuple[TaskSpec, Manifest]:
-    status = read_manifest(run_dir).get("status")
+    """Take over an unfinished run: `interrupted`, `failed`, or `running` whose process is gone (kill -9)."""
+    recorded = read_manifest(run_dir)
+    status, pid = recorded.get("status"), recorded.get("pid")
     if status == "completed":
         raise RunError(f"{run_dir}: run already completed; nothing to resume")
+    if status == "running" and pid_alive(pid, recorded.get("pid_started")):
+        raise RunError(f"{run_dir}: run is still in progress (pid {pid} is alive); stop it or wait, then resume")
+    if status == "running":
+        log.warning("%s: its process (pid %s) is gone without a word (killed?); resuming", run_dir, pid)
+    spec = load_run_spec(run_dir)
     manifest = Manifest.load(run_dir)
-    manifest.update(status="running", resumed_at=time.time())
-    return load_run_spec(run_dir), manifest
+    manifest.update(status="running", pid=os.getpid(), pid_started=process_start(os.getpid()),
+                    resumed_at=time.time())
+    return spec, manifest
 
 
 def execute(spec: TaskSpec, manifest: Manifest) -> Path:
@@ -79,10 +91,26 @@ def execute(spec: TaskSpec, manifest: Manifest) -> Path:
         manifest.update(status="failed", error=str(exc))
         raise
     except Exception as exc:
-        manifest.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        user = _user_error(exc, manifest.run_dir)
+        manifest.update(status="failed", error=str(user) if user else f"{type(exc).__name__}: {exc}")
+        if user:
+            raise user from None
         raise
     manifest.update(status="completed")
     return manifest.run_dir
+
+
+_USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _user_error(exc: BaseException, run_dir: Path) -> RunError | None:
+    """A full disk, a read-only folder or out-of-memory inside any stage: one line, exit 2, no traceback."""
+    if isinstance(exc, OSError) and exc.errno in _USER_ERRNOS:
+        return RunError(os_error_message(exc.filename or run_dir, exc))
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch's CUDA OOM too
+        return RunError(f"out of memory in {run_dir.name}; lower train.batch_size, train.max_length or "
+                        f"generation.batch_size, then resume with --resume {run_dir}")
+    return None
 
 
 def _last_checkpoint(run_dir: Path) -> str | None:

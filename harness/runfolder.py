@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from harness.errors import RunError
-from harness.io import atomic_write_json
+from harness.io import atomic_write_json, os_error_message
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "liger-kernel",
             "rouge-score", "sacrebleu", "pandas", "matplotlib", "numpy", "harness")
@@ -26,7 +26,10 @@ MANIFEST = "manifest.json"
 
 
 def new_run_dir(runs_root: Path, task: str) -> Path:
-    runs_root.mkdir(parents=True, exist_ok=True)
+    try:
+        runs_root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a parent is a file, read-only, disk full: one line, not a traceback
+        raise RunError(os_error_message(runs_root, exc, "create")) from None
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     for _ in range(10):
         folder = runs_root / f"{task}-{stamp}-{secrets.token_hex(2)}"
@@ -36,7 +39,7 @@ def new_run_dir(runs_root: Path, task: str) -> Path:
         except FileExistsError:
             continue
         except OSError as exc:
-            raise RunError(f"cannot create run folder under {runs_root}: {exc.strerror}") from None
+            raise RunError(os_error_message(folder, exc, "create")) from None
     raise RunError(f"cannot find a free run folder name under {runs_root}")
 
 
@@ -64,6 +67,40 @@ def environment() -> dict:
             "git_commit": git_commit()}
 
 
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after "pid (comm)": [0] is the state, [19] the start time (Linux)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return None
+
+
+def process_start(pid: int) -> str | None:
+    """When `pid` started (clock ticks since boot), so a recycled pid is not taken for the run's."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
+
+
+def pid_alive(pid, started: str | None = None) -> bool:
+    """Whether the process that wrote a manifest (`pid`, started at `started`) still runs on this host.
+
+    Our own pid never counts (a recycled pid in a restarted container may be ours)."""
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    fields = _proc_stat(pid)
+    if not fields:
+        return True  # no /proc: trust os.kill
+    if fields[0] == "Z":  # killed, not yet reaped
+        return False
+    return started is None or len(fields) <= 19 or fields[19] == started
+
+
 def read_manifest(run_dir: Path) -> dict:
     path = Path(run_dir) / MANIFEST
     try:
@@ -84,7 +121,8 @@ class Manifest:
     @classmethod
     def create(cls, run_dir: Path, task: str) -> "Manifest":
         manifest = cls(run_dir, {"run_id": Path(run_dir).name, "task": task, "status": "running",
-                                 "pid": os.getpid(), "started_at": _now(), "timings_s": {}, **environment()})
+                                 "pid": os.getpid(), "pid_started": process_start(os.getpid()),
+                                 "started_at": _now(), "timings_s": {}, **environment()})
         manifest.save()
         return manifest
 

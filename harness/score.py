@@ -64,8 +64,10 @@ def auto_batch_size(model, device, longest_prompt: int, max_new_tokens: int, n_p
 
 def generate(model, tokenizer, prompts: Sequence[str], gen: GenerationSpec, device,
              on_done: Callable[[int, Generation], None] | None = None,
-             batch_size: int | None = None) -> list[Generation]:
-    """Generate a description per prompt; `on_done(index, result)` lets callers persist as they go."""
+             batch_size: int | None = None, streamer=None) -> list[Generation]:
+    """Generate a description per prompt; `on_done(index, result)` lets callers persist as they go.
+
+    `streamer` (a transformers streamer, one prompt only) prints tokens as they are produced."""
     import torch
 
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
@@ -83,7 +85,7 @@ def generate(model, tokenizer, prompts: Sequence[str], gen: GenerationSpec, devi
             out = model.generate(
                 input_ids=ids.to(device.torch_device), attention_mask=mask.to(device.torch_device),
                 max_new_tokens=gen.max_new_tokens, eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id,
-                repetition_penalty=gen.repetition_penalty, **sampling)
+                repetition_penalty=gen.repetition_penalty, streamer=streamer, **sampling)
         new_tokens = out[:, ids.shape[1]:].cpu().tolist()
         for i, tokens in zip(batch, new_tokens):
             ended = eos_id in tokens

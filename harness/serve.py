@@ -88,26 +88,8 @@ class LoadedRun:
             raise SpecError("the title is empty")
         prompt = build_prompt(self.tokenizer, self.spec.prompt, cleaned)
         gen = self.settings(max_new_tokens, temperature, top_p)
-        model = self.model if streamer is None else _Streaming(self.model, streamer)
         with self._lock, (nullcontext() if use_adapter else self.model.disable_adapter()):
-            return generate(model, self.tokenizer, [prompt], gen, self.device)[0]
-
-
-class _Streaming:
-    """The model, with `streamer=` added to `generate` calls.
-
-    `harness.score.generate` is the one generation path and takes no streamer; wrapping the
-    model keeps streamed output on that path instead of a second copy of it.
-    """
-
-    def __init__(self, model, streamer):
-        self._model, self._streamer = model, streamer
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def generate(self, **kwargs):
-        return self._model.generate(streamer=self._streamer, **kwargs)
+            return generate(self.model, self.tokenizer, [prompt], gen, self.device, streamer=streamer)[0]
 
 
 # -- harness generate ---------------------------------------------------------------------------
@@ -136,11 +118,11 @@ def _print_descriptions(loaded: LoadedRun, title: str, compare: bool, options: d
 
     `one_line` folds line breaks so stdin line N always matches output line N (or pair N).
     """
-    from transformers import TextStreamer
-
     for label, use_adapter in ([("tuned", True), ("base", False)] if compare else [(None, True)]):
         prefix = f"{label + ':':<7}" if label else ""
         if stream:
+            from transformers import TextStreamer
+
             print(prefix, end="", flush=True)
             streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
             loaded.describe(title, use_adapter=use_adapter, streamer=streamer, **options)

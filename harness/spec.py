@@ -309,6 +309,11 @@ def _check_values(spec: TaskSpec, path: Path) -> None:
         (spec.generation.temperature > 0, "generation.temperature", "must be > 0"),
         (0.0 < spec.generation.top_p <= 1.0, "generation.top_p", "must be in (0, 1]"),
         (spec.metrics.bootstrap_replicates >= 100, "metrics.bootstrap_replicates", "must be >= 100"),
+        (spec.gate.subset is None or spec.gate.subset >= 1, "gate.subset", "must be >= 1 or null"),
+        (bool(spec.gate.rules), "gate.rules", "must list at least one rule"),
+        (all(r.margin >= 0 for r in spec.gate.rules), "gate.rules", "every margin must be >= 0"),
+        (0.0 <= spec.gate.max_empty_share <= 1.0, "gate.max_empty_share", "must be in [0, 1]"),
+        (0.0 <= spec.gate.max_truncated_share <= 1.0, "gate.max_truncated_share", "must be in [0, 1]"),
     ]
     for ok, key, msg in checks:
         if not ok:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.io import atomic_write_text
 from harness.models import Device, sync_eos
 from harness.prompts import build_prompt, encode_example
 from harness.spec import TaskSpec
@@ -147,8 +148,33 @@ class _LossLog:
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    found = sorted(checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    """The newest complete checkpoint: the Trainer writes trainer_state.json last, so a folder
+    without it is one a kill -9 cut short, and is skipped."""
+    found = sorted((p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+                    and _readable_json(p / "trainer_state.json")), key=lambda p: int(p.name.split("-")[-1]))
     return found[-1] if found else None
+
+
+def _readable_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _trim_log(path: Path, last_step: int) -> None:
+    """Drop log rows past the checkpoint a resume starts from (a kill -9 logged them, resume redoes them)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line
+    atomic_write_text(path, "".join(kept))
 
 
 def build_trainer(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, output_dir: Path, device: Device,
@@ -213,6 +239,7 @@ def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, devic
     stopper = _StopOnSignal()
     trainer.add_callback(stopper.callback())
     trainer.add_callback(_LossLog(run_dir / "train_log.jsonl").callback())
+    _trim_log(run_dir / "train_log.jsonl", int(Path(resume_from).name.split("-")[-1]) if resume_from else 0)
     started = time.perf_counter()
     with _signals_to(stopper):
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from harness.cli import main
-from harness.gate import (evaluate, floor_check, guard_check, margin_check, render_junit, select_subset)
+from harness.gate import CannotJudge, evaluate, floor_check, guard_check, margin_check, render_junit, select_subset
 from harness.metrics import MetricSettings, ModelOutputs
 from harness.spec import GateSpec, RuleSpec
 from tests.conftest import REPO, tiny_overrides
@@ -42,6 +42,13 @@ def test_guards():
     assert guard_check("empty_share", 0.05, 0.05).passed
     failed = guard_check("truncated_share", 0.6, 0.5)
     assert not failed.passed and failed.score == 0.6 and failed.name == "guard.truncated_share"
+
+
+def test_a_nan_never_passes_a_rule():
+    with pytest.raises(CannotJudge):
+        margin_check("rougeL", delta=float("nan"), ci95=[float("nan"), float("nan")], margin=1.0, mde=0.0, n=5)
+    with pytest.raises(CannotJudge):
+        floor_check("perplexity", float("nan"), 10.0)
 
 
 def _outputs(predictions, references, nll=None):
@@ -122,10 +129,10 @@ def _verdict(out):
     return json.loads((out / "verdict.json").read_text())
 
 
-pytestmark_slow = pytest.mark.slow
+slow = pytest.mark.slow
 
 
-@pytestmark_slow
+@slow
 def test_baseline_file_contents(gate_env, tiny_run):
     doc = json.loads(gate_env[0].read_text())
     assert doc["task"] == "amazon_desc" and len(doc["examples"]) == 8
@@ -137,7 +144,7 @@ def test_baseline_file_contents(gate_env, tiny_run):
         json.loads((tiny_run / "metrics.json").read_text())["tuned"]["rougeL"]["value"])
 
 
-@pytestmark_slow
+@slow
 def test_same_adapter_passes_against_file_and_run_folder(gate_env, tiny_run, tmp_path, monkeypatch):
     baseline, sets = gate_env
     summary = tmp_path / "summary.md"
@@ -149,11 +156,11 @@ def test_same_adapter_passes_against_file_and_run_folder(gate_env, tiny_run, tmp
     assert [r["name"] for r in verdict["rules"]][:2] == ["rougeL.margin", "chrf.margin"]
     assert "PASS" in summary.read_text() and (tmp_path / "a" / "junit.xml").is_file()
 
-    assert _check(tiny_run, tiny_run, tmp_path / "b", sets) == 0
+    assert _check(tiny_run / "adapter", tiny_run, tmp_path / "b", sets) == 0
     assert _verdict(tmp_path / "b")["sources"]["baseline"].startswith("cached scores")
 
 
-@pytestmark_slow
+@slow
 def test_damaged_adapter_is_a_regression(gate_env, tiny_run, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -167,7 +174,7 @@ def test_damaged_adapter_is_a_regression(gate_env, tiny_run, tmp_path):
     assert int(suite.get("failures")) >= 1 and suite.find("testcase/failure") is not None
 
 
-@pytestmark_slow
+@slow
 def test_cannot_judge_cases_exit_2_and_say_why(gate_env, tiny_run, tmp_path, capsys):
     baseline, sets = gate_env
     # Another held-out split: the baseline's predictions are for other examples.
@@ -187,6 +194,12 @@ def test_cannot_judge_cases_exit_2_and_say_why(gate_env, tiny_run, tmp_path, cap
     nan.write_text(json.dumps(doc))  # json writes NaN
     assert _check(tiny_run, nan, tmp_path / "nan", sets) == 2
     assert "examples[2].nll_sum" in _verdict(tmp_path / "nan")["reason"]
+
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json")
+    assert _check(tiny_run, garbage, tmp_path / "garbage", sets) == 2
+    assert _check(tiny_run, baseline, tmp_path / "norules", sets, "--set", "gate.rules=[]") == 2
+    assert "gate.rules" in _verdict(tmp_path / "norules")["reason"]
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_run / "adapter", broken)

@@ -1,0 +1,325 @@
+"""`python -m harness bench TASK`: the harness fast path against the seeds' recipe, measured.
+
+Everything runs in one process on one device, on the same examples, and every figure is a
+ratio against a baseline measured in the same run. Recipes:
+
+- seed:      trl SFTTrainer on prompt/completion strings, batch 2, grad-accum 4, no packing,
+             LoRA r=16 on q/k/v/o/gate/up/down (what the notebooks this project replaces do);
+- trl_tuned: the same with packing (padding-free) and batch 16: a well-tuned plain trl baseline;
+- harness:   harness' own CUDA default (pre-tokenized, padding-free packing, Liger fused
+             linear+cross-entropy and kernels, bf16) at the bench's batch size.
+
+FLOPs (stated, since MFU depends on them): PaLM's model FLOPs per trained token
+6*N + 12*L*d*T (N parameters without the input embedding, L layers, d hidden size, T the
+mean example length, since packed examples do not attend across each other). LoRA computes no
+weight gradients for frozen weights, so the work it really needs is 4*N + 8*L*d*T; both MFUs
+are reported, against the dense bf16 peak of the device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+log = logging.getLogger(__name__)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "T4": 65e12}
+TINYLLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                    num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TrainMeasure:
+    model: str
+    recipe: str
+    tokens_per_s: float
+    step_time_s: float
+    peak_mem_gb: float
+    mfu_palm: float | None
+    mfu_lora: float | None
+    optimizer_steps: int
+    tokens: int
+
+
+def _peak_flops(device) -> float | None:
+    import torch
+
+    if device.kind != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device.index)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def _flops_per_token(model, mean_len: float) -> tuple[float, float]:
+    cfg = model.config
+    n = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name and "lora_" not in name)
+    if cfg.tie_word_embeddings:
+        n += cfg.vocab_size * cfg.hidden_size  # the LM head still multiplies every token
+    attn = cfg.num_hidden_layers * cfg.hidden_size * mean_len
+    return 6 * n + 12 * attn, 4 * n + 8 * attn
+
+
+class _StepTimer:
+    """Times optimizer steps after `warmup` of them, with the device synchronised."""
+
+    def __init__(self, device, warmup: int):
+        self.device, self.warmup = device, warmup
+        self.steps = 0
+        self.started = None
+        self.elapsed = 0.0
+
+    def _sync(self):
+        import torch
+
+        if self.device.kind == "cuda":
+            torch.cuda.synchronize(self.device.index)
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                outer._sync()
+                if state.global_step == outer.warmup:
+                    outer.started = time.perf_counter()
+                elif state.global_step > outer.warmup:
+                    outer.steps += 1
+                    outer.elapsed = time.perf_counter() - outer.started
+
+        return Callback()
+
+
+def _examples(spec, n: int):
+    """`n` training examples: the task's prepared train split, cycled deterministically."""
+    from harness.data import prepare
+
+    pool = prepare(spec).train
+    if not pool:
+        raise HarnessError(f"{spec.name}: no training examples to benchmark")
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+def _string_dataset(spec, tokenizer, examples):
+    """What the notebooks feed trl: prompt and completion strings, tokenized by trl itself."""
+    from datasets import Dataset
+
+    from harness.prompts import build_prompt
+
+    return Dataset.from_list([{"prompt": build_prompt(tokenizer, spec.prompt, e.title), "completion": e.content}
+                              for e in examples])
+
+
+def _recipe_overrides(recipe: str, batch: int, device) -> dict:
+    common = dict(num_train_epochs=1, max_steps=-1, logging_steps=10_000, save_strategy="no", eval_strategy="no",
+                  disable_tqdm=True, warmup_steps=0)
+    if recipe == "seed":
+        return {**common, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "packing": False,
+                "padding_free": False, "use_liger_kernel": False}
+    if recipe == "trl_tuned":
+        return {**common, "per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "packing": True,
+                "padding_free": True, "use_liger_kernel": False}
+    if recipe == "harness":
+        return {**common, "per_device_train_batch_size": batch, "gradient_accumulation_steps": 1}
+    raise HarnessError(f"bench: unknown recipe '{recipe}'")
+
+
+def measure_training(spec, model_factory, tokenizer, examples, recipe: str, device, label: str,
+                     batch: int, out_dir: Path) -> TrainMeasure:
+    """Train one epoch over `examples` with `recipe`; time the steps after the first three."""
+    import torch
+
+    from harness.train import build_trainer, tokenized_dataset
+
+    model = model_factory()
+    tokenized = tokenized_dataset(spec, tokenizer, examples)
+    n_tokens = sum(len(ids) for ids in tokenized["input_ids"])
+    data = _string_dataset(spec, tokenizer, examples) if recipe != "harness" else tokenized
+    harness_spec = replace(spec, train=replace(spec.train, packing="on", fused_loss="auto"))
+    trainer = build_trainer(harness_spec, model, tokenizer, data, None, out_dir / f"{label}-{recipe}", device,
+                            **_recipe_overrides(recipe, batch, device))
+    timer = _StepTimer(device, warmup=3)
+    trainer.add_callback(timer.callback())
+    if device.kind == "cuda":
+        torch.cuda.reset_peak_memory_stats(device.index)
+    trainer.train()
+    total_steps = trainer.state.global_step
+    if timer.steps < 3:
+        raise HarnessError(f"bench: {label}/{recipe} ran only {total_steps} optimizer steps; use more examples")
+    timed_tokens = n_tokens * timer.steps / total_steps
+    palm, lora = _flops_per_token(trainer.model.get_base_model(), n_tokens / len(examples))
+    peak = _peak_flops(device)
+    tps = timed_tokens / timer.elapsed
+    result = TrainMeasure(
+        model=label, recipe=recipe, tokens_per_s=tps, step_time_s=timer.elapsed / timer.steps,
+        peak_mem_gb=torch.cuda.max_memory_allocated(device.index) / 2**30 if device.kind == "cuda" else 0.0,
+        mfu_palm=tps * palm / peak if peak else None, mfu_lora=tps * lora / peak if peak else None,
+        optimizer_steps=total_steps, tokens=n_tokens)
+    log.info("bench %s", result)
+    del trainer, model
+    if device.kind == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def _random_model_factory(arch: dict, tokenizer, device):
+    """A randomly initialised model of a known architecture (speed only: its outputs mean nothing)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def build():
+        config = LlamaConfig(**{**arch, "vocab_size": max(arch["vocab_size"], len(tokenizer))},
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(0)
+        with torch.device(device.torch_device):
+            model = LlamaForCausalLM(config).to(device.dtype)
+        return model
+
+    return build
+
+
+def qlora_peak_memory(spec, tokenizer, device, seq_len: int, work: Path) -> dict:
+    """Peak GPU memory of QLoRA (nf4, double quant) training on a random Llama-3-8B-architecture model."""
+    import torch
+    from datasets import Dataset
+
+    from harness.models import load_model
+    from harness.spec import ModelSpec
+    from harness.train import build_trainer
+
+    folder = work / "llama3-8b-random"
+    if not (folder / "config.json").is_file():
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            _random_model_factory(LLAMA3_8B, tokenizer, device)().save_pretrained(folder, safe_serialization=True)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device.index)
+    model = load_model(str(folder), ModelSpec(), tokenizer, device, quantize=True)
+    loaded = torch.cuda.max_memory_allocated(device.index)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 30000, (8, seq_len), generator=g).tolist()
+    data = Dataset.from_list([{"input_ids": row, "labels": row} for row in ids])
+    qspec = replace(spec, train=replace(spec.train, gradient_checkpointing=True, packing="off", fused_loss="auto"))
+    trainer = build_trainer(qspec, model, tokenizer, data, None, work / "qlora", device,
+                            **_recipe_overrides("harness", 1, device), max_length=seq_len)
+    started = time.perf_counter()
+    trainer.train()
+    return {"model": "llama3-8b-arch (random)", "seq_len": seq_len, "batch": 1, "steps": trainer.state.global_step,
+            "gradient_checkpointing": True, "peak_mem_gb": torch.cuda.max_memory_allocated(device.index) / 2**30,
+            "weights_loaded_gb": loaded / 2**30, "seconds": time.perf_counter() - started}
+
+
+def measure_generation(spec, model, tokenizer, examples, device, loop_n: int) -> dict:
+    """Greedy generation: one example at a time (the seeds' loop) vs harness' batched scorer."""
+    import torch
+
+    from harness.prompts import build_prompt, encode_prompt
+    from harness.score import generate
+
+    prompts = [build_prompt(tokenizer, spec.prompt, e.title) for e in examples]
+    gen = spec.generation
+
+    def sync():
+        if device.kind == "cuda":
+            torch.cuda.synchronize(device.index)
+
+    generate(model, tokenizer, prompts[:4], gen, device, batch_size=1)  # warm-up
+    sync()
+    started = time.perf_counter()
+    loop = [generate(model, tokenizer, [p], gen, device, batch_size=1)[0] for p in prompts[:loop_n]]
+    sync()
+    loop_s = time.perf_counter() - started
+    started = time.perf_counter()
+    batched = generate(model, tokenizer, prompts, gen, device)
+    sync()
+    batched_s = time.perf_counter() - started
+    loop_tps = sum(g.n_tokens for g in loop) / loop_s
+    batched_tps = sum(g.n_tokens for g in batched) / batched_s
+    same = sum(a.text == b.text for a, b in zip(loop, batched)) / len(loop)
+    return {"loop_examples": loop_n, "batched_examples": len(prompts), "loop_tokens_per_s": loop_tps,
+            "batched_tokens_per_s": batched_tps, "ratio": batched_tps / loop_tps,
+            "identical_outputs_share": same, "max_new_tokens": gen.max_new_tokens}
+
+
+def bench_command(args) -> int:
+    import platform
+
+    from harness import models
+    from harness.runfolder import package_versions
+    from harness.spec import load_spec
+
+    spec = load_spec(args.task, args.overrides)
+    device = models.pick_device()
+    if device.kind != "cuda" and not args.quick:
+        raise HarnessError("bench: no CUDA device; the benchmark measures the GPU path (use --quick for a CPU smoke test)")
+    parts = set(args.only.split(",")) if args.only else {"smollm2", "tinyllama", "qlora8b", "generate"}
+    work = Path(args.work)
+    model_ref = models.resolve_base(spec.model.base)
+    tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
+    spec = replace(spec, lora=replace(spec.lora, r=16, target_modules=SEED_TARGETS),
+                   train=replace(spec.train, max_length=512))
+    examples = _examples(spec, args.examples)
+    results = {"command": "python -m harness " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py")
+               else " ".join(sys.argv), "device": device.describe(), "platform": platform.platform(),
+               "packages": package_versions(), "examples": len(examples), "flops": __doc__.split("FLOPs")[1].strip(),
+               "training": [], "ratios": {}}
+    real = lambda: models.load_model(model_ref, spec.model, tokenizer, device)  # noqa: E731
+    arches = {"smollm2": ("smollm2-135m", real),
+              "tinyllama": ("tinyllama-1.1b-arch (random)", _random_model_factory(TINYLLAMA_1B, tokenizer, device))}
+    for key, (label, factory) in arches.items():
+        if key not in parts:
+            continue
+        recipes = ("seed", "trl_tuned", "harness") if key == "smollm2" else ("seed", "harness")
+        rows = {r: measure_training(spec, factory, tokenizer, examples, r, device, label, args.batch, work)
+                for r in recipes}
+        results["training"].extend(asdict(r) for r in rows.values())
+        for r in recipes[:-1]:
+            results["ratios"][f"{label}: harness / {r} tokens/s"] = rows["harness"].tokens_per_s / rows[r].tokens_per_s
+    if "generate" in parts:
+        model = real()
+        results["generation"] = measure_generation(spec, model, tokenizer, examples[: args.gen_examples], device,
+                                                   loop_n=min(args.loop_examples, args.gen_examples))
+        results["ratios"]["generation: batched / one-at-a-time tokens/s"] = results["generation"]["ratio"]
+        del model
+    if "qlora8b" in parts and device.kind == "cuda":
+        results["qlora"] = qlora_peak_memory(spec, tokenizer, device, 2048, work)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    from harness.io import atomic_write_json
+
+    atomic_write_json(args.out, results)
+    print(format_results(results))
+    return 0
+
+
+def format_results(results: dict) -> str:
+    lines = [f"device: {results['device']}", f"command: {results['command']}", "",
+             "| model | recipe | tokens/s | step s | peak GB | MFU (6N) | MFU (4N, LoRA) | steps |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    pct = lambda v: "n/a" if v is None or math.isnan(v) else f"{v:.1%}"  # noqa: E731
+    for r in results["training"]:
+        lines.append(f"| {r['model']} | {r['recipe']} | {r['tokens_per_s']:,.0f} | {r['step_time_s']:.3f} | "
+                     f"{r['peak_mem_gb']:.2f} | {pct(r['mfu_palm'])} | {pct(r['mfu_lora'])} | {r['optimizer_steps']} |")
+    if "generation" in results:
+        g = results["generation"]
+        lines += ["", f"generation: one-at-a-time {g['loop_tokens_per_s']:,.0f} tok/s ({g['loop_examples']} examples), "
+                      f"batched {g['batched_tokens_per_s']:,.0f} tok/s ({g['batched_examples']} examples), "
+                      f"identical outputs {g['identical_outputs_share']:.0%}"]
+    if "qlora" in results:
+        q = results["qlora"]
+        lines += ["", f"QLoRA {q['model']} at {q['seq_len']} tokens: peak {q['peak_mem_gb']:.2f} GB "
+                      f"(weights {q['weights_loaded_gb']:.2f} GB)"]
+    lines += ["", "ratios:"] + [f"  {k}: {v:.2f}x" for k, v in results["ratios"].items()]
+    return "\n".join(lines)

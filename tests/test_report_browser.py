@@ -1,0 +1,48 @@
+"""The HTML report must work in a real browser, offline: no script error or CSP violation,
+sections and plots in the rendered DOM, the filter script running, and a non-blank page."""
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fixtures_runs import make_run
+from harness.report import write_reports
+
+CHROMIUM = Path("/usr/bin/chromium")
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-extensions", "--disable-default-apps", "--mute-audio")
+SECTIONS = ("Summary", "Headline metrics", "Plots", "Examples", "Guards", "Configuration",
+            "Fingerprints", "Environment")
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium")
+
+
+def _chromium(profile: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    hostile = [{"title": "<script>alert(1)</script>", "tuned": "<img src=x onerror=alert(1)>"}]
+    runs = [make_run(tmp_path / "runs", "adapter-a", texts=hostile),
+            make_run(tmp_path / "runs", "adapter-b", seed=2, train_log=False)]
+    html_path, _ = write_reports(runs, tmp_path / "out")
+    url = html_path.resolve().as_uri()
+
+    dom = _chromium(tmp_path / "profile-dom", "--enable-logging=stderr", "--v=0", "--dump-dom", url)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
+    assert not [line for line in console if "Uncaught" in line or "Content Security Policy" in line], console
+    for section in SECTIONS:
+        assert f">{section}</h2>" in dom.stdout
+    assert len(re.findall(r'<img src="data:image/png;base64,', dom.stdout)) == 4
+    assert re.search(r"\d+ of \d+ examples shown", dom.stdout)  # the filter script ran
+    assert '<form id="filter" class="filter" role="search">' in dom.stdout  # and revealed its form
+
+    shot = tmp_path / "shot.png"
+    result = _chromium(tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1280,2000", url)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert shot.stat().st_size > 10_000
