@@ -277,17 +277,26 @@ def bench_command(args) -> int:
                "packages": package_versions(), "examples": len(examples), "flops": __doc__.split("FLOPs")[1].strip(),
                "training": [], "ratios": {}}
     real = lambda: models.load_model(model_ref, spec.model, tokenizer, device)  # noqa: E731
-    arches = {"smollm2": ("smollm2-135m", real),
+    base_label = "smollm2-135m" if spec.model.base.startswith("embedded:") else Path(spec.model.base).name
+    arches = {"smollm2": (base_label, real),
               "tinyllama": ("tinyllama-1.1b-arch (random)", _random_model_factory(TINYLLAMA_1B, tokenizer, device))}
     for key, (label, factory) in arches.items():
         if key not in parts:
             continue
         recipes = ("seed", "trl_tuned", "harness") if key == "smollm2" else ("seed", "harness")
-        rows = {r: measure_training(spec, factory, tokenizer, examples, r, device, label, args.batch, work)
-                for r in recipes}
+        rows = {}
+        for r in recipes:
+            try:
+                rows[r] = measure_training(spec, factory, tokenizer, examples, r, device, label, args.batch, work)
+            except Exception as exc:  # recorded and shown next to the table, never hidden
+                log.error("bench: %s/%s failed: %s: %s", label, r, type(exc).__name__, exc)
+                results.setdefault("failures", []).append({"model": label, "recipe": r,
+                                                           "error": f"{type(exc).__name__}: {exc}"[:500]})
         results["training"].extend(asdict(r) for r in rows.values())
         for r in recipes[:-1]:
-            results["ratios"][f"{label}: harness / {r} tokens/s"] = rows["harness"].tokens_per_s / rows[r].tokens_per_s
+            if "harness" in rows and r in rows:
+                results["ratios"][f"{label}: harness / {r} tokens/s"] = \
+                    rows["harness"].tokens_per_s / rows[r].tokens_per_s
     if "generate" in parts:
         model = real()
         results["generation"] = measure_generation(spec, model, tokenizer, examples[: args.gen_examples], device,
@@ -321,5 +330,6 @@ def format_results(results: dict) -> str:
         q = results["qlora"]
         lines += ["", f"QLoRA {q['model']} at {q['seq_len']} tokens: peak {q['peak_mem_gb']:.2f} GB "
                       f"(weights {q['weights_loaded_gb']:.2f} GB)"]
+    lines += [f"FAILED {f['model']}/{f['recipe']}: {f['error']}" for f in results.get("failures", [])]
     lines += ["", "ratios:"] + [f"  {k}: {v:.2f}x" for k, v in results["ratios"].items()]
     return "\n".join(lines)

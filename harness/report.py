@@ -590,11 +590,7 @@ def _delta_plot(runs: list[Run]) -> str:
                 alpha=1 if multi else 0.75, linewidth=1.8,
                 label=f"{label}: mean {deltas.mean():+.2f}, {ups} better / {downs} worse")
     ax.axvline(0, color="#222222", linestyle="--", linewidth=1)
-    ax.set_xlabel("ROUGE-L, tuned − base, per example")
-    ax.set_ylabel("examples")
-    _legend(fig, ax)
-    _style(ax)
-    return _png(fig)
+    return _finish_histogram(fig, ax, "ROUGE-L, tuned − base, per example")
 
 
 def _length_plot(runs: list[Run]) -> str:
@@ -613,7 +609,11 @@ def _length_plot(runs: list[Run]) -> str:
     for label, color, counts in series:
         ax.hist(np.clip(counts, 0, top), bins=bins, histtype="step", linewidth=1.8, color=color,
                 label=f"{label} (mean {counts.mean():.1f} words)")
-    ax.set_xlabel("words per text (the longest 1% are counted in the last bin)")
+    return _finish_histogram(fig, ax, "words per text (the longest 1% are counted in the last bin)")
+
+
+def _finish_histogram(fig, ax, xlabel: str) -> str:
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("examples")
     _legend(fig, ax)
     _style(ax)

@@ -50,6 +50,15 @@ def read_generations(path: Path) -> dict[str, dict]:
     return rows
 
 
+def _drop_torn_tail(path: Path) -> None:
+    """A kill mid-write leaves a last line without its newline: cut it, or the next row is glued to it."""
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
+
+
 def assert_adapter_applied(model, tokenizer, prompts: list[str], device) -> float:
     """Fail when the adapter leaves the logits unchanged (an untrained or unapplied adapter)."""
     import torch
@@ -161,6 +170,10 @@ class ScoringSession:
         change = assert_adapter_applied(model, self.tokenizer, self.prompts[:4], self.device)
         prints = dict(self.fingerprints(), adapter=fingerprint.hash_folder(adapter_dir))
         self.manifest.update(fingerprints=prints, adapter_logit_change=change)
+        # Unmerged LoRA doubles generation time on CPU (many small extra matmuls); merging is exact
+        # up to float rounding. A 4-bit base cannot be merged and is scored unmerged.
+        if not getattr(model, "is_loaded_in_4bit", False):
+            model = model.merge_and_unload()
         self._score_side("tuned", model)
 
     # -- one side ---------------------------------------------------------------------------
@@ -171,6 +184,7 @@ class ScoringSession:
         if done:
             log.info("%s: %d generations already written, %d to go", side, len(done), len(todo))
         if todo:
+            _drop_torn_tail(gens_path)
             with open(gens_path, "a", encoding="utf-8") as sink:
                 def persist(j: int, result: Generation) -> None:
                     row = {"id": self.heldout[todo[j]].id, "text": result.text, "n_tokens": result.n_tokens,

@@ -68,3 +68,14 @@ def test_cli_run_prints_summary_and_exit_codes(tmp_path, tiny_model_dir):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         f"harness: error: {REPO / 'tasks' / 'amazon_desc.yaml'}: train.lrr: unknown key (did you mean 'lr'?)"]
+
+
+def test_metrics_json_matches_the_written_schema(tiny_run):
+    import jsonschema
+
+    schema = json.loads((REPO / "docs" / "metrics.schema.json").read_text())
+    jsonschema.validate(json.loads((tiny_run / "metrics.json").read_text()), schema)
+    broken = json.loads((tiny_run / "metrics.json").read_text())
+    del broken["delta"]["rougeL"]["ci95"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
