@@ -120,11 +120,12 @@ def _string_dataset(spec, tokenizer, examples):
                               for e in examples])
 
 
-def _recipe_overrides(recipe: str, batch: int, device) -> dict:
+def _recipe_overrides(recipe: str, batch: int, device, seed_steps: int = -1) -> dict:
     common = dict(num_train_epochs=1, max_steps=-1, logging_steps=10_000, save_strategy="no", eval_strategy="no",
                   disable_tqdm=True, warmup_steps=0)
     if recipe == "seed":
-        return {**common, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "packing": False,
+        return {**common, "max_steps": seed_steps,
+                "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "packing": False,
                 "padding_free": False, "use_liger_kernel": False}
     if recipe == "trl_tuned":
         return {**common, "per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "packing": True,
@@ -135,25 +136,32 @@ def _recipe_overrides(recipe: str, batch: int, device) -> dict:
 
 
 def measure_training(spec, model_factory, tokenizer, examples, recipe: str, device, label: str,
-                     batch: int, out_dir: Path) -> TrainMeasure:
-    """Train one epoch over `examples` with `recipe`; time the steps after the first three."""
+                     batch: int, out_dir: Path, seed_steps: int = -1) -> TrainMeasure:
+    """Train one epoch over `examples` with `recipe`; time the steps after the first three.
+
+    The seed recipe may stop after `seed_steps` optimizer steps (its rate is steady long before
+    an epoch ends, and an epoch of it takes many minutes); its tokens are then the ones it saw.
+    """
     import torch
 
     from harness.train import build_trainer, tokenized_dataset
 
+    log.info("bench: %s/%s on %d examples", label, recipe, len(examples))
     model = model_factory()
     tokenized = tokenized_dataset(spec, tokenizer, examples)
     n_tokens = sum(len(ids) for ids in tokenized["input_ids"])
     data = _string_dataset(spec, tokenizer, examples) if recipe != "harness" else tokenized
     harness_spec = replace(spec, train=replace(spec.train, packing="on", fused_loss="auto"))
     trainer = build_trainer(harness_spec, model, tokenizer, data, None, out_dir / f"{label}-{recipe}", device,
-                            **_recipe_overrides(recipe, batch, device))
+                            **_recipe_overrides(recipe, batch, device, seed_steps))
     timer = _StepTimer(device, warmup=3)
     trainer.add_callback(timer.callback())
     if device.kind == "cuda":
         torch.cuda.reset_peak_memory_stats(device.index)
     trainer.train()
     total_steps = trainer.state.global_step
+    if recipe == "seed" and seed_steps > 0:  # shuffled order: the mean example length times examples seen
+        n_tokens = round(n_tokens / len(examples) * min(len(examples), total_steps * 8))
     if timer.steps < 3:
         raise HarnessError(f"bench: {label}/{recipe} ran only {total_steps} optimizer steps; use more examples")
     timed_tokens = n_tokens * timer.steps / total_steps
@@ -287,7 +295,8 @@ def bench_command(args) -> int:
         rows = {}
         for r in recipes:
             try:
-                rows[r] = measure_training(spec, factory, tokenizer, examples, r, device, label, args.batch, work)
+                rows[r] = measure_training(spec, factory, tokenizer, examples, r, device, label, args.batch, work,
+                                           seed_steps=args.seed_steps)
             except Exception as exc:  # recorded and shown next to the table, never hidden
                 log.error("bench: %s/%s failed: %s: %s", label, r, type(exc).__name__, exc)
                 results.setdefault("failures", []).append({"model": label, "recipe": r,
