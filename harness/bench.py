@@ -146,12 +146,15 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
 
     from harness.train import build_trainer, tokenized_dataset
 
-    log.info("bench: %s/%s on %d examples", label, recipe, len(examples))
-    model = model_factory()
+    from harness.train import fast_path_options
+
+    harness_spec = replace(spec, train=replace(spec.train, packing="on", fused_loss="auto", attention="auto"))
+    attention = fast_path_options(harness_spec, device)["attention"] if recipe == "harness" else "sdpa"
+    log.info("bench: %s/%s on %d examples (attention %s)", label, recipe, len(examples), attention)
+    model = model_factory(attention)
     tokenized = tokenized_dataset(spec, tokenizer, examples)
     n_tokens = sum(len(ids) for ids in tokenized["input_ids"])
     data = _string_dataset(spec, tokenizer, examples) if recipe != "harness" else tokenized
-    harness_spec = replace(spec, train=replace(spec.train, packing="on", fused_loss="auto"))
     trainer = build_trainer(harness_spec, model, tokenizer, data, None, out_dir / f"{label}-{recipe}", device,
                             **_recipe_overrides(recipe, batch, device, seed_steps))
     timer = _StepTimer(device, warmup=3)
@@ -185,13 +188,14 @@ def _random_model_factory(arch: dict, tokenizer, device):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    def build():
+    def build(attention: str = "sdpa"):
         config = LlamaConfig(**{**arch, "vocab_size": max(arch["vocab_size"], len(tokenizer))},
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)
         torch.manual_seed(0)
         with torch.device(device.torch_device):
             model = LlamaForCausalLM(config).to(device.dtype)
+        model.set_attn_implementation(attention)
         return model
 
     return build
@@ -284,7 +288,9 @@ def bench_command(args) -> int:
                else " ".join(sys.argv), "device": device.describe(), "platform": platform.platform(),
                "packages": package_versions(), "examples": len(examples), "flops": __doc__.split("FLOPs")[1].strip(),
                "training": [], "ratios": {}}
-    real = lambda: models.load_model(model_ref, spec.model, tokenizer, device)  # noqa: E731
+    def real(attention: str = "sdpa"):
+        return models.load_model(model_ref, spec.model, tokenizer, device, attn_implementation=attention)
+
     base_label = "smollm2-135m" if spec.model.base.startswith("embedded:") else Path(spec.model.base).name
     arches = {"smollm2": (base_label, real),
               "tinyllama": ("tinyllama-1.1b-arch (random)", _random_model_factory(TINYLLAMA_1B, tokenizer, device))}

@@ -220,13 +220,15 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def load_model(model_ref: str, spec_model, tokenizer, device: "Device", quantize: bool = False):
+def load_model(model_ref: str, spec_model, tokenizer, device: "Device", quantize: bool = False,
+               attn_implementation: str = "sdpa"):
     """Load a causal LM on `device` (bf16 on CUDA, fp32 on CPU; nf4 when `quantize`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     check_safe_weights(Path(model_ref), spec_model.allow_pickle, "base model")
     kwargs = {"dtype": device.dtype, "trust_remote_code": spec_model.trust_remote_code,
+              "attn_implementation": attn_implementation,
               "use_safetensors": None if spec_model.allow_pickle else True}
     if quantize:
         from transformers import BitsAndBytesConfig

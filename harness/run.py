@@ -153,11 +153,12 @@ def _stages(spec: TaskSpec, manifest: Manifest) -> None:
             session.score_base()
 
     if "train" not in done:
-        from harness.train import latest_checkpoint, train
+        from harness.train import fast_path_options, latest_checkpoint, train
 
         with stage(manifest, "train"):
-            model = models.load_model(model_ref, spec.model, tokenizer, device,
-                                      quantize=_quantize(spec, device))
+            fast = fast_path_options(spec, device)
+            model = models.load_model(model_ref, spec.model, tokenizer, device, quantize=fast["quantize"],
+                                      attn_implementation=fast["attention"])
             resume_from = latest_checkpoint(run_dir / "checkpoints")
             result = train(spec, model, tokenizer, prepared.train, run_dir, device, resume_from=resume_from)
             manifest.update(train={"steps": result.steps, "train_tokens": result.train_tokens,
@@ -179,12 +180,6 @@ def _stages(spec: TaskSpec, manifest: Manifest) -> None:
 
         write_reports([run_dir], run_dir)
         write_reports([run_dir], Path("reports") / spec.name / run_dir.name)
-
-
-def _quantize(spec: TaskSpec, device: models.Device) -> bool:
-    from harness.train import fast_path_options
-
-    return fast_path_options(spec, device)["quantize"]
 
 
 def summary_line(run_dir: Path) -> str:

@@ -85,6 +85,7 @@ class TrainSpec:
     gradient_checkpointing: bool = False
     packing: Literal["auto", "on", "off"] = "auto"
     fused_loss: Literal["auto", "on", "off"] = "auto"
+    attention: Literal["auto", "sdpa", "flex_attention", "eager"] = "auto"
     compile: bool = False
     save_steps: int = 20
 
