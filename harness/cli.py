@@ -204,6 +204,7 @@ COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "prepare": _cmd_prepare,
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="harness: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score says "Using default tokenizer." per call
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return COMMANDS[args.command](args)

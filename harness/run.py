@@ -175,6 +175,7 @@ def _stages(spec: TaskSpec, manifest: Manifest) -> None:
             atomic_write_json(run_dir / "metrics.json", metrics)
             session.write_predictions()
 
+    manifest.update(status="completed")  # every result is in; the reports should say so (a report failure resets it)
     with stage(manifest, "report"):
         from harness.report import write_reports
 

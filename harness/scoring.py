@@ -102,8 +102,9 @@ def guard_warnings(metrics: dict, guard: dict, shift_limit: float) -> list[str]:
     gain = metrics["delta"]["rougeL"]["value"] if "rougeL" in metrics["delta"] else 0.0
     shift = guard["tuned"]["length_ratio"] - guard["base"]["length_ratio"]
     if gain > 0 and abs(shift) > shift_limit:
-        out.append(f"ROUGE-L gain of {gain:.2f} comes with a length-ratio shift of {shift:+.2f} "
-                   f"(limit {shift_limit}): check the outputs, not only the score")
+        out.append(f"ROUGE-L gain of {gain:.2f} comes with a length shift: length ratio "
+                   f"{guard['base']['length_ratio']:.2f} -> {guard['tuned']['length_ratio']:.2f} "
+                   f"(shift {shift:+.2f}, limit {shift_limit}); read the outputs, not only the score")
     for side in ("base", "tuned"):
         if guard[side]["empty_share"] > 0.05:
             out.append(f"{side}: {guard[side]['empty_share']:.0%} of outputs are empty")
