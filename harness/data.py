@@ -509,7 +509,7 @@ def prepare(spec: TaskSpec) -> PreparedData:
         if not key:
             counts["empty_title"] += 1
             continue
-        h = title_hash(key, d.split_salt)
+        h = title_hash(key, d.split_salt)  # split_value(key, salt) == _unit(h), without hashing twice
         if h in seen:
             counts["duplicate"] += 1
             continue

@@ -32,7 +32,6 @@ class TrainingInterrupted(HarnessError):
 @dataclass
 class TrainResult:
     adapter_dir: Path
-    log_path: Path
     steps: int
     train_tokens: int
     seconds: float
@@ -254,6 +253,6 @@ def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, devic
     sync_eos(trainer.model, tokenizer)
     trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
     n_tokens = sum(len(ids) for ids in train_ds["input_ids"]) * max(spec.train.epochs, 1)
-    return TrainResult(adapter_dir=adapter_dir, log_path=run_dir / "train_log.jsonl",
+    return TrainResult(adapter_dir=adapter_dir,
                        steps=trainer.state.global_step, train_tokens=int(n_tokens),
                        seconds=time.perf_counter() - started)
