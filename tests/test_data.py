@@ -100,7 +100,7 @@ def many(n: int, start: int = 0) -> list[dict]:
         ("Great read.--This text refers to theHardcoveredition.", "Great read."),
         ("Fun.--This text refers to an out of print or unavailable edition of this title.", "Fun."),
         ("Nice -- this TEXT refers to an alternatePaperbackedition.", "Nice"),
-        ("A.--This text refers to thePaperbackedition. B.", "A. B."),
+        ("A.--This text refers to theKindleedition. B.", "A. B."),
         ("The title refers to a site near Norfolk.", "The title refers to a site near Norfolk."),
         ("", ""),
         ("&amp;", "&"),
