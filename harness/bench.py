@@ -282,7 +282,7 @@ def bench_command(args) -> int:
     model_ref = models.resolve_base(spec.model.base)
     tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
     spec = replace(spec, lora=replace(spec.lora, r=16, target_modules=SEED_TARGETS),
-                   train=replace(spec.train, max_length=512))
+                   train=replace(spec.train, max_length=args.max_length))
     examples = _examples(spec, args.examples)
     results = {"command": "python -m harness " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py")
                else " ".join(sys.argv), "device": device.describe(), "platform": platform.platform(),

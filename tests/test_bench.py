@@ -1,0 +1,39 @@
+"""The benchmark's CPU smoke test: every recipe and the generation comparison run end to end.
+
+CPU numbers mean nothing (the bench needs --quick to run here); what is checked is that each
+recipe trains on the same examples, that rates and ratios are computed from measured steps, and
+that the output table and JSON carry them."""
+
+import json
+
+import pytest
+
+from harness.cli import main
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_quick_runs_every_recipe_and_generation(tmp_path, tiny_model_dir):
+    out = tmp_path / "bench.json"
+    code = main(["-q", "bench", str(REPO / "tasks" / "amazon_desc.yaml"), "--quick", "--only", "smollm2,generate",
+                 "--examples", "200", "--max-length", "128", "--batch", "4", "--seed-steps", "6", "--gen-examples", "6",
+                 "--loop-examples", "3", "--work", str(tmp_path / "work"), "--out", str(out),
+                 "--set", f"model.base={tiny_model_dir}", "--set", "generation.max_new_tokens=4"])
+    assert code == 0
+    results = json.loads(out.read_text())
+    rows = {r["recipe"]: r for r in results["training"]}
+    assert set(rows) == {"seed", "trl_tuned", "harness"} and "failures" not in results
+    assert rows["seed"]["optimizer_steps"] == 6  # stopped by --seed-steps
+    assert rows["harness"]["tokens"] == rows["trl_tuned"]["tokens"] > rows["seed"]["tokens"] > 0
+    assert all(r["tokens_per_s"] > 0 and r["mfu_palm"] is None for r in rows.values())  # no peak FLOPs on CPU
+    ratio = results["ratios"][f"{tiny_model_dir.name}: harness / seed tokens/s"]
+    assert ratio == pytest.approx(rows["harness"]["tokens_per_s"] / rows["seed"]["tokens_per_s"])
+    gen = results["generation"]
+    assert gen["loop_examples"] == 3 and gen["batched_examples"] == 6 and gen["ratio"] > 0
+    assert results["device"].startswith("cpu")
+
+
+def test_bench_refuses_cpu_without_quick(tiny_model_dir, capsys):
+    assert main(["bench", "amazon_desc", "--set", f"model.base={tiny_model_dir}"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
