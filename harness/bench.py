@@ -6,8 +6,9 @@ ratio against a baseline measured in the same run. Recipes:
 - seed:      trl SFTTrainer on prompt/completion strings, batch 2, grad-accum 4, no packing,
              LoRA r=16 on q/k/v/o/gate/up/down (what the notebooks this project replaces do);
 - trl_tuned: the same with packing (padding-free) and batch 16: a well-tuned plain trl baseline;
-- harness:   harness' own CUDA default (pre-tokenized, padding-free packing, Liger fused
-             linear+cross-entropy and kernels, bf16) at the bench's batch size.
+- harness:   harness' own CUDA default (pre-tokenized, padding-free packing, Liger layer
+             kernels, bf16) at the bench's batch size.
+All three get trl 1.16's chunked LM head, which computes the loss without full-vocabulary logits.
 
 FLOPs (stated, since MFU depends on them): PaLM's model FLOPs per trained token
 6*N + 12*L*d*T (N parameters without the input embedding, L layers, d hidden size, T the
@@ -148,7 +149,7 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
 
     from harness.train import fast_path_options
 
-    harness_spec = replace(spec, train=replace(spec.train, packing="on", fused_loss="auto", attention="auto"))
+    harness_spec = replace(spec, train=replace(spec.train, packing="on", liger_kernels="auto", attention="auto"))
     attention = fast_path_options(harness_spec, device)["attention"] if recipe == "harness" else "sdpa"
     log.info("bench: %s/%s on %d examples (attention %s)", label, recipe, len(examples), attention)
     model = model_factory(attention)
@@ -224,7 +225,7 @@ def qlora_peak_memory(spec, tokenizer, device, seq_len: int, work: Path) -> dict
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 30000, (8, seq_len), generator=g).tolist()
     data = Dataset.from_list([{"input_ids": row, "labels": row} for row in ids])
-    qspec = replace(spec, train=replace(spec.train, gradient_checkpointing=True, packing="off", fused_loss="auto"))
+    qspec = replace(spec, train=replace(spec.train, gradient_checkpointing=True, packing="off", liger_kernels="auto"))
     trainer = build_trainer(qspec, model, tokenizer, data, None, work / "qlora", device,
                             **_recipe_overrides("harness", 1, device), max_length=seq_len)
     started = time.perf_counter()

@@ -30,7 +30,7 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterable[l
         yield order[start:start + batch_size]
 
 
-def _left_pad(rows: list[list[int]], pad_id: int):
+def left_pad(rows: list[list[int]], pad_id: int):
     import torch
 
     width = max(len(r) for r in rows)
@@ -80,7 +80,7 @@ def generate(model, tokenizer, prompts: Sequence[str], gen: GenerationSpec, devi
         batch_size = auto_batch_size(model, device, max(map(len, encoded), default=1), gen.max_new_tokens,
                                      len(encoded), gen.batch_size)
     for batch in length_sorted_batches([len(e) for e in encoded], batch_size):
-        ids, mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id)
+        ids, mask = left_pad([encoded[i] for i in batch], tokenizer.pad_token_id)
         with torch.inference_mode():
             out = model.generate(
                 input_ids=ids.to(device.torch_device), attention_mask=mask.to(device.torch_device),

@@ -19,8 +19,8 @@ from harness import fingerprint, models
 from harness.errors import ModelError
 from harness.io import atomic_write_json
 from harness.metrics import MetricSettings, ModelOutputs, per_example_scores, score_outputs, settings_record
-from harness.prompts import build_prompt, encode_example
-from harness.score import Generation, generate, reference_nll
+from harness.prompts import build_prompt, encode_example, encode_prompt
+from harness.score import Generation, generate, left_pad, reference_nll
 
 log = logging.getLogger(__name__)
 ADAPTER_TOLERANCE = 1e-4
@@ -63,10 +63,7 @@ def assert_adapter_applied(model, tokenizer, prompts: list[str], device) -> floa
     """Fail when the adapter leaves the logits unchanged (an untrained or unapplied adapter)."""
     import torch
 
-    from harness.score import _left_pad
-    from harness.prompts import encode_prompt
-
-    ids, mask = _left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
+    ids, mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
     ids, mask = ids.to(device.torch_device), mask.to(device.torch_device)
     with torch.inference_mode():
         tuned = model(input_ids=ids, attention_mask=mask).logits.float()

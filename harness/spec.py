@@ -84,7 +84,7 @@ class TrainSpec:
     quantization: Literal["auto", "none", "nf4"] = "auto"
     gradient_checkpointing: bool = False
     packing: Literal["auto", "on", "off"] = "auto"
-    fused_loss: Literal["auto", "on", "off"] = "auto"
+    liger_kernels: Literal["auto", "on", "off"] = "auto"
     attention: Literal["auto", "sdpa", "flex_attention", "eager"] = "auto"
     compile: bool = False
     save_steps: int = 20

@@ -47,7 +47,9 @@ def fast_path_options(spec: TaskSpec, device: Device) -> dict:
         "quantize": t.quantization == "nf4" or (t.quantization == "auto" and cuda and _has_bitsandbytes()
                                                 and weight_bytes(spec.model.base) > 4e9),
         "packing": t.packing == "on" or (t.packing == "auto" and cuda),
-        "fused_loss": t.fused_loss == "on" or (t.fused_loss == "auto" and cuda and _has_liger()),
+        # trl 1.16 already computes the loss through a chunked LM head (no full-vocabulary logits);
+        # Liger adds fused RMSNorm/SwiGLU/RoPE kernels (its own fused loss is off under trl).
+        "liger_kernels": t.liger_kernels == "on" or (t.liger_kernels == "auto" and cuda and _has_liger()),
         # A packed batch is one long row: sdpa computes its dense (L x L) masked attention, while
         # flex_attention's block mask skips the blocks between examples. flex is correct on CPU
         # (tests/test_fastpath.py) but not yet measured on a GPU, so `auto` stays on sdpa for now.
@@ -217,7 +219,7 @@ def build_trainer(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, output_di
         max_length=t.max_length,
         packing=fast["packing"],
         padding_free=fast["packing"],
-        use_liger_kernel=fast["fused_loss"],
+        use_liger_kernel=fast["liger_kernels"],
         torch_compile=t.compile,
         eos_token=tokenizer.eos_token,
         dataloader_num_workers=0,

@@ -41,6 +41,6 @@ def test_fast_paths_are_cuda_only_by_default(tiny_model_dir):
     spec = TaskSpec(name="t")
     spec.model.base = str(tiny_model_dir)
     assert fast_path_options(spec, models.Device("cpu")) == {"quantize": False, "packing": False,
-                                                              "fused_loss": False, "attention": "sdpa"}
+                                                              "liger_kernels": False, "attention": "sdpa"}
     spec.train.packing = "on"
     assert fast_path_options(spec, models.Device("cpu"))["packing"] is True
