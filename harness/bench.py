@@ -6,8 +6,10 @@ ratio against a baseline measured in the same run. Recipes:
 - seed:      trl SFTTrainer on prompt/completion strings, batch 2, grad-accum 4, no packing,
              LoRA r=16 on q/k/v/o/gate/up/down (what the notebooks this project replaces do);
 - trl_tuned: the same with packing (padding-free) and batch 16: a well-tuned plain trl baseline;
-- harness:   harness' own CUDA default (pre-tokenized, padding-free packing, Liger layer
-             kernels, bf16) at the bench's batch size.
+- harness:   harness' own CUDA default (pre-tokenized, padding-free packing, FlashAttention varlen
+             kernel, Liger layer kernels, bf16) at the bench's batch size;
+- harness_sdpa: the same with sdpa attention (a dense block-diagonal mask over the packed row),
+             to show what the varlen kernel is worth (only when asked for with --recipes).
 All three get trl 1.16's chunked LM head, which computes the loss without full-vocabulary logits.
 
 FLOPs (stated, since MFU depends on them): PaLM's model FLOPs per trained token
@@ -35,6 +37,7 @@ TINYLLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=
                     num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+RECIPES = ("seed", "trl_tuned", "harness_sdpa", "harness")
 SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -42,6 +45,7 @@ SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class TrainMeasure:
     model: str
     recipe: str
+    attention: str
     tokens_per_s: float
     step_time_s: float
     peak_mem_gb: float
@@ -131,7 +135,7 @@ def _recipe_overrides(recipe: str, batch: int, device, seed_steps: int = -1) -> 
     if recipe == "trl_tuned":
         return {**common, "per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "packing": True,
                 "padding_free": True, "use_liger_kernel": False}
-    if recipe == "harness":
+    if recipe in ("harness", "harness_sdpa"):
         return {**common, "per_device_train_batch_size": batch, "gradient_accumulation_steps": 1}
     raise HarnessError(f"bench: unknown recipe '{recipe}'")
 
@@ -145,17 +149,15 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
     """
     import torch
 
-    from harness.train import build_trainer, tokenized_dataset
+    from harness.train import build_trainer, fast_path_options, tokenized_dataset
 
-    from harness.train import fast_path_options
-
-    harness_spec = replace(spec, train=replace(spec.train, packing="on", liger_kernels="auto", attention="auto"))
+    harness_spec = replace(spec, train=replace(spec.train, packing="on", liger_kernels="auto"))
     attention = fast_path_options(harness_spec, device)["attention"] if recipe == "harness" else "sdpa"
     log.info("bench: %s/%s on %d examples (attention %s)", label, recipe, len(examples), attention)
     model = model_factory(attention)
     tokenized = tokenized_dataset(spec, tokenizer, examples)
     n_tokens = sum(len(ids) for ids in tokenized["input_ids"])
-    data = _string_dataset(spec, tokenizer, examples) if recipe != "harness" else tokenized
+    data = tokenized if recipe.startswith("harness") else _string_dataset(spec, tokenizer, examples)
     trainer = build_trainer(harness_spec, model, tokenizer, data, None, out_dir / f"{label}-{recipe}", device,
                             **_recipe_overrides(recipe, batch, device, seed_steps))
     timer = _StepTimer(device, warmup=3)
@@ -173,7 +175,7 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
     peak = _peak_flops(device)
     tps = timed_tokens / timer.elapsed
     result = TrainMeasure(
-        model=label, recipe=recipe, tokens_per_s=tps, step_time_s=timer.elapsed / timer.steps,
+        model=label, recipe=recipe, attention=attention, tokens_per_s=tps, step_time_s=timer.elapsed / timer.steps,
         peak_mem_gb=torch.cuda.max_memory_allocated(device.index) / 2**30 if device.kind == "cuda" else 0.0,
         mfu_palm=tps * palm / peak if peak else None, mfu_lora=tps * lora / peak if peak else None,
         optimizer_steps=total_steps, tokens=n_tokens)
@@ -189,7 +191,11 @@ def _random_model_factory(arch: dict, tokenizer, device):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from harness.attention import NAME, register
+
     def build(attention: str = "sdpa"):
+        if attention == NAME:
+            register()
         config = LlamaConfig(**{**arch, "vocab_size": max(arch["vocab_size"], len(tokenizer))},
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)
@@ -279,6 +285,9 @@ def bench_command(args) -> int:
     if device.kind != "cuda" and not args.quick:
         raise HarnessError("bench: no CUDA device; the benchmark measures the GPU path (use --quick for a CPU smoke test)")
     parts = set(args.only.split(",")) if args.only else {"smollm2", "tinyllama", "qlora8b", "generate"}
+    wanted = set(args.recipes.split(","))
+    if wanted - set(RECIPES):
+        raise HarnessError(f"bench --recipes: unknown {sorted(wanted - set(RECIPES))} (known: {', '.join(RECIPES)})")
     work = Path(args.work)
     model_ref = models.resolve_base(spec.model.base)
     tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
@@ -298,7 +307,8 @@ def bench_command(args) -> int:
     for key, (label, factory) in arches.items():
         if key not in parts:
             continue
-        recipes = ("seed", "trl_tuned", "harness") if key == "smollm2" else ("seed", "harness")
+        recipes = [r for r in RECIPES if r in wanted
+                   and (key == "smollm2" or r != "trl_tuned")]
         rows = {}
         for r in recipes:
             try:
@@ -309,8 +319,8 @@ def bench_command(args) -> int:
                 results.setdefault("failures", []).append({"model": label, "recipe": r,
                                                            "error": f"{type(exc).__name__}: {exc}"[:500]})
         results["training"].extend(asdict(r) for r in rows.values())
-        for r in recipes[:-1]:
-            if "harness" in rows and r in rows:
+        for r in recipes:
+            if "harness" in rows and r in rows and r != "harness":
                 results["ratios"][f"{label}: harness / {r} tokens/s"] = \
                     rows["harness"].tokens_per_s / rows[r].tokens_per_s
     if "generate" in parts:
@@ -331,11 +341,11 @@ def bench_command(args) -> int:
 
 def format_results(results: dict) -> str:
     lines = [f"device: {results['device']}", f"command: {results['command']}", "",
-             "| model | recipe | tokens/s | step s | peak GB | MFU (6N) | MFU (4N, LoRA) | steps |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| model | recipe | attention | tokens/s | step s | peak GB | MFU (6N) | MFU (4N, LoRA) | steps |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     pct = lambda v: "n/a" if v is None or math.isnan(v) else f"{v:.1%}"  # noqa: E731
     for r in results["training"]:
-        lines.append(f"| {r['model']} | {r['recipe']} | {r['tokens_per_s']:,.0f} | {r['step_time_s']:.3f} | "
+        lines.append(f"| {r['model']} | {r['recipe']} | {r['attention']} | {r['tokens_per_s']:,.0f} | {r['step_time_s']:.3f} | "
                      f"{r['peak_mem_gb']:.2f} | {pct(r['mfu_palm'])} | {pct(r['mfu_lora'])} | {r['optimizer_steps']} |")
     if "generation" in results:
         g = results["generation"]

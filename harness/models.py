@@ -20,6 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness import attention
 from harness.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -227,6 +228,8 @@ def load_model(model_ref: str, spec_model, tokenizer, device: "Device", quantize
     from transformers import AutoModelForCausalLM
 
     check_safe_weights(Path(model_ref), spec_model.allow_pickle, "base model")
+    if attn_implementation == attention.NAME:
+        attention.register()
     kwargs = {"dtype": device.dtype, "trust_remote_code": spec_model.trust_remote_code,
               "attn_implementation": attn_implementation,
               "use_safetensors": None if spec_model.allow_pickle else True}

@@ -85,7 +85,7 @@ class TrainSpec:
     gradient_checkpointing: bool = False
     packing: Literal["auto", "on", "off"] = "auto"
     liger_kernels: Literal["auto", "on", "off"] = "auto"
-    attention: Literal["auto", "sdpa", "flex_attention", "eager"] = "auto"
+    attention: Literal["auto", "sdpa", "varlen", "flex_attention", "eager"] = "auto"
     compile: bool = False
     save_steps: int = 20
 
@@ -179,6 +179,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(exc))
         raise SpecError(errors[0] if len(errors) == 1 else f"{where}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(typing.get_args(tp)):
+            value = "on" if value else "off"  # YAML 1.1 (PyYAML) reads a bare on/off as a boolean
         if value not in typing.get_args(tp):
             allowed = ", ".join(repr(a) for a in typing.get_args(tp))
             raise SpecError(f"{where}: {value!r} is not allowed (allowed: {allowed})")

@@ -39,21 +39,26 @@ class TrainResult:
 
 def fast_path_options(spec: TaskSpec, device: Device) -> dict:
     """Resolve the `auto` switches: the fast paths are for CUDA; CPU keeps the plain path."""
+    from harness.attention import varlen_available
+
     cuda = device.kind == "cuda"
     t = spec.train
+    packing = t.packing == "on" or (t.packing == "auto" and cuda)
+    if t.attention == "varlen" and not (cuda and varlen_available()):
+        raise HarnessError("train.attention: 'varlen' needs a CUDA device and PyTorch >= 2.10; use 'auto'")
     return {
         # QLoRA saves memory at a speed cost: `auto` uses it on CUDA only for models too big to train
         # comfortably in bf16 (> 4 GB of weights, i.e. >= ~2B parameters).
         "quantize": t.quantization == "nf4" or (t.quantization == "auto" and cuda and _has_bitsandbytes()
                                                 and weight_bytes(spec.model.base) > 4e9),
-        "packing": t.packing == "on" or (t.packing == "auto" and cuda),
+        "packing": packing,
         # trl 1.16 already computes the loss through a chunked LM head (no full-vocabulary logits);
         # Liger adds fused RMSNorm/SwiGLU/RoPE kernels (its own fused loss is off under trl).
         "liger_kernels": t.liger_kernels == "on" or (t.liger_kernels == "auto" and cuda and _has_liger()),
-        # A packed batch is one long row: sdpa computes its dense (L x L) masked attention, while
-        # flex_attention's block mask skips the blocks between examples. flex is correct on CPU
-        # (tests/test_fastpath.py) but not yet measured on a GPU, so `auto` stays on sdpa for now.
-        "attention": "sdpa" if t.attention == "auto" else t.attention,
+        # A packed batch is one long row: sdpa computes a dense (L x L) masked attention over it,
+        # FlashAttention's varlen kernel attends within each example (harness.attention).
+        "attention": t.attention if t.attention != "auto" else
+        "varlen" if cuda and packing and varlen_available() else "sdpa",
     }
 
 

@@ -1,9 +1,12 @@
 """The GPU fast path's building blocks, checked on CPU where they can be."""
 
+import functools
+
 import pytest
 import torch
 
 from harness import models
+from harness.errors import HarnessError
 from harness.spec import ModelSpec, TaskSpec
 from harness.train import fast_path_options
 
@@ -44,3 +47,122 @@ def test_fast_paths_are_cuda_only_by_default(tiny_model_dir):
                                                               "liger_kernels": False, "attention": "sdpa"}
     spec.train.packing = "on"
     assert fast_path_options(spec, models.Device("cpu"))["packing"] is True
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False, scale=None,
+                      return_aux=None):
+    """torch's varlen_attn (2.11+ signature) computed per example with sdpa: the kernel itself is CUDA-only."""
+    assert window_size == (-1, 0), "harness must ask for causal attention"
+    outs = []
+    for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=True, scale=scale, enable_gqa=enable_gqa)[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+def _legacy_reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
+    """PyTorch 2.10's signature: `is_causal`, no scale, no grouped-query heads."""
+    assert is_causal and q.shape[1] == k.shape[1]
+    return _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0))
+
+
+@pytest.mark.parametrize("kernel", [_reference_varlen, _legacy_reference_varlen])
+def test_varlen_attention_matches_examples_run_alone(tiny_model_dir, monkeypatch, kernel):
+    """The varlen path reads trl's boundaries (or position_ids), keeps examples apart, handles the
+    tiny model's grouped-query heads, and leaves padded batches (generation) to sdpa."""
+    import torch.nn.attention.varlen as varlen_module
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    tokenizer = models.load_tokenizer(str(tiny_model_dir), ModelSpec(), uses_chat_template=True)
+    model = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, models.Device("cpu"),
+                              attn_implementation="varlen")
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    a, b = [5, 9, 14, 3, 22], [7, 8, 30, 31, 12, 40, 41]
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
+        [{"input_ids": a, "labels": a}, {"input_ids": b, "labels": b}])
+    calls = []
+
+    @functools.wraps(kernel)  # keeps the signature harness inspects
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(varlen_module, "varlen_attn", counted)
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+        from_positions = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        n_calls = len(calls)
+        alone = [model(input_ids=torch.tensor([x])).logits for x in (a, b)]
+        padded = model(input_ids=torch.tensor([a + [0, 0], b]), attention_mask=torch.tensor([[1] * 5 + [0, 0], [1] * 7])).logits
+    assert n_calls == 2 * model.config.num_hidden_layers and len(calls) == n_calls  # plain and padded rows: sdpa
+    torch.testing.assert_close(packed, torch.cat(alone, dim=1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(from_positions, packed)
+    torch.testing.assert_close(padded[0, :5], alone[0][0], rtol=1e-4, atol=1e-5)
+
+
+def test_varlen_is_refused_where_it_cannot_run():
+    spec = TaskSpec(name="t")
+    spec.train.attention = "varlen"
+    with pytest.raises(HarnessError, match="train.attention: 'varlen' needs a CUDA device"):
+        fast_path_options(spec, models.Device("cpu"))
+
+
+def test_trl_hands_packed_boundaries_to_varlen_through_peft(tiny_model_dir, monkeypatch, tmp_path):
+    """A real packed training step: trl's collator -> Trainer -> PEFT -> attention gets cu_seq_lens."""
+    import torch.nn.attention.varlen as varlen_module
+
+    from harness.spec import load_spec
+    from harness.train import build_trainer, tokenized_dataset
+    from tests.conftest import tiny_overrides
+
+    seen = []
+
+    @functools.wraps(_reference_varlen)
+    def recording(q, k, v, cu_q, *args, **kwargs):
+        seen.append(cu_q.diff().tolist())
+        return _reference_varlen(q, k, v, cu_q, *args, **kwargs)
+
+    monkeypatch.setattr(varlen_module, "varlen_attn", recording)
+    spec = load_spec("amazon_desc", tiny_overrides(tiny_model_dir, "train.packing=on", "train.batch_size=4"))
+    tokenizer = models.load_tokenizer(str(tiny_model_dir), ModelSpec(), uses_chat_template=True)
+    model = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, models.Device("cpu"),
+                              attn_implementation="varlen")
+    from harness.data import prepare
+
+    examples = prepare(spec).train[:4]
+    data = tokenized_dataset(spec, tokenizer, examples)
+    trainer = build_trainer(spec, model, tokenizer, data, None, tmp_path, models.Device("cpu"), max_steps=1,
+                            save_strategy="no", logging_steps=100)
+    trainer.train()
+    lengths = sorted(len(ids) for ids in data["input_ids"])
+    assert seen and len(seen) % model.config.num_hidden_layers == 0  # every layer of every pass
+    assert all(sorted(segments) == lengths for segments in seen)  # one segment per example
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlashAttention's varlen kernel)")
+def test_cuda_varlen_equals_sdpa_on_a_packed_batch():
+    """On the GPU: the real kernel gives sdpa's loss and LoRA-relevant gradients on trl's packed rows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from harness.attention import register
+
+    register()
+    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    rows = [{"input_ids": torch.randint(3, 1000, (n,)).tolist()} for n in (37, 128, 5, 300, 64)]
+    batch = {k: v.cuda() if torch.is_tensor(v) else v
+             for k, v in DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows).items()}
+    results = {}
+    for attention in ("sdpa", "varlen"):
+        torch.manual_seed(1)
+        model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+        model.set_attn_implementation(attention)
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        results[attention] = (loss.detach().float(), model.model.layers[0].self_attn.q_proj.weight.grad.float())
+    torch.testing.assert_close(results["varlen"][0], results["sdpa"][0], rtol=2e-2, atol=2e-2)
+    grad_varlen, grad_sdpa = results["varlen"][1], results["sdpa"][1]
+    assert ((grad_varlen - grad_sdpa).norm() / grad_sdpa.norm()).item() < 3e-2  # bf16 noise, not a leak

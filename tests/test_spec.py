@@ -78,3 +78,13 @@ def test_resolved_spec_round_trips(tmp_path):
     as_dict = spec_to_dict(spec)
     assert Path(as_dict["data"]["path"][0]).is_absolute()
     assert "base_dir" not in as_dict
+
+
+def test_bare_on_off_mean_the_switch_not_a_boolean(tmp_path):
+    """PyYAML reads `packing: on` as True; the on/off switches take it as 'on'."""
+    spec = load_spec(str(write(tmp_path, "name: x\ntrain: {packing: on, liger_kernels: off}\n")),
+                     ["train.packing=off", "train.liger_kernels=on"])
+    assert (spec.train.packing, spec.train.liger_kernels) == ("off", "on")
+    assert load_spec(str(write(tmp_path, "name: x\ntrain: {packing: on}\n"))).train.packing == "on"
+    with pytest.raises(SpecError, match=r"train.quantization: True is not allowed"):
+        load_spec(str(write(tmp_path, "name: x\ntrain: {quantization: on}\n")))
