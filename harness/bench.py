@@ -45,6 +45,7 @@ SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class TrainMeasure:
     model: str
     recipe: str
+    batch: int  # sequences (packed rows, or examples) per optimizer step
     attention: str
     tokens_per_s: float
     step_time_s: float
@@ -141,7 +142,7 @@ def _recipe_overrides(recipe: str, batch: int, device, seed_steps: int = -1) -> 
 
 
 def measure_training(spec, model_factory, tokenizer, examples, recipe: str, device, label: str,
-                     batch: int, out_dir: Path, seed_steps: int = -1) -> TrainMeasure:
+                     batch: int | None, out_dir: Path, seed_steps: int = -1) -> TrainMeasure:
     """Train one epoch over `examples` with `recipe`; time the steps after the first three.
 
     The seed recipe may stop after `seed_steps` optimizer steps (its rate is steady long before
@@ -158,7 +159,7 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
     tokenized = tokenized_dataset(spec, tokenizer, examples)
     n_tokens = sum(len(ids) for ids in tokenized["input_ids"])
     data = tokenized if recipe.startswith("harness") else _string_dataset(spec, tokenizer, examples)
-    trainer = build_trainer(harness_spec, model, tokenizer, data, None, out_dir / f"{label}-{recipe}", device,
+    trainer = build_trainer(harness_spec, model, tokenizer, data, None, out_dir / f"{label}-{recipe}-{batch}", device,
                             **_recipe_overrides(recipe, batch, device, seed_steps))
     timer = _StepTimer(device, warmup=3)
     trainer.add_callback(timer.callback())
@@ -175,7 +176,8 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
     peak = _peak_flops(device)
     tps = timed_tokens / timer.elapsed
     result = TrainMeasure(
-        model=label, recipe=recipe, attention=attention, tokens_per_s=tps, step_time_s=timer.elapsed / timer.steps,
+        model=label, recipe=recipe, batch=trainer.args.per_device_train_batch_size
+        * trainer.args.gradient_accumulation_steps, attention=attention, tokens_per_s=tps, step_time_s=timer.elapsed / timer.steps,
         peak_mem_gb=torch.cuda.max_memory_allocated(device.index) / 2**30 if device.kind == "cuda" else 0.0,
         mfu_palm=tps * palm / peak if peak else None, mfu_lora=tps * lora / peak if peak else None,
         optimizer_steps=total_steps, tokens=n_tokens)
@@ -273,6 +275,27 @@ def measure_generation(spec, model, tokenizer, examples, device, loop_n: int) ->
             "identical_outputs_share": same, "max_new_tokens": gen.max_new_tokens}
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise HarnessError(f"bench {flag}: expected positive integers separated by commas, got '{text}'")
+    return values
+
+
+def _training_ratios(label: str, rows: list[TrainMeasure]) -> dict[str, float]:
+    """Each harness row against the seed and trl_tuned rows, and against harness_sdpa at the same batch."""
+    ratios = {}
+    for h in (r for r in rows if r.recipe == "harness"):
+        for base in rows:
+            if base.recipe in ("seed", "trl_tuned") or (base.recipe == "harness_sdpa" and base.batch == h.batch):
+                name = base.recipe if base.recipe != "harness_sdpa" else f"harness_sdpa (batch {base.batch})"
+                ratios[f"{label}: harness (batch {h.batch}) / {name} tokens/s"] = h.tokens_per_s / base.tokens_per_s
+    return ratios
+
+
 def bench_command(args) -> int:
     import platform
 
@@ -286,6 +309,7 @@ def bench_command(args) -> int:
         raise HarnessError("bench: no CUDA device; the benchmark measures the GPU path (use --quick for a CPU smoke test)")
     parts = set(args.only.split(",")) if args.only else {"smollm2", "tinyllama", "qlora8b", "generate"}
     wanted = set(args.recipes.split(","))
+    batches = _int_list(args.batch, "--batch")
     if wanted - set(RECIPES):
         raise HarnessError(f"bench --recipes: unknown {sorted(wanted - set(RECIPES))} (known: {', '.join(RECIPES)})")
     work = Path(args.work)
@@ -309,20 +333,17 @@ def bench_command(args) -> int:
             continue
         recipes = [r for r in RECIPES if r in wanted
                    and (key == "smollm2" or r != "trl_tuned")]
-        rows = {}
-        for r in recipes:
+        rows = []
+        for r, batch in ((r, b) for r in recipes for b in (batches if r.startswith("harness") else [None])):
             try:
-                rows[r] = measure_training(spec, factory, tokenizer, examples, r, device, label, args.batch, work,
-                                           seed_steps=args.seed_steps)
+                rows.append(measure_training(spec, factory, tokenizer, examples, r, device, label, batch, work,
+                                             seed_steps=args.seed_steps))
             except Exception as exc:  # recorded and shown next to the table, never hidden
                 log.error("bench: %s/%s failed: %s: %s", label, r, type(exc).__name__, exc)
-                results.setdefault("failures", []).append({"model": label, "recipe": r,
+                results.setdefault("failures", []).append({"model": label, "recipe": r, "batch": batch,
                                                            "error": f"{type(exc).__name__}: {exc}"[:500]})
-        results["training"].extend(asdict(r) for r in rows.values())
-        for r in recipes:
-            if "harness" in rows and r in rows and r != "harness":
-                results["ratios"][f"{label}: harness / {r} tokens/s"] = \
-                    rows["harness"].tokens_per_s / rows[r].tokens_per_s
+        results["training"].extend(asdict(r) for r in rows)
+        results["ratios"].update(_training_ratios(label, rows))
     if "generate" in parts:
         model = real()
         results["generation"] = measure_generation(spec, model, tokenizer, examples[: args.gen_examples], device,
@@ -341,11 +362,11 @@ def bench_command(args) -> int:
 
 def format_results(results: dict) -> str:
     lines = [f"device: {results['device']}", f"command: {results['command']}", "",
-             "| model | recipe | attention | tokens/s | step s | peak GB | MFU (6N) | MFU (4N, LoRA) | steps |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| model | recipe | batch | attention | tokens/s | step s | peak GB | MFU (6N) | MFU (4N, LoRA) | steps |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     pct = lambda v: "n/a" if v is None or math.isnan(v) else f"{v:.1%}"  # noqa: E731
     for r in results["training"]:
-        lines.append(f"| {r['model']} | {r['recipe']} | {r['attention']} | {r['tokens_per_s']:,.0f} | {r['step_time_s']:.3f} | "
+        lines.append(f"| {r['model']} | {r['recipe']} | {r['batch']} | {r['attention']} | {r['tokens_per_s']:,.0f} | {r['step_time_s']:.3f} | "
                      f"{r['peak_mem_gb']:.2f} | {pct(r['mfu_palm'])} | {pct(r['mfu_lora'])} | {r['optimizer_steps']} |")
     if "generation" in results:
         g = results["generation"]

@@ -17,17 +17,19 @@ pytestmark = pytest.mark.slow
 def test_bench_quick_runs_every_recipe_and_generation(tmp_path, tiny_model_dir):
     out = tmp_path / "bench.json"
     code = main(["-q", "bench", str(REPO / "tasks" / "amazon_desc.yaml"), "--quick", "--only", "smollm2,generate",
-                 "--examples", "200", "--max-length", "128", "--batch", "4", "--seed-steps", "6", "--gen-examples", "6",
+                 "--examples", "200", "--max-length", "128", "--batch", "4,8", "--seed-steps", "6", "--gen-examples", "6",
                  "--loop-examples", "3", "--work", str(tmp_path / "work"), "--out", str(out),
                  "--set", f"model.base={tiny_model_dir}", "--set", "generation.max_new_tokens=4"])
     assert code == 0
     results = json.loads(out.read_text())
-    rows = {r["recipe"]: r for r in results["training"]}
-    assert set(rows) == {"seed", "trl_tuned", "harness"} and "failures" not in results
+    assert [(r["recipe"], r["batch"]) for r in results["training"]] == \
+        [("seed", 8), ("trl_tuned", 16), ("harness", 4), ("harness", 8)] and "failures" not in results
+    rows = {r["recipe"]: r for r in results["training"]}  # harness: the batch-8 row
     assert rows["seed"]["optimizer_steps"] == 6  # stopped by --seed-steps
     assert rows["harness"]["tokens"] == rows["trl_tuned"]["tokens"] > rows["seed"]["tokens"] > 0
     assert all(r["tokens_per_s"] > 0 and r["mfu_palm"] is None for r in rows.values())  # no peak FLOPs on CPU
-    ratio = results["ratios"][f"{tiny_model_dir.name}: harness / seed tokens/s"]
+    ratio = results["ratios"][f"{tiny_model_dir.name}: harness (batch 8) / seed tokens/s"]
+    assert f"{tiny_model_dir.name}: harness (batch 4) / trl_tuned tokens/s" in results["ratios"]
     assert ratio == pytest.approx(rows["harness"]["tokens_per_s"] / rows["seed"]["tokens_per_s"])
     gen = results["generation"]
     assert gen["loop_examples"] == 3 and gen["batched_examples"] == 6 and gen["ratio"] > 0
@@ -37,3 +39,10 @@ def test_bench_quick_runs_every_recipe_and_generation(tmp_path, tiny_model_dir):
 def test_bench_refuses_cpu_without_quick(tiny_model_dir, capsys):
     assert main(["bench", "amazon_desc", "--set", f"model.base={tiny_model_dir}"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, message", [("--recipes", "seed,fast", "unknown ['fast']"),
+                                                  ("--batch", "16,x", "expected positive integers")])
+def test_bench_rejects_bad_recipe_and_batch_lists(tiny_model_dir, capsys, flag, value, message):
+    assert main(["bench", "amazon_desc", "--quick", flag, value, "--set", f"model.base={tiny_model_dir}"]) == 2
+    assert message in capsys.readouterr().err
