@@ -7,7 +7,7 @@ ratio against a baseline measured in the same run. Recipes:
              LoRA r=16 on q/k/v/o/gate/up/down (what the notebooks this project replaces do);
 - trl_tuned: the same with packing (padding-free) and batch 16: a well-tuned plain trl baseline;
 - harness:   harness' own CUDA default (pre-tokenized, padding-free packing, FlashAttention varlen
-             kernel, Liger layer kernels, bf16) at the bench's batch size;
+             kernel, Liger layer kernels, bf16, LoRA inputs kept in bf16) at each --batch size;
 - harness_sdpa: the same with sdpa attention (a dense block-diagonal mask over the packed row),
              to show what the varlen kernel is worth (only when asked for with --recipes).
 All three get trl 1.16's chunked LM head, which computes the loss without full-vocabulary logits.
@@ -160,6 +160,7 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
     n_tokens = sum(len(ids) for ids in tokenized["input_ids"])
     data = tokenized if recipe.startswith("harness") else _string_dataset(spec, tokenizer, examples)
     trainer = build_trainer(harness_spec, model, tokenizer, data, None, out_dir / f"{label}-{recipe}-{batch}", device,
+                            plain_peft=not recipe.startswith("harness"),
                             **_recipe_overrides(recipe, batch, device, seed_steps))
     timer = _StepTimer(device, warmup=3)
     trainer.add_callback(timer.callback())

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="allow a CPU smoke test (numbers mean nothing there)")
     p.add_argument("--only", help="comma-separated parts: smollm2,tinyllama,qlora8b,generate (default: all)")
     p.add_argument("--recipes", default="seed,trl_tuned,harness",
-                   help="comma-separated training recipes: seed,trl_tuned,harness_sdpa,harness (default: all but harness_sdpa)")
+                   help="comma-separated training recipes: seed,trl_tuned,harness_sdpa,harness "
+                        "(default: all but harness_sdpa)")
     p.add_argument("--examples", type=int, default=2048, help="training examples per recipe (default 2048)")
     p.add_argument("--max-length", type=int, default=512, help="token length of a (packed) sequence (default 512)")
     p.add_argument("--seed-steps", type=int, default=40, help="optimizer steps timed for the seed recipe (default 40)")

@@ -188,8 +188,9 @@ def _trim_log(path: Path, last_step: int) -> None:
 
 
 def build_trainer(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, output_dir: Path, device: Device,
-                  **overrides):
-    """An SFTTrainer for `spec` on pre-tokenized datasets; `overrides` replace SFTConfig fields (bench recipes)."""
+                  plain_peft: bool = False, **overrides):
+    """An SFTTrainer for `spec` on pre-tokenized datasets; `overrides` replace SFTConfig fields, and
+    `plain_peft` keeps PEFT's default input casts (both for the bench's baseline recipes)."""
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
@@ -234,8 +235,27 @@ def build_trainer(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, output_di
     if t.gradient_checkpointing:  # named only when on: deprecated in transformers 5.23, the only name in 5.17
         options["gradient_checkpointing"] = True
     options.update(overrides)
-    return SFTTrainer(model=model, args=SFTConfig(**options), train_dataset=train_ds, eval_dataset=eval_ds,
-                      processing_class=tokenizer, peft_config=lora)
+    trainer = SFTTrainer(model=model, args=SFTConfig(**options), train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, peft_config=lora)
+    if device.kind == "cuda" and not plain_peft:
+        lora_inputs_in_compute_dtype(trainer.model)
+    return trainer
+
+
+def lora_inputs_in_compute_dtype(model) -> int:
+    """Stop PEFT casting each LoRA layer's input to the adapter's fp32 (returns the layers changed).
+
+    PEFT keeps adapter weights in fp32 and casts every input to match: on a bf16 model that is an
+    fp32 copy of the activations, and a dropout over it, in each of the 7 LoRA layers per block (23%
+    and 13% of a TinyLlama-1.1B step's GPU time, bench/profile_train.py). Under the Trainer's bf16
+    autocast the adapter matmuls run in bf16 anyway, and the fp32 master weights stay. This is what
+    peft.helpers.disable_input_dtype_casting does, as a context manager, around one call."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    return len(layers)
 
 
 def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, device: Device,

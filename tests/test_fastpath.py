@@ -166,3 +166,25 @@ def test_cuda_varlen_equals_sdpa_on_a_packed_batch():
     torch.testing.assert_close(results["varlen"][0], results["sdpa"][0], rtol=2e-2, atol=2e-2)
     grad_varlen, grad_sdpa = results["varlen"][1], results["sdpa"][1]
     assert ((grad_varlen - grad_sdpa).norm() / grad_sdpa.norm()).item() < 3e-2  # bf16 noise, not a leak
+
+
+def test_lora_inputs_stay_in_the_compute_dtype(tiny_model_dir):
+    """The fast path stops PEFT's fp32 copy of every LoRA input; under bf16 autocast (the Trainer's
+    on CUDA) the output matches PEFT's default, and without autocast the dtype clash fails loudly."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from harness.train import lora_inputs_in_compute_dtype
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                  init_lora_weights=False))
+    assert {p.dtype for n, p in peft_model.named_parameters() if "lora_" in n} == {torch.float32}
+    ids = torch.tensor([[5, 9, 14, 3, 22, 7]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        default = peft_model(input_ids=ids).logits
+        assert lora_inputs_in_compute_dtype(peft_model) == 2 * 3
+        fast = peft_model(input_ids=ids).logits
+    torch.testing.assert_close(fast, default, rtol=2e-2, atol=2e-2)
+    with pytest.raises(RuntimeError, match="dtype"), torch.no_grad():
+        peft_model(input_ids=ids)
