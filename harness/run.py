@@ -24,6 +24,7 @@ from harness.io import atomic_write_json, atomic_write_text, os_error_message
 from harness.leakage import assert_no_exact_leak, leakage_report
 from harness.runfolder import Manifest, new_run_dir, pid_alive, process_start, read_manifest
 from harness.spec import TaskSpec, build, load_spec, spec_to_dict
+from harness.train import fast_path_options
 
 log = logging.getLogger(__name__)
 SPEC_FILE = "spec.yaml"
@@ -126,7 +127,8 @@ def _stages(spec: TaskSpec, manifest: Manifest) -> None:
     run_dir = manifest.run_dir
     done = set(manifest.data.get("stages_done", []))
     device = models.pick_device()
-    manifest.update(device=device.describe())
+    fast = fast_path_options(spec, device)  # before any work: an impossible switch fails the run here
+    manifest.update(device=device.describe(), fast_path=fast)
 
     if "prepare" not in done:
         with stage(manifest, "prepare"):
@@ -153,10 +155,9 @@ def _stages(spec: TaskSpec, manifest: Manifest) -> None:
             session.score_base()
 
     if "train" not in done:
-        from harness.train import fast_path_options, latest_checkpoint, train
+        from harness.train import latest_checkpoint, train
 
         with stage(manifest, "train"):
-            fast = fast_path_options(spec, device)
             model = models.load_model(model_ref, spec.model, tokenizer, device, quantize=fast["quantize"],
                                       attn_implementation=fast["attention"])
             resume_from = latest_checkpoint(run_dir / "checkpoints")

@@ -279,3 +279,11 @@ def test_disk_full_or_out_of_memory_inside_a_stage_is_one_line_exit_2(tiny_model
     (run_dir,) = (tmp_path / "runs").iterdir()
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "failed" and words in manifest["error"]
+
+
+def test_a_fast_path_switch_this_machine_cannot_run_fails_before_any_work(tiny_model_dir, tmp_path, capsys):
+    code = main(_run_args(tmp_path / "runs", tiny_overrides(tiny_model_dir, "train.attention=varlen")))
+    assert code == 2 and "train.attention: 'varlen' needs a CUDA device" in _one_error_line(capsys)
+    (manifest_path,) = (tmp_path / "runs").glob("*/manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["status"] == "failed" and not manifest.get("stages_done")
