@@ -46,6 +46,12 @@ def fast_path_options(spec: TaskSpec, device: Device) -> dict:
     packing = t.packing == "on" or (t.packing == "auto" and cuda)
     if t.attention == "varlen" and not (cuda and varlen_available()):
         raise HarnessError("train.attention: 'varlen' needs a CUDA device and PyTorch >= 2.10; use 'auto'")
+    if t.quantization == "nf4" and not (cuda and _has_bitsandbytes()):
+        raise HarnessError("train.quantization: 'nf4' needs a CUDA device and bitsandbytes "
+                           "(pip install -e '.[cuda]'); use 'auto'")
+    if t.liger_kernels == "on" and not (cuda and _has_liger()):
+        raise HarnessError("train.liger_kernels: 'on' needs a CUDA device and liger-kernel "
+                           "(pip install -e '.[cuda]'); use 'auto'")
     return {
         # QLoRA saves memory at a speed cost: `auto` uses it on CUDA only for models too big to train
         # comfortably in bf16 (> 4 GB of weights, i.e. >= ~2B parameters).

@@ -101,10 +101,14 @@ def test_varlen_attention_matches_examples_run_alone(tiny_model_dir, monkeypatch
     torch.testing.assert_close(padded[0, :5], alone[0][0], rtol=1e-4, atol=1e-5)
 
 
-def test_varlen_is_refused_where_it_cannot_run():
+@pytest.mark.parametrize("key, value, message", [
+    ("attention", "varlen", "train.attention: 'varlen' needs a CUDA device"),
+    ("quantization", "nf4", "train.quantization: 'nf4' needs a CUDA device and bitsandbytes"),
+    ("liger_kernels", "on", "train.liger_kernels: 'on' needs a CUDA device and liger-kernel")])
+def test_forced_gpu_switches_are_refused_on_cpu(key, value, message):
     spec = TaskSpec(name="t")
-    spec.train.attention = "varlen"
-    with pytest.raises(HarnessError, match="train.attention: 'varlen' needs a CUDA device"):
+    setattr(spec.train, key, value)
+    with pytest.raises(HarnessError, match=message):
         fast_path_options(spec, models.Device("cpu"))
 
 
