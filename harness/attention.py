@@ -13,6 +13,7 @@ unchanged, with the mask transformers builds for it.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 NAME = "varlen"
@@ -74,13 +75,18 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     return out.unsqueeze(0), None  # (1, seq, heads, head_dim), as transformers' attention functions return
 
 
+@functools.lru_cache(maxsize=4)
+def _parameters(function) -> frozenset[str]:
+    return frozenset(inspect.signature(function).parameters)
+
+
 def varlen_call(q, k, v, cu, max_len: int, scale: float | None):
     """Causal varlen attention over (tokens, heads, head_dim) tensors, across PyTorch's API versions:
     2.10 takes `is_causal`, 2.11+ `window_size=(-1, 0)`; grouped-query heads need `enable_gqa` (2.12+)
     or are repeated here."""
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
+    params = _parameters(varlen_attn)
     options = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in params:
