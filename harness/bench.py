@@ -159,8 +159,8 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
     tokenized = tokenized_dataset(spec, tokenizer, examples)
     n_tokens = sum(len(ids) for ids in tokenized["input_ids"])
     data = tokenized if recipe.startswith("harness") else _string_dataset(spec, tokenizer, examples)
-    trainer = build_trainer(harness_spec, model, tokenizer, data, None, out_dir / f"{label}-{recipe}-{batch}", device,
-                            plain_peft=not recipe.startswith("harness"),
+    trainer = build_trainer(harness_spec, model, tokenizer, data, None, out_dir / f"{label}-{recipe}-{batch}",
+                            device, plain_peft=not recipe.startswith("harness"),
                             **_recipe_overrides(recipe, batch, device, seed_steps))
     timer = _StepTimer(device, warmup=3)
     trainer.add_callback(timer.callback())
@@ -176,9 +176,10 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
     palm, lora = _flops_per_token(trainer.model.get_base_model(), n_tokens / len(examples))
     peak = _peak_flops(device)
     tps = timed_tokens / timer.elapsed
+    per_step = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
     result = TrainMeasure(
-        model=label, recipe=recipe, batch=trainer.args.per_device_train_batch_size
-        * trainer.args.gradient_accumulation_steps, attention=attention, tokens_per_s=tps, step_time_s=timer.elapsed / timer.steps,
+        model=label, recipe=recipe, batch=per_step, attention=attention, tokens_per_s=tps,
+        step_time_s=timer.elapsed / timer.steps,
         peak_mem_gb=torch.cuda.max_memory_allocated(device.index) / 2**30 if device.kind == "cuda" else 0.0,
         mfu_palm=tps * palm / peak if peak else None, mfu_lora=tps * lora / peak if peak else None,
         optimizer_steps=total_steps, tokens=n_tokens)
@@ -367,8 +368,9 @@ def format_results(results: dict) -> str:
              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     pct = lambda v: "n/a" if v is None or math.isnan(v) else f"{v:.1%}"  # noqa: E731
     for r in results["training"]:
-        lines.append(f"| {r['model']} | {r['recipe']} | {r['batch']} | {r['attention']} | {r['tokens_per_s']:,.0f} | {r['step_time_s']:.3f} | "
-                     f"{r['peak_mem_gb']:.2f} | {pct(r['mfu_palm'])} | {pct(r['mfu_lora'])} | {r['optimizer_steps']} |")
+        lines.append(f"| {r['model']} | {r['recipe']} | {r['batch']} | {r['attention']} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['step_time_s']:.3f} | {r['peak_mem_gb']:.2f} | {pct(r['mfu_palm'])} | "
+                     f"{pct(r['mfu_lora'])} | {r['optimizer_steps']} |")
     if "generation" in results:
         g = results["generation"]
         lines += ["", f"generation: one-at-a-time {g['loop_tokens_per_s']:,.0f} tok/s ({g['loop_examples']} examples), "

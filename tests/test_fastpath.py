@@ -94,7 +94,8 @@ def test_varlen_attention_matches_examples_run_alone(tiny_model_dir, monkeypatch
         from_positions = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         n_calls = len(calls)
         alone = [model(input_ids=torch.tensor([x])).logits for x in (a, b)]
-        padded = model(input_ids=torch.tensor([a + [0, 0], b]), attention_mask=torch.tensor([[1] * 5 + [0, 0], [1] * 7])).logits
+        padded = model(input_ids=torch.tensor([a + [0, 0], b]),
+                       attention_mask=torch.tensor([[1] * 5 + [0, 0], [1] * 7])).logits
     assert n_calls == 2 * model.config.num_hidden_layers and len(calls) == n_calls  # plain and padded rows: sdpa
     torch.testing.assert_close(packed, torch.cat(alone, dim=1), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(from_positions, packed)
