@@ -250,7 +250,7 @@ def measure_generation(spec, model, tokenizer, examples, device, loop_n: int) ->
     import torch
 
     from harness.prompts import build_prompt, encode_prompt
-    from harness.score import generate
+    from harness.generation import generate
 
     prompts = [build_prompt(tokenizer, spec.prompt, e.title) for e in examples]
     gen = spec.generation

@@ -31,8 +31,9 @@ from harness.metrics import (HIGHER_IS_BETTER, METRICS, MetricSettings, ModelOut
                              paired_comparison, per_example_scores, score_single, settings_record)
 from harness.prompts import build_prompt, encode_example
 from harness.runfolder import read_manifest
-from harness.score import generate, reference_nll
-from harness.scoring import assert_adapter_applied, guards, metric_settings, read_generations
+from harness.generation import generate
+from harness.likelihood import reference_nll
+from harness.heldout_scoring import assert_adapter_applied, guards, metric_settings, read_generations
 from harness.spec import GateSpec, TaskSpec, load_spec
 
 log = logging.getLogger(__name__)

@@ -122,7 +122,7 @@ def _last_checkpoint(run_dir: Path) -> str | None:
 
 
 def _stages(spec: TaskSpec, manifest: Manifest) -> None:
-    from harness import scoring
+    from harness import heldout_scoring
 
     run_dir = manifest.run_dir
     done = set(manifest.data.get("stages_done", []))
@@ -148,7 +148,7 @@ def _stages(spec: TaskSpec, manifest: Manifest) -> None:
 
     model_ref = models.resolve_base(spec.model.base)
     tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
-    session = scoring.ScoringSession(spec, tokenizer, prepared.heldout, run_dir, device, model_ref, manifest)
+    session = heldout_scoring.ScoringSession(spec, tokenizer, prepared.heldout, run_dir, device, model_ref, manifest)
 
     if "score_base" not in done:
         with stage(manifest, "score_base"):

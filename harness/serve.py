@@ -1,7 +1,7 @@
 """Use a finished run's tuned model: `harness generate` (terminal) and `harness serve` (HTTP).
 
 Both load the run once into a `LoadedRun` and describe titles through the same cleaning,
-prompt (`harness.prompts`) and generation (`harness.score.generate`) code that scored the
+prompt (`harness.prompts`) and generation (`harness.generation.generate`) code that scored the
 run, so with greedy decoding a served description is the description the metrics judged.
 """
 
@@ -27,7 +27,7 @@ from harness.data import clean_text
 from harness.errors import HarnessError, RunError, SpecError
 from harness.prompts import build_prompt
 from harness.run import load_run_spec
-from harness.score import Generation, generate
+from harness.generation import Generation, generate
 from harness.spec import GenerationSpec, TaskSpec
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,8 @@ import pytest
 
 from harness import models
 from harness.prompts import build_prompt, encode_example
-from harness.score import generate, reference_nll
+from harness.generation import generate
+from harness.likelihood import reference_nll
 from harness.spec import EMBEDDED_MODEL, GenerationSpec, ModelSpec, PromptSpec
 from tests.conftest import SHARED_DATA, REPO, run_tiny
 

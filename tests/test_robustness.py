@@ -270,7 +270,7 @@ def test_disk_full_or_out_of_memory_inside_a_stage_is_one_line_exit_2(tiny_model
     def fail(self):
         raise error
 
-    monkeypatch.setattr("harness.scoring.ScoringSession.score_base", fail)
+    monkeypatch.setattr("harness.heldout_scoring.ScoringSession.score_base", fail)
     monkeypatch.chdir(tmp_path)
     code = main(_run_args(tmp_path / "runs", tiny_overrides(tiny_model_dir)))
     assert code == 2

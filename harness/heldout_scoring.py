@@ -20,7 +20,8 @@ from harness.errors import ModelError
 from harness.io import atomic_write_json
 from harness.metrics import MetricSettings, ModelOutputs, per_example_scores, score_outputs, settings_record
 from harness.prompts import build_prompt, encode_example, encode_prompt
-from harness.score import Generation, generate, left_pad, reference_nll
+from harness.generation import Generation, generate, left_pad
+from harness.likelihood import reference_nll
 
 log = logging.getLogger(__name__)
 ADAPTER_TOLERANCE = 1e-4

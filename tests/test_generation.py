@@ -9,8 +9,9 @@ import torch
 from harness import models
 from harness.errors import ModelError
 from harness.prompts import build_prompt, encode_example
-from harness.score import generate, reference_nll
-from harness.scoring import assert_adapter_applied
+from harness.generation import generate
+from harness.likelihood import reference_nll
+from harness.heldout_scoring import assert_adapter_applied
 from harness.spec import GenerationSpec, ModelSpec, PromptSpec
 
 CPU = models.Device("cpu")
