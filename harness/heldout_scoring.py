@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import fingerprint, models
+from harness import degeneration, fingerprint, models
 from harness.errors import ModelError
 from harness.io import atomic_write_json
 from harness.metrics import MetricSettings, ModelOutputs, per_example_scores, score_outputs, settings_record
@@ -92,6 +92,9 @@ def guards(predictions: list[str], references: list[str], titles: list[str], gen
         "empty_share": float(np.mean([p.strip() == "" for p in predictions])),
         "truncated_share": float(np.mean([g["hit_max_new_tokens"] for g in generations])),
         "prompt_repeat_share": float(np.mean(repeats)),
+        "loop_share": float(np.mean([degeneration.loops(p) for p in predictions])),
+        "mean_rep4": float(np.mean([degeneration.rep_n(p) for p in predictions])),
+        "distinct2": degeneration.distinct_n(predictions),
     }
 
 

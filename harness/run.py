@@ -122,15 +122,43 @@ def _last_checkpoint(run_dir: Path) -> str | None:
 
 
 def _stages(spec: TaskSpec, manifest: Manifest) -> None:
-    from harness import heldout_scoring
+    from harness.heldout_scoring import ScoringSession
 
     run_dir = manifest.run_dir
     done = set(manifest.data.get("stages_done", []))
-    device = models.pick_device()
-    fast = fast_path_options(spec, device)  # before any work: an impossible switch fails the run here
-    manifest.update(device=device.describe(), fast_path=fast)
+    device, fast = resolve_device(spec, manifest)
+    prepared = prepare_stage(spec, manifest)
+    model_ref, tokenizer = load_base_tokenizer(spec)
+    session = ScoringSession(spec, tokenizer, prepared.heldout, run_dir, device, model_ref, manifest)
 
-    if "prepare" not in done:
+    if "score_base" not in done:
+        with stage(manifest, "score_base"):
+            session.score_base()
+    if "train" not in done:
+        with stage(manifest, "train"):
+            train_stage(spec, manifest, prepared.train, model_ref, tokenizer, device, fast)
+    if "score_tuned" not in done:
+        with stage(manifest, "score_tuned"):
+            session.score_tuned(run_dir / "adapter")
+    if "metrics" not in done:
+        with stage(manifest, "metrics"):
+            results_stage(session, run_dir)
+    report_stage(spec, manifest)
+
+
+# -- stages shared by the recipes (run, sweep, eval) ------------------------------------------
+def resolve_device(spec: TaskSpec, manifest: Manifest):
+    """The device and the fast-path switches, before any work: an impossible switch fails here."""
+    device = models.pick_device()
+    fast = fast_path_options(spec, device)
+    manifest.update(device=device.describe(), fast_path=fast)
+    return device, fast
+
+
+def prepare_stage(spec: TaskSpec, manifest: Manifest) -> data_mod.PreparedData:
+    """Clean and split once (recorded in `data/`), then check the split for leaks on every start."""
+    run_dir = manifest.run_dir
+    if "prepare" not in manifest.data.get("stages_done", []):
         with stage(manifest, "prepare"):
             prepared = data_mod.prepare(spec)
             data_mod.write_prepared(prepared, run_dir / "data")
@@ -145,41 +173,43 @@ def _stages(spec: TaskSpec, manifest: Manifest) -> None:
     if not prepared.train or not prepared.heldout:
         raise HarnessError(f"{spec.name}: need at least one train and one held-out example "
                            f"(got {len(prepared.train)} train, {len(prepared.heldout)} held-out)")
+    return prepared
 
+
+def load_base_tokenizer(spec: TaskSpec):
+    """The base model's reference (fetched/converted once) and its tokenizer, set up for the prompt."""
     model_ref = models.resolve_base(spec.model.base)
     tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
-    session = heldout_scoring.ScoringSession(spec, tokenizer, prepared.heldout, run_dir, device, model_ref, manifest)
+    return model_ref, tokenizer
 
-    if "score_base" not in done:
-        with stage(manifest, "score_base"):
-            session.score_base()
 
-    if "train" not in done:
-        from harness.train import latest_checkpoint, train
+def train_stage(spec: TaskSpec, manifest: Manifest, train_examples, model_ref: str, tokenizer, device,
+                fast: dict) -> None:
+    """Train a LoRA adapter into `<run>/adapter`, continuing from the last checkpoint if there is one."""
+    from harness.train import latest_checkpoint, train
 
-        with stage(manifest, "train"):
-            model = models.load_model(model_ref, spec.model, tokenizer, device, quantize=fast["quantize"],
-                                      attn_implementation=fast["attention"])
-            resume_from = latest_checkpoint(run_dir / "checkpoints")
-            result = train(spec, model, tokenizer, prepared.train, run_dir, device, resume_from=resume_from)
-            manifest.update(train={"steps": result.steps, "train_tokens": result.train_tokens,
-                                   "seconds": round(result.seconds, 2), "resumed_from": str(resume_from or "")})
-            del model
+    run_dir = manifest.run_dir
+    model = models.load_model(model_ref, spec.model, tokenizer, device, quantize=fast["quantize"],
+                              attn_implementation=fast["attention"])
+    resume_from = latest_checkpoint(run_dir / "checkpoints")
+    result = train(spec, model, tokenizer, train_examples, run_dir, device, resume_from=resume_from)
+    manifest.update(train={"steps": result.steps, "train_tokens": result.train_tokens,
+                           "seconds": round(result.seconds, 2), "resumed_from": str(resume_from or "")})
 
-    if "score_tuned" not in done:
-        with stage(manifest, "score_tuned"):
-            session.score_tuned(run_dir / "adapter")
 
-    if "metrics" not in done:
-        with stage(manifest, "metrics"):
-            metrics = session.metrics()
-            atomic_write_json(run_dir / "metrics.json", metrics)
-            session.write_predictions()
+def results_stage(session, run_dir: Path) -> None:
+    """`metrics.json` (with CIs and guards) and `predictions.jsonl` from the scores on disk."""
+    atomic_write_json(run_dir / "metrics.json", session.metrics())
+    session.write_predictions()
 
-    manifest.update(status="completed")  # every result is in; the reports should say so (a report failure resets it)
+
+def report_stage(spec: TaskSpec, manifest: Manifest) -> None:
+    """Every result is in: mark the run completed (a report failure resets it), then write the reports."""
+    from harness.report import write_reports
+
+    run_dir = manifest.run_dir
+    manifest.update(status="completed")
     with stage(manifest, "report"):
-        from harness.report import write_reports
-
         write_reports([run_dir], run_dir)
         write_reports([run_dir], Path("reports") / spec.name / run_dir.name)
 
