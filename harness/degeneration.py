@@ -76,6 +76,12 @@ class DistinctNgrams:
     drawn output holds it, and the denominator is the drawn outputs' tokens, weighted by how
     often each is drawn. The example x n-gram incidence is stored sparsely (numpy only: scipy is
     not a dependency) as the holders of each n-gram, grouped by n-gram.
+
+    Drawing with replacement repeats outputs, and a repeated output adds tokens but no new
+    n-gram, so recounted replicates sit far below the full-sample value (0.36 against 0.55 on
+    simulated corpora of 100 outputs) while their spread is about right (sd 0.024 against 0.028
+    across independently drawn corpora). `bootstrap` therefore shifts the replicates by that
+    bootstrap bias estimate (Efron & Tibshirani 1993, ch. 10), keeping only their spread.
     """
 
     holders: np.ndarray  # output index of every (n-gram, output) pair, grouped by n-gram
@@ -107,6 +113,13 @@ class DistinctNgrams:
                 drawn = weights[lo:lo + rows, self.holders] > 0
                 distinct[lo:lo + rows] = np.logical_or.reduceat(drawn, self.starts, axis=1).sum(axis=1)
         return _share(distinct, weights @ self.n_tokens)
+
+    def bootstrap(self, weights: np.ndarray) -> np.ndarray:
+        """Recounted distinct-n per resample (rows of `weights`), centred on the full-sample value.
+
+        One all-ones row gives the full-sample value itself."""
+        recount = self.resampled(weights)
+        return recount - recount.mean() + self.resampled(np.ones(self.n_tokens.size))
 
     def per_output(self) -> np.ndarray:
         """distinct-n of each output on its own (its distinct n-grams over its tokens)."""

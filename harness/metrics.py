@@ -5,7 +5,8 @@ the corpus score. Any bootstrap resample is then a weighted sum (a count matrix 
 statistics), so thousands of replicates cost a few matrix products instead of re-running
 the scorers, and base and tuned are resampled with the *same* example draws (paired).
 The one exception is distinct-2, which counts each n-gram once across examples: its statistic
-is an example x n-gram incidence, and a resample counts the n-grams held by a drawn example.
+is an example x n-gram incidence, and a resample recounts the n-grams held by a drawn example
+(centred on the full-sample value: `degeneration.DistinctNgrams.bootstrap` says why).
 
 Corpus values reproduce the reference implementations: ROUGE is rouge-score's F-measure
 averaged over examples (as rouge-score and HF `evaluate` report it), BLEU and chrF equal
@@ -218,7 +219,7 @@ def _corpus_from_sums(name: str, sums: np.ndarray, n_examples: np.ndarray) -> np
 def _weighted_scores(stats: dict, weights: np.ndarray) -> dict[str, np.ndarray]:
     """Corpus scores for each row of example weights (B x n), one array of B per metric."""
     n_examples = weights.sum(axis=1)
-    return {name: stats[name].resampled(weights) if name == "distinct2"
+    return {name: stats[name].bootstrap(weights) if name == "distinct2"
             else _corpus_from_sums(name, weights @ stats[name], n_examples) for name in METRICS}
 
 
