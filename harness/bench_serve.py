@@ -3,12 +3,13 @@ micro-batched against one request at a time.
 
 Each mode is a real `harness serve` subprocess on loopback serving the same run folder:
 `serial` is `--batch-window-ms 0 --max-batch 1` (every request its own generate call, what
-`serve` did before micro-batching), `batched` is serve's defaults (read back from `/health`). 64 client threads each send one request, wait for
-its answer and send the next (a closed loop, like 64 users), until the mode's requests are
-done; the first 64 titles are the same in both modes, so their outputs can be compared. The
-run folder holds a fresh, untrained LoRA adapter on the task's base model (LoRA's B starts at
-zero, so it writes what the base model writes, at the cost of a tuned model: the LoRA matmuls
-still run), so the bench needs no finished run.
+`serve` did before micro-batching), `batched` is serve's defaults (read back from `/health`).
+64 client threads each send one request, wait for its answer and send the next (a closed
+loop, like 64 users), until the mode's requests are done; the first 64 titles are the same in
+both modes, so their outputs can be compared. The run folder holds a fresh, untrained LoRA
+adapter on the task's base model (LoRA's B starts at zero, so it writes what the base model
+writes, at the cost of a tuned model: the LoRA matmuls still run), so the bench needs no
+finished run.
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ def format_serving(serve: dict) -> list[str]:
     for name in MODES:
         m = serve[name]
         lines.append(f"| {name} | {m['window_ms']:g} | {m['max_batch']} | {m['requests']} | "
-                     f"{m['requests_per_s']:.2f} | {m['tokens_per_s']:,.0f} | {m['latency_p50_ms']:,.0f} | {m['latency_p95_ms']:,.0f} | "
-                     f"{m['mean_batch_size']:.1f} |")
+                     f"{m['requests_per_s']:.2f} | {m['tokens_per_s']:,.0f} | {m['latency_p50_ms']:,.0f} | "
+                     f"{m['latency_p95_ms']:,.0f} | {m['mean_batch_size']:.1f} |")
     lines.append(f"serve: batched / serial requests/s {serve['ratio']:.1f}x; "
                  f"identical outputs {serve['identical_outputs_share']:.0%}")
     return lines

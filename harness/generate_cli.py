@@ -15,7 +15,8 @@ import sys
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from contextlib import contextmanager
+from typing import BinaryIO, Iterator, TextIO
 
 from harness.errors import DataError, HarnessError
 from harness.generation import Generation
@@ -89,10 +90,7 @@ def _batch_job(args) -> "BatchJob | None":
         return None
     if args.resume and args.output is None:
         raise HarnessError("generate: --resume needs --output (the file to continue)")
-    if args.input is None:
-        source = _Source("<stdin>", sys.stdin.buffer, jsonl=False, lines=None)
-    else:
-        source = _Source.open(args.input)
+    source = _Source("<stdin>", None, jsonl=False, lines=None) if args.input is None else _Source.of(args.input)
     if args.title_field is not None and not source.jsonl:
         raise HarnessError(f"generate: --title-field applies to .jsonl input, not {source.name}")
     sink = _JsonlFile(args.output, args.resume, args.compare) if args.output else _StdoutInInputOrder()
@@ -103,20 +101,31 @@ def _batch_job(args) -> "BatchJob | None":
 @dataclass
 class _Source:
     name: str  # as messages name it: the path as given, or <stdin>
-    stream: BinaryIO
+    path: Path | None  # None: stdin
     jsonl: bool
     lines: int | None  # for the progress bar; unknown for stdin
 
     @classmethod
-    def open(cls, path: Path) -> "_Source":
+    def of(cls, path: Path) -> "_Source":
         jsonl = is_jsonl(path)
         try:
             with open(path, "rb") as fh:
                 lines = sum(1 for _ in fh)  # a quick pass, so the progress bar has an end
-            stream = open(path, "rb")
         except OSError as exc:
             raise DataError(os_error_message(path, exc, "read")) from None
-        return cls(str(path), stream, jsonl, lines)
+        return cls(str(path), path, jsonl, lines)
+
+    @contextmanager
+    def stream(self) -> Iterator[BinaryIO]:
+        if self.path is None:
+            yield sys.stdin.buffer
+            return
+        try:
+            fh = open(self.path, "rb")
+        except OSError as exc:
+            raise DataError(os_error_message(self.path, exc, "read")) from None
+        with fh:
+            yield fh
 
 
 @dataclass
@@ -137,26 +146,26 @@ class BatchJob:
         failed = described = 0
         chunk: list[tuple[TitleLine, str]] = []
         try:
-            for line in read_title_lines(self.source.stream, self.source.jsonl, self.title_field):
-                problem = line.problem
-                if problem is None and line.number in self.sink.done:
-                    self.sink.check_same_title(line, self.source.name)
-                    bar.update(passes)
-                    continue
-                if problem is None:
-                    try:
-                        chunk.append((line, loaded.prompt(line.title)))
-                    except DataError as exc:
-                        problem = str(exc)
-                if problem is not None:
-                    failed += 1
-                    bar.update(passes)
-                    tqdm.write(f"{self.source.name}:{line.number}: {problem}", file=sys.stderr)
-                elif len(chunk) == CHUNK_TITLES:
-                    described += self._describe(loaded, gen, chunk, bar)
-                    chunk = []
-            described += self._describe(loaded, gen, chunk, bar)
-            self.sink.finish()
+            with self.source.stream() as stream, self.sink:
+                for line in read_title_lines(stream, self.source.jsonl, self.title_field):
+                    problem = line.problem
+                    if problem is None and line.number in self.sink.done:
+                        self.sink.check_same_title(line, self.source.name)
+                        bar.update(passes)
+                        continue
+                    if problem is None:
+                        try:
+                            chunk.append((line, loaded.prompt(line.title)))
+                        except DataError as exc:
+                            problem = str(exc)
+                    if problem is not None:
+                        failed += 1
+                        bar.update(passes)
+                        tqdm.write(f"{self.source.name}:{line.number}: {problem}", file=sys.stderr)
+                    elif len(chunk) == CHUNK_TITLES:
+                        described += self._describe(loaded, gen, chunk, bar)
+                        chunk = []
+                described += self._describe(loaded, gen, chunk, bar)
         except KeyboardInterrupt:
             if isinstance(self.sink, _JsonlFile):
                 log.warning("interrupted: %d descriptions are in %s; add --resume to continue it",
@@ -164,8 +173,6 @@ class BatchJob:
             raise
         finally:
             bar.close()
-            self.source.stream.close()
-            self.sink.close()
         log.info("described %d titles from %s%s", described, self.source.name,
                  f" into {self.sink.path}" if isinstance(self.sink, _JsonlFile) else "")
         if failed:
@@ -228,11 +235,26 @@ class _JsonlFile:
             self.done = _finished_lines(self.path, compare)
             log.info("resuming %s: %d titles already described", self.path, len(self.done))
         self.written: list[int] = list(self.done)  # input line numbers, in file order
+        self._fh: TextIO | None = None
+
+    def __enter__(self) -> "_JsonlFile":
+        """Open for appending (only now: a run that fails to load leaves no empty output behind)."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(self.path, "a", encoding="utf-8")
         except OSError as exc:
             raise DataError(os_error_message(self.path, exc)) from None
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        """Close; after a complete job, put the file in input-line order (atomically), unless it is."""
+        self._fh.close()
+        if exc_type is not None or self.written == sorted(self.written):
+            return
+        with open(self.path, encoding="utf-8") as fh:
+            lines = fh.readlines()
+        with atomic_writer(self.path) as out:
+            out.writelines(text for _, text in sorted(zip(self.written, lines, strict=True), key=lambda pair: pair[0]))
 
     def check_same_title(self, line: TitleLine, source: str) -> None:
         if self.done[line.number] != line.title:
@@ -240,25 +262,12 @@ class _JsonlFile:
                             "it was written from another input (choose another --output)")
 
     def expect(self, numbers: list[int]) -> None:
-        """Order does not matter while writing: `finish` sorts."""
+        """Order does not matter while writing: the file is sorted when the job completes."""
 
     def add(self, number: int, record: dict) -> None:
         self._fh.write(_json_line(record))
         self._fh.flush()
         self.written.append(number)
-
-    def finish(self) -> None:
-        """Rewrite the file in input-line order (atomically), unless it already is."""
-        self._fh.close()
-        if self.written == sorted(self.written):
-            return
-        with open(self.path, encoding="utf-8") as fh:
-            lines = fh.readlines()
-        with atomic_writer(self.path) as out:
-            out.writelines(text for _, text in sorted(zip(self.written, lines, strict=True), key=lambda pair: pair[0]))
-
-    def close(self) -> None:
-        self._fh.close()
 
 
 def _finished_lines(path: Path, compare: bool) -> dict[int, str]:
@@ -313,8 +322,8 @@ class _StdoutInInputOrder:
             sys.stdout.write(_json_line(self._held.pop(self._next.popleft())))
         sys.stdout.flush()
 
-    def finish(self) -> None:
-        """Every expected record was written by `add`."""
+    def __enter__(self) -> "_StdoutInInputOrder":
+        return self
 
-    def close(self) -> None:
-        """stdout stays open."""
+    def __exit__(self, *_) -> None:
+        """Nothing to close: every expected record was written by `add`, stdout stays open."""

@@ -83,15 +83,14 @@ class LoadedRun:
         return build_prompt(self.tokenizer, self.spec.prompt, cleaned)
 
     def generate(self, prompts: Sequence[str], gen: GenerationSpec, use_adapter: bool = True,
-                 on_done: Callable[[int, Generation], None] | None = None, batch_size: int | None = None,
-                 streamer=None) -> list[Generation]:
-        """Batched generation for `prompts` (results in their order); `use_adapter=False` is the base model."""
+                 on_done: Callable[[int, Generation], None] | None = None, streamer=None) -> list[Generation]:
+        """Batched generation for `prompts` (results in their order; batch sizes are the generator's
+        choice); `use_adapter=False` is the base model."""
         with self._lock, (nullcontext() if use_adapter else self.model.disable_adapter()):
-            return generate(self.model, self.tokenizer, prompts, gen, self.device, on_done=on_done,
-                            batch_size=batch_size, streamer=streamer)
+            return generate(self.model, self.tokenizer, prompts, gen, self.device, on_done=on_done, streamer=streamer)
 
     def describe(self, title: str, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, use_adapter: bool = True, streamer=None) -> Generation:
         """One description, generated alone; `streamer` sees tokens as they come."""
         gen = self.settings(max_new_tokens, temperature, top_p)
-        return self.generate([self.prompt(title)], gen, use_adapter, batch_size=1, streamer=streamer)[0]
+        return self.generate([self.prompt(title)], gen, use_adapter, streamer=streamer)[0]
