@@ -3,17 +3,16 @@
 Once the worker is free and a request is there, it gathers requests for `window_s` (counted from
 that request's arrival, or from the moment the worker got free if the request was already
 queued) or until it has `max_batch` of them, then generates. Counting from the moment the worker
-got free matters under load: the requests that queued during the last generation are taken at
-once, and the clients just answered, who send their next request a few milliseconds later, join
-them instead of forming a second, smaller batch that would then alternate with the first
-forever. With `max_batch=1` requests are served one at a time.
+got free matters under load: the clients just answered, who send their next request a few
+milliseconds later, join the requests that queued during the last generation, instead of forming
+a second, smaller batch that would then alternate with the first forever. With `max_batch=1` requests are served one at a time.
 
 Requests share a generate call only when their generation settings are equal (max_new_tokens,
 temperature, top_p): a gathered batch is split into groups of equal settings, each generated in
 its own call. The alternative, one call at the largest max_new_tokens with each output trimmed
 to its request's limit, cannot mix temperatures or top_p at all (they are per call in
 `model.generate`), and makes a short request wait for, and the device compute, the longest
-request's tokens; grouping gives every request exactly the call it would get alone.
+request's tokens; grouping gives every request its own settings and no more steps than they ask.
 
 Each request holds its own Future, resolved with its own row of the call's results (which come
 back in the order the prompts went in), so answers cannot be mixed up between requests.
