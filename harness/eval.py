@@ -55,7 +55,9 @@ def eval_task(task: str, adapters: list[Path], overrides: list[str], runs_root: 
     """`harness eval`: a new run folder scoring each adapter against the base; returns the folder."""
     if not adapters:
         raise HarnessError("eval: give at least one --adapter DIR")
-    spec, manifest = start_run(task, overrides, runs_root)
+    # Trained elsewhere, the adapters may have seen any of data.path: every training title counts in
+    # the leak check, so data.max_train (a cap on what `run` trains on) does not apply here.
+    spec, manifest = start_run(task, [*overrides, "data.max_train=null"], runs_root)
     manifest.update(recipe="eval")
     log.info("run folder: %s", manifest.run_dir)
     return execute(spec, manifest, stages=lambda s, m: _stages(s, m, [Path(a) for a in adapters]))
