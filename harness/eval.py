@@ -155,7 +155,7 @@ def score_candidate(session, candidate: Candidate) -> None:
 
 def candidate_session(top, candidate: Candidate):
     """Score one of several candidates in its own run-shaped folder `candidates/<name>/`, with the
-    eval's base scores copied in (one base model, scored once)."""
+    eval's base scores copied in (one base model, scored once) and its data/ linked."""
     from harness.heldout_scoring import ScoringSession
 
     folder = top.run_dir / CANDIDATES_DIR / candidate.name
@@ -163,6 +163,7 @@ def candidate_session(top, candidate: Candidate):
     for name in BASE_SCORE_FILES:
         shutil.copyfile(top.scores_dir / name, folder / "scores" / name)
     shutil.copyfile(top.run_dir / SPEC_FILE, folder / SPEC_FILE)
+    (folder / "data").symlink_to(Path("..") / ".." / "data")  # the eval's prepared data, not a copy of it
     shared = {k: v for k, v in top.manifest.data.items() if k not in ("stages_done", "timings_s", "candidates")}
     manifest = Manifest(folder, {**shared, "run_id": f"{shared['run_id']}/{candidate.name}",
                                  "candidates": [candidate.record()], "timings_s": {}})

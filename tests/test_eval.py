@@ -487,8 +487,21 @@ def test_check_and_report_accept_eval_folders(single_eval, several_eval, sets, t
     assert check(run_dir / "candidates" / "merged", single_eval, "stale", "--set", "generation.max_new_tokens=7") == 2
     assert "scores adapters only, not the merged model" in read(tmp_path / "stale" / "verdict.json")["reason"]
 
+    assert main(["baseline", str(run_dir / "candidates" / "merged"), "--out", str(tmp_path / "merged.json")]) == 0
+    predictions = lambda doc: [e["prediction"] for e in read(doc)["examples"]]  # noqa: E731
+    assert len(predictions(tmp_path / "merged.json")) == 8
+    assert predictions(tmp_path / "merged.json") == predictions(baseline)  # the adapter, folded in
+
     capsys.readouterr()
     assert main(["report", str(run_dir), str(single_eval), "--out", str(tmp_path / "side-by-side")]) == 0
     md = (tmp_path / "side-by-side" / "report.md").read_text(encoding="utf-8")
     assert "4 adapters: alpaca-lora, alpaca-lora-qkvo, merged, " in md
     assert "## Adapters against each other" in md
+
+
+def test_model_names_match_across_owners_and_packaging():
+    key = models.model_name_key
+    assert key("unsloth/Mistral-7B-v0.3-bnb-4bit") == key("mistralai/Mistral-7B-v0.3") == "mistral-7b-v0.3"
+    assert key("embedded:smollm2-135m-instruct") == key("HuggingFaceTB/SmolLM2-135M-Instruct") \
+        == key("/root/.cache/harness/models/smollm2-135m-instruct-bf16")
+    assert key("meta-llama/Llama-2-7b-hf") != key("meta-llama/Llama-2-7b-chat-hf")
