@@ -367,11 +367,17 @@ def _tensor_misfit(key: str, shape: tuple[int, ...], modules: dict) -> str | Non
     """Why an adapter tensor cannot sit on the model's module, or None when it fits.
 
     LoRA A is (r, in) and B (out, r) (embedding A/B likewise); DoRA's magnitude is (out,);
-    a modules_to_save tensor is a full copy of the module's parameter."""
+    a modules_to_save tensor is a full copy of the module's parameter. Other PEFT tensors (e.g.
+    trainable-token deltas under `embed_tokens.token_adapter`) only need their layer to exist."""
     name = key.removeprefix(_PEFT_PREFIX)
     owner, lora, leaf = name.partition(".lora_")
     if not lora:
         owner, _, param = name.rpartition(".")
+        layer = owner
+        while layer and layer not in modules:
+            layer = layer.rpartition(".")[0]
+        if layer != owner:
+            return None if layer else f"tensor {key}: the base model has no module '{owner}'"
     module = modules.get(owner)
     if module is None:
         return f"tensor {key}: the base model has no module '{owner}'"

@@ -505,3 +505,41 @@ def test_model_names_match_across_owners_and_packaging():
     assert key("embedded:smollm2-135m-instruct") == key("HuggingFaceTB/SmolLM2-135M-Instruct") \
         == key("/root/.cache/harness/models/smollm2-135m-instruct-bf16")
     assert key("meta-llama/Llama-2-7b-hf") != key("meta-llama/Llama-2-7b-chat-hf")
+
+
+def test_tensor_rules_for_other_peft_layouts(llama_dir):
+    modules = models._meta_modules(str(llama_dir), False)
+    misfit = lambda key, shape: models._tensor_misfit(f"base_model.model.{key}", shape, modules)  # noqa: E731
+    assert "no module 'model.layers.30.self_attn.q_proj'" in misfit("model.layers.30.self_attn.q_proj.lora_A.weight",
+                                                                    (4, 32))  # from a deeper model
+    assert "has shape [4142, 32], [4144, 32] in the base model" in misfit("lm_head.weight", (4142, 32))
+    assert misfit("lm_head.weight", (4144, 32)) is None  # modules_to_save of the right size
+    assert misfit("model.embed_tokens.lora_embedding_A", (4, 4144)) is None
+    assert "maps 4144 -> 32" in misfit("model.embed_tokens.lora_embedding_B", (48, 4))
+    assert misfit("model.embed_tokens.token_adapter.trainable_tokens_delta", (2, 32)) is None
+
+
+def test_report_reads_an_eval_folder_as_candidates_and_their_comparisons(tmp_path):
+    from harness.errors import RunError
+    from harness.report import write_reports
+    from tests.fixtures_runs import make_run
+
+    root = tmp_path / "eval"
+    for seed, name in enumerate(("lora-a", "lora-b"), 1):
+        make_run(root / "candidates", name, seed=seed)
+    delta = {"rougeL": {"value": 1.5, "ci95": [0.5, 2.5], "n": 24},
+             "perplexity": {"value": 0.3, "ci95": [-0.2, 0.8], "n": 24}}
+    doc = {"candidates": {n: {"folder": f"candidates/{n}"} for n in ("lora-a", "lora-b")},
+           "comparisons": [{"a": "lora-a", "b": "lora-b", "delta": delta,
+                            "win_tie_loss": {"rougeL": {"win": 12, "tie": 4, "loss": 8}}}]}
+    (root / "metrics.json").write_text(json.dumps(doc), encoding="utf-8")
+    html_path, md_path = write_reports([root], tmp_path / "out")
+    md = md_path.read_text(encoding="utf-8")
+    assert "2 adapters: lora-a, lora-b" in md and "| lora-b − lora-a: Δ (95% CI) | W / T / L |" in md
+    assert "| rougeL ↑ | **+1.50** [+0.50, +2.50] sig. better | 12 / 4 / 8 |" in md
+    assert "| perplexity ↓ | +0.30 [-0.20, +0.80] n.s. | — |" in md
+    assert 'data-pair-metric="rougeL"' in html_path.read_text(encoding="utf-8")
+    del delta["rougeL"]["ci95"]
+    (root / "metrics.json").write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(RunError, match=r"comparisons\[0\]\.delta\.rougeL needs a numeric value and ci95"):
+        write_reports([root], tmp_path / "out")
