@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from harness.errors import HarnessError
@@ -41,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="prepare data, train, score base and tuned, write reports")
     p.add_argument("task", nargs="?", help="task name in tasks/ or a spec path")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run folder")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    _add_overrides(p)
+
+    p = sub.add_parser("eval", help="score adapters made elsewhere (or merged models) against the base; no training")
+    p.add_argument("task", help="task name in tasks/ or a spec path")
+    p.add_argument("--adapter", dest="adapters", action="append", required=True, type=Path, metavar="DIR",
+                   help="a PEFT adapter folder, a run folder or a merged model folder (repeatable: compared)")
     p.add_argument("--runs-dir", type=Path, default=Path("runs"))
     _add_overrides(p)
 
@@ -123,17 +131,34 @@ def _cmd_run(args) -> int:
 
     if bool(args.task) == bool(args.resume):
         raise HarnessError("run: give a TASK, or --resume RUN (not both)")
-    # SIGTERM outside training (which saves a checkpoint first) acts like Ctrl-C: run marked interrupted, exit 130.
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if _main_thread() else None
-    try:
+    with _sigterm_interrupts():
         run_dir = run_task(args.task, args.overrides, args.runs_dir, resume=args.resume)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     print(f"run folder: {run_dir}")
     print(summary_line(run_dir))
     print(f"reports: {run_dir / 'report.html'}  {run_dir / 'report.md'}")
     return 0
+
+
+def _cmd_eval(args) -> int:
+    from harness.eval import eval_task, summary_lines
+
+    with _sigterm_interrupts():
+        run_dir = eval_task(args.task, args.adapters, args.overrides, args.runs_dir)
+    print(f"run folder: {run_dir}")
+    print("\n".join(summary_lines(run_dir)))
+    print(f"reports: {run_dir / 'report.html'}  {run_dir / 'report.md'}")
+    return 0
+
+
+@contextmanager
+def _sigterm_interrupts():
+    """SIGTERM outside training (which saves a checkpoint first) acts like Ctrl-C: run marked interrupted, exit 130."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if _main_thread() else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _main_thread() -> bool:
@@ -216,9 +241,9 @@ def _cmd_fetch_model(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "prepare": _cmd_prepare, "report": _cmd_report,
-            "check": _cmd_check, "baseline": _cmd_baseline, "generate": _cmd_generate, "serve": _cmd_serve,
-            "bench": _cmd_bench, "fetch-model": _cmd_fetch_model}
+COMMANDS = {"run": _cmd_run, "eval": _cmd_eval, "validate": _cmd_validate, "prepare": _cmd_prepare,
+            "report": _cmd_report, "check": _cmd_check, "baseline": _cmd_baseline, "generate": _cmd_generate,
+            "serve": _cmd_serve, "bench": _cmd_bench, "fetch-model": _cmd_fetch_model}
 
 
 def main(argv: list[str] | None = None) -> int:
