@@ -86,7 +86,7 @@ class TrainSpec:
     packing: Literal["auto", "on", "off"] = "auto"
     liger_kernels: Literal["auto", "on", "off"] = "auto"
     attention: Literal["auto", "sdpa", "varlen", "flex_attention", "eager"] = "auto"
-    compile: bool = False
+    compile: Literal["auto", "off", "on", "graphs"] = "auto"
     save_steps: int = 20
 
 
