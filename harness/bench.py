@@ -10,6 +10,8 @@ baseline measured in the same run. Recipes:
              kernel, Liger layer kernels, bf16, LoRA inputs kept in bf16) at each --batch size;
 - harness_sdpa: the same with sdpa attention (a dense block-diagonal mask over the packed row),
              to show what the varlen kernel is worth (only when asked for with --recipes);
+- harness_eager: harness with `train.compile: off`, to show what compiling the layers is worth when
+             the harness recipe runs with `--set train.compile=on` (only when asked for with --recipes);
 - unsloth:   Unsloth's FastLanguageModel and its patched trl SFTTrainer on the same pre-tokenized
              examples, LoRA config, packing, batch, sequence length and SFTConfig fields, in its own
              process with its own packages (harness/bench_unsloth.py: Unsloth pins older trl/datasets).
@@ -35,6 +37,7 @@ import logging
 import math
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -46,8 +49,8 @@ TINYLLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=
                     num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
-RECIPES = ("seed", "trl_tuned", "harness_sdpa", "harness", "unsloth")
-BATCHED_RECIPES = ("trl_tuned", "harness_sdpa", "harness", "unsloth")  # run at each --batch
+RECIPES = ("seed", "trl_tuned", "harness_sdpa", "harness_eager", "harness", "unsloth")
+BATCHED_RECIPES = ("trl_tuned", "harness_sdpa", "harness_eager", "harness", "unsloth")  # run at each --batch
 SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -194,7 +197,7 @@ def _recipe_overrides(recipe: str, batch: int, device, seed_steps: int = -1, los
     if recipe == "trl_tuned":
         return {**common, "per_device_train_batch_size": batch, "gradient_accumulation_steps": 1, "packing": True,
                 "padding_free": True, "use_liger_kernel": False}
-    if recipe in ("harness", "harness_sdpa"):
+    if recipe.startswith("harness"):
         return {**common, "per_device_train_batch_size": batch, "gradient_accumulation_steps": 1}
     raise HarnessError(f"bench: unknown recipe '{recipe}'")
 
@@ -224,8 +227,10 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
 
     from harness.train import build_trainer, fast_path_options, tokenized_dataset
 
-    harness_spec = replace(spec, train=replace(spec.train, packing="on", liger_kernels="auto"))
-    attention = fast_path_options(harness_spec, device)["attention"] if recipe == "harness" else "sdpa"
+    harness_spec = replace(spec, train=replace(spec.train, packing="on", liger_kernels="auto",
+                                               compile=spec.train.compile if recipe == "harness" else "off"))
+    fast = fast_path_options(harness_spec, device)
+    attention = fast["attention"] if recipe in ("harness", "harness_eager") else "sdpa"
     log.info("bench: %s/%s on %d examples (attention %s)", label, recipe, len(examples), attention)
     if device.kind == "cuda":
         torch.cuda.reset_peak_memory_stats(device.index)
@@ -234,23 +239,41 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
     tokenized = tokenized_dataset(spec, tokenizer, examples)
     mean_len = sum(len(ids) for ids in tokenized["input_ids"]) / len(examples)
     data = tokenized if recipe.startswith("harness") else _string_dataset(spec, tokenizer, examples)
-    trainer = build_trainer(harness_spec, model, tokenizer, data, None, out_dir / f"{label}-{recipe}-{batch}",
-                            device, plain_peft=not recipe.startswith("harness"),
-                            **_recipe_overrides(recipe, batch, device, seed_steps, loss_every))
-    clock = StepClock(device.kind, warmup)
-    clock.attach(trainer)
-    trainer.train()
+    with _module_globals_restored(sys.modules[type(model).__module__]):
+        trainer = build_trainer(harness_spec, model, tokenizer, data, None, out_dir / f"{label}-{recipe}-{batch}",
+                                device, plain_peft=not recipe.startswith("harness"),
+                                **_recipe_overrides(recipe, batch, device, seed_steps, loss_every))
+        clock = StepClock(device.kind, warmup)
+        clock.attach(trainer)
+        trainer.train()
     job_s = time.perf_counter() - started
     figures = _with_mfu(clock.measure(label, recipe), _flops_per_token(trainer.model.get_base_model(), mean_len),
                         device)
     per_step = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
+    notes = (f"compile {fast['compile']}, "
+             f"Liger {'on' if trainer.args.use_liger_kernel else 'off'}, "
+             f"LoRA dropout {spec.lora.dropout}, {getattr(trainer.args.optim, 'value', trainer.args.optim)}")
     result = TrainMeasure(model=label, recipe=recipe, batch=per_step, attention=attention, job_s=job_s,
-                          peak_mem_gb=_peak_mem_gb(device), **figures)
+                          peak_mem_gb=_peak_mem_gb(device), notes=notes, **figures)
     log.info("bench %s", result)
     del trainer, model
     if device.kind == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+@contextmanager
+def _module_globals_restored(module):
+    """Undo what a recipe patched into the model's modeling module (Liger swaps transformers' Llama
+    RoPE function module-wide), so recipes sharing the bench's process do not leak into each other:
+    a compiled harness layer must not meet the Liger kernels an eager recipe left behind."""
+    saved = dict(vars(module))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)
 
 
 def _model_folder(label: str, factory, tokenizer, work: Path) -> Path:
@@ -432,7 +455,7 @@ def bench_command(args) -> int:
                 log.warning("bench: %s", unsloth_unavailable)
                 results.setdefault("skipped", []).append(unsloth_unavailable)
             except Exception as exc:  # recorded and shown next to the table, never hidden
-                log.error("bench: %s/%s failed: %s: %s", label, r, type(exc).__name__, exc)
+                log.error("bench: %s/%s failed: %s: %s", label, r, type(exc).__name__, exc, exc_info=exc)
                 results.setdefault("failures", []).append({"model": label, "recipe": r, "batch": batch,
                                                            "error": f"{type(exc).__name__}: {exc}"[:500]})
         results["training"].extend(asdict(r) for r in rows)

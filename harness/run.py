@@ -194,8 +194,7 @@ def train_stage(spec: TaskSpec, manifest: Manifest, train_examples, model_ref: s
     resume_from = latest_checkpoint(run_dir / "checkpoints")
     result = train(spec, model, tokenizer, train_examples, run_dir, device, resume_from=resume_from)
     manifest.update(train={"steps": result.steps, "train_tokens": result.train_tokens,
-                           "seconds": round(result.seconds, 2), "resumed_from": str(resume_from or ""),
-                           "fast_path": result.fast_path})
+                           "seconds": round(result.seconds, 2), "resumed_from": str(resume_from or "")})
 
 
 def results_stage(session, run_dir: Path) -> None:

@@ -86,7 +86,7 @@ class TrainSpec:
     packing: Literal["auto", "on", "off"] = "auto"
     liger_kernels: Literal["auto", "on", "off"] = "auto"
     attention: Literal["auto", "sdpa", "varlen", "flex_attention", "eager"] = "auto"
-    compile: Literal["auto", "off", "on", "graphs"] = "auto"
+    compile: Literal["off", "on"] = "off"
     save_steps: int = 20
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import signal
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,19 +35,10 @@ class TrainResult:
     steps: int
     train_tokens: int
     seconds: float
-    fast_path: dict  # the switches as resolved for this run (`compile: auto` needs its step count)
 
 
-# `compile: auto` compiles only runs long enough to repay the compilation (~15-30 s on an H100 for
-# the small models, once per run) with the time it saves per step (bench/RESULTS.md).
-COMPILE_MIN_STEPS = 200
-
-
-def fast_path_options(spec: TaskSpec, device: Device, planned_steps: int | None = None) -> dict:
-    """Resolve the `auto` switches: the fast paths are for CUDA; CPU keeps the plain path.
-
-    `compile: auto` needs the run's optimizer steps (`planned_steps`, known once the data is
-    tokenized); without them it stays "auto" here and build_trainer resolves it."""
+def fast_path_options(spec: TaskSpec, device: Device) -> dict:
+    """Resolve the `auto` switches: the fast paths are for CUDA; CPU keeps the plain path."""
     from harness.attention import varlen_available
 
     cuda = device.kind == "cuda"
@@ -62,14 +52,11 @@ def fast_path_options(spec: TaskSpec, device: Device, planned_steps: int | None 
     if t.liger_kernels == "on" and not (cuda and _has_liger()):
         raise HarnessError("train.liger_kernels: 'on' needs a CUDA device and liger-kernel "
                            "(pip install -e '.[cuda]'); use 'auto'")
-    if t.compile in ("on", "graphs") and not cuda:
-        raise HarnessError(f"train.compile: '{t.compile}' needs a CUDA device; use 'auto'")
-    if t.compile == "graphs" and not packing:
-        raise HarnessError("train.compile: 'graphs' needs packing (fixed-shape packed batches); set train.packing")
-    compile_mode = t.compile
-    if t.compile == "auto":
-        compile_mode = "off" if not (cuda and packing) else "auto" if planned_steps is None else \
-            "graphs" if planned_steps >= COMPILE_MIN_STEPS else "off"
+    if t.compile == "on" and not cuda:
+        raise HarnessError("train.compile: 'on' needs a CUDA device; use 'off'")
+    if t.compile == "on" and t.liger_kernels == "on":
+        raise HarnessError("train.compile: 'on' cannot compile Liger's kernels (train.liger_kernels: 'on'); "
+                           "set liger_kernels to 'auto'")
     return {
         # QLoRA saves memory at a speed cost: `auto` uses it on CUDA only for models too big to train
         # comfortably in bf16 (> 4 GB of weights, i.e. >= ~2B parameters).
@@ -80,15 +67,15 @@ def fast_path_options(spec: TaskSpec, device: Device, planned_steps: int | None 
         # Liger adds fused RMSNorm/SwiGLU/RoPE kernels (its own fused loss is off under trl). Compiled
         # layers get the same fusions from the compiler, so `auto` leaves Liger out of them.
         "liger_kernels": t.liger_kernels == "on" or (t.liger_kernels == "auto" and cuda and _has_liger()
-                                                     and compile_mode in ("off", "auto")),
+                                                     and t.compile == "off"),
         # A packed batch is one long row: sdpa computes a dense (L x L) masked attention over it,
         # FlashAttention's varlen kernel attends within each example (harness.attention).
         "attention": t.attention if t.attention != "auto" else
         "varlen" if cuda and packing and varlen_available() else "sdpa",
         # A small model's step is bound by kernel launches (bench/RESULTS.md: ~7,600 kernels and 58 ms
-        # of GPU work in a 475 ms SmolLM2 step): "on" compiles each decoder layer (fewer, fused
-        # kernels), "graphs" also replays them as CUDA graphs over fixed-shape packed batches.
-        "compile": compile_mode,
+        # of GPU work in a 475 ms SmolLM2 step): "on" compiles each decoder layer into fewer, fused
+        # kernels. Opt-in: it moved SmolLM2's loss curve by 1-2% (bench/RESULTS.md).
+        "compile": t.compile,
     }
 
 
@@ -262,7 +249,7 @@ def sft_options(spec: TaskSpec, tokenizer, device: Device, output_dir: Path, eva
 def build_trainer(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, output_dir: Path, device: Device,
                   plain_peft: bool = False, **overrides):
     """An SFTTrainer for `spec` on pre-tokenized datasets; `overrides` replace SFTConfig fields, and
-    `plain_peft` keeps PEFT's default input casts and skips compilation (both for the bench's
+    `plain_peft` keeps PEFT's default input casts and compiles nothing (both for the bench's
     baseline recipes)."""
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -273,32 +260,13 @@ def build_trainer(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, output_di
     lora = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                       target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
     options = {**sft_options(spec, tokenizer, device, output_dir, evaluate=eval_ds is not None), **overrides}
-    fast = fast_path_options(spec, device, planned_steps(options, train_ds))
-    if not plain_peft:
-        options["use_liger_kernel"] = overrides.get("use_liger_kernel", fast["liger_kernels"])
     trainer = SFTTrainer(model=model, args=SFTConfig(**options), train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=lora)
-    trainer.fast_path = fast if not plain_peft else {**fast, "compile": "off"}
     if device.kind == "cuda" and not plain_peft:
         lora_inputs_in_compute_dtype(trainer.model)
-    if trainer.fast_path["compile"] != "off":
-        graphs = trainer.fast_path["compile"] == "graphs"
-        if graphs:
-            trainer.data_collator = FixedShapeCollator.for_trainer(trainer)
-            trainer.add_callback(_cudagraph_step_marker())
-        compile_layers(trainer.model, graphs)
+    if spec.train.compile == "on" and not plain_peft:
+        compile_layers(trainer.model)
     return trainer
-
-
-def planned_steps(options: dict, train_ds) -> int:
-    """Optimizer steps a run will take: `max_steps`, else epochs over (packed) rows of `max_length`."""
-    if options["max_steps"] > 0:
-        return options["max_steps"]
-    rows = len(train_ds)
-    if options["packing"]:
-        rows = math.ceil(sum(len(ids) for ids in train_ds["input_ids"]) / options["max_length"])
-    per_step = options["per_device_train_batch_size"] * options["gradient_accumulation_steps"]
-    return math.ceil(rows / per_step * options["num_train_epochs"])
 
 
 def decoder_layers(model):
@@ -312,95 +280,24 @@ def decoder_layers(model):
     return layers
 
 
-def compile_layers(model, graphs: bool, backend: str = "inductor") -> int:
+def compile_layers(model, backend: str = "inductor") -> int:
     """torch.compile each decoder layer in place (returns how many).
 
-    Every layer runs the same code, so it is compiled once and reused ("regional compilation"),
-    about a layer's compile time instead of a whole model's. `fullgraph` makes a construct the
-    compiler cannot take fail at the first step rather than silently run half-compiled. With
-    `graphs`, inductor replays each compiled layer as a CUDA graph ("reduce-overhead"): one launch
-    instead of hundreds, which needs the fixed shapes FixedShapeCollator gives."""
+    Every layer runs the same code, so it is compiled once and reused ("regional compilation"):
+    about one layer's compile time instead of a whole model's, and the LoRA layers, norms,
+    activations and casts of a block become a few fused kernels instead of hundreds of launches.
+    `fullgraph` makes a construct the compiler cannot take fail at the first step rather than
+    silently run half-compiled. (CUDA-graph replay of the compiled layers failed inside inductor
+    with torch 2.11, with and without graph trees: bench/RESULTS.md.)"""
     import torch
 
     layers = decoder_layers(model)
-    # One compiled graph per shape and training mode serves every layer; a few shapes (train and
-    # eval batches, a last short batch) must not exhaust the per-function recompile budget.
+    # One compiled graph per input shape and training mode serves every layer; the packed batch's
+    # length varies, so the per-function recompile budget must cover a few shapes.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(layers))
     for layer in layers:
-        layer.compile(backend=backend, fullgraph=True, dynamic=False if graphs else None,
-                      mode="reduce-overhead" if graphs and backend == "inductor" else None)
+        layer.compile(backend=backend, fullgraph=True)
     return len(layers)
-
-
-def _cudagraph_step_marker():
-    """Tells CUDA-graph trees where each micro-batch starts, so one step's replay never overwrites
-    outputs the previous step still reads."""
-    import torch
-    from transformers import TrainerCallback
-
-    class Callback(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            torch.compiler.cudagraph_mark_step_begin()
-
-        def on_substep_end(self, args, state, control, **kwargs):
-            torch.compiler.cudagraph_mark_step_begin()
-
-    return Callback()
-
-
-class FixedShapeCollator:
-    """trl's padding-free batches, padded to the same shapes every step (what CUDA graphs replay).
-
-    The flattened row is padded to `batch x max_length` tokens with pad tokens in segments of at
-    most `max_length` (labels -100: they never reach the loss, and attend only among themselves),
-    and the example boundaries are padded to `segments` entries with empty segments. The varlen
-    kernel then always gets the same tensor shapes and `max_length` as its longest segment."""
-
-    def __init__(self, collate, tokens: int, max_length: int, segments: int, pad_token_id: int):
-        self.collate, self.tokens, self.max_length = collate, tokens, max_length
-        self.segments, self.pad_token_id = segments, pad_token_id
-
-    @classmethod
-    def for_trainer(cls, trainer) -> "FixedShapeCollator":
-        args = trainer.args
-        rows = max(args.per_device_train_batch_size, args.per_device_eval_batch_size)
-        datasets = [trainer.train_dataset, *(trainer.eval_dataset or {"eval": None}).values()] \
-            if isinstance(trainer.eval_dataset, dict) else [trainer.train_dataset, trainer.eval_dataset]
-        per_row = max(len(x) for ds in datasets if ds is not None and "seq_lengths" in ds.column_names
-                      for x in ds["seq_lengths"])
-        # Boundaries: the examples of the fullest rows, one pad segment per row, and the leading zero.
-        return cls(trainer.data_collator, rows * args.max_length, args.max_length, rows * (per_row + 1) + 1,
-                   trainer.data_collator.pad_token_id)
-
-    def __call__(self, examples):
-        import torch
-
-        batch = self.collate(examples)
-        used = batch["input_ids"].shape[1]
-        if used > self.tokens:
-            raise HarnessError(f"train.compile=graphs: a packed batch of {used} tokens exceeds {self.tokens}")
-        chunks = [self.max_length] * ((self.tokens - used) // self.max_length)
-        if (self.tokens - used) % self.max_length:
-            chunks.append((self.tokens - used) % self.max_length)
-        cu = batch["cu_seq_lens_q"]
-        ends = torch.tensor(chunks, dtype=cu.dtype).cumsum(0) + used
-        cu = torch.cat([cu, ends])
-        if cu.numel() > self.segments:
-            raise HarnessError(f"train.compile=graphs: {cu.numel() - 1} packed segments exceed {self.segments - 1}")
-        cu = torch.cat([cu, cu.new_full((self.segments - cu.numel(),), self.tokens)])
-        pad = self.tokens - used
-        fill = {"input_ids": self.pad_token_id, "labels": -100}
-        for key, value in fill.items():
-            batch[key] = torch.cat([batch[key], batch[key].new_full((1, pad), value)], dim=1)
-        batch["position_ids"] = torch.cat(
-            [batch["position_ids"], *(torch.arange(n, dtype=batch["position_ids"].dtype)[None] for n in chunks)], dim=1)
-        if "seq_idx" in batch:
-            first = int(batch["seq_idx"].max()) + 1 if used else 0
-            batch["seq_idx"] = torch.cat([batch["seq_idx"], *(torch.full((1, n), first + i, dtype=batch["seq_idx"].dtype)
-                                                              for i, n in enumerate(chunks))], dim=1)
-        batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu
-        batch["max_length_q"] = batch["max_length_k"] = self.max_length
-        return batch
 
 
 def lora_inputs_in_compute_dtype(model) -> int:
@@ -444,4 +341,4 @@ def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, devic
     n_tokens = sum(len(ids) for ids in train_ds["input_ids"]) * max(spec.train.epochs, 1)
     return TrainResult(adapter_dir=adapter_dir,
                        steps=trainer.state.global_step, train_tokens=int(n_tokens),
-                       seconds=time.perf_counter() - started, fast_path=trainer.fast_path)
+                       seconds=time.perf_counter() - started)

@@ -107,8 +107,7 @@ def test_varlen_attention_matches_examples_run_alone(tiny_model_dir, monkeypatch
     ("attention", "varlen", "train.attention: 'varlen' needs a CUDA device"),
     ("quantization", "nf4", "train.quantization: 'nf4' needs a CUDA device and bitsandbytes"),
     ("liger_kernels", "on", "train.liger_kernels: 'on' needs a CUDA device and liger-kernel"),
-    ("compile", "on", "train.compile: 'on' needs a CUDA device"),
-    ("compile", "graphs", "train.compile: 'graphs' needs a CUDA device")])
+    ("compile", "on", "train.compile: 'on' needs a CUDA device")])
 def test_forced_gpu_switches_are_refused_on_cpu(key, value, message):
     spec = TaskSpec(name="t")
     setattr(spec.train, key, value)
@@ -198,90 +197,21 @@ def test_lora_inputs_stay_in_the_compute_dtype(tiny_model_dir):
         peft_model(input_ids=ids)
 
 
-def test_compile_auto_graphs_only_runs_long_enough_to_repay_it(tiny_model_dir, monkeypatch):
-    """On CUDA with packing, `auto` compiles (CUDA graphs) from COMPILE_MIN_STEPS steps, leaves Liger's kernels
-    out of compiled layers, and stays "auto" until the step count is known; forced graphs need packing."""
+def test_compile_leaves_liger_out_and_refuses_forced_liger(tiny_model_dir, monkeypatch):
+    """Compiled layers get their fusions from the compiler: `auto` Liger stays off with `compile: on`,
+    and a forced Liger (opaque to the compiler) is refused up front."""
     from harness import train
 
     monkeypatch.setattr(train, "_has_liger", lambda: True)
     spec = TaskSpec(name="t")
     spec.model.base = str(tiny_model_dir)
     cuda = models.Device("cuda")  # only read, never used: the decision is pure
-    short, long_ = (fast_path_options(spec, cuda, n) for n in (train.COMPILE_MIN_STEPS - 1, train.COMPILE_MIN_STEPS))
-    assert (short["compile"], short["liger_kernels"]) == ("off", True)
-    assert (long_["compile"], long_["liger_kernels"]) == ("graphs", False)
-    assert fast_path_options(spec, cuda)["compile"] == "auto"
-    spec.train.packing, spec.train.compile = "off", "graphs"
-    with pytest.raises(HarnessError, match="'graphs' needs packing"):
+    assert fast_path_options(spec, cuda)["liger_kernels"] is True
+    spec.train.compile = "on"
+    assert fast_path_options(spec, cuda)["liger_kernels"] is False
+    spec.train.liger_kernels = "on"
+    with pytest.raises(HarnessError, match="cannot compile Liger's kernels"):
         fast_path_options(spec, cuda)
-
-
-def test_planned_steps_counts_packed_rows():
-    from datasets import Dataset
-
-    from harness.train import planned_steps
-
-    data = Dataset.from_list([{"input_ids": [1] * 300}] * 10)  # 3000 tokens: 6 rows of 512 when packed
-    options = {"max_steps": -1, "packing": True, "max_length": 512, "per_device_train_batch_size": 2,
-               "gradient_accumulation_steps": 1, "num_train_epochs": 2.0}
-    assert planned_steps(options, data) == 6
-    assert planned_steps({**options, "packing": False}, data) == 10
-    assert planned_steps({**options, "max_steps": 7}, data) == 7
-
-
-def _packed_rows():
-    """Three packed rows as trl's packer leaves them (seq_lengths per row)."""
-    torch.manual_seed(0)
-    rows = []
-    for lengths in ([5, 9], [12], [3, 4, 6]):
-        ids = torch.randint(5, 60, (sum(lengths),)).tolist()
-        labels = [-100 if i % 4 == 0 else t for i, t in enumerate(ids)]
-        rows.append({"input_ids": ids, "labels": labels, "seq_lengths": lengths})
-    return rows
-
-
-def test_fixed_shape_collator_pads_every_batch_to_one_shape():
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    from harness.train import FixedShapeCollator
-
-    collate = FixedShapeCollator(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True),
-                                 tokens=2 * 16, max_length=16, segments=2 * (3 + 1) + 1, pad_token_id=0)
-    rows = _packed_rows()
-    full, short = collate(rows[:2]), collate(rows[2:])
-    for batch, used in ((full, 26), (short, 13)):
-        assert {k: tuple(v.shape) for k, v in batch.items() if torch.is_tensor(v)} == {
-            "input_ids": (1, 32), "labels": (1, 32), "position_ids": (1, 32), "seq_idx": (1, 32),
-            "cu_seq_lens_q": (9,), "cu_seq_lens_k": (9,)}
-        assert batch["max_length_q"] == batch["max_length_k"] == 16
-        assert (batch["labels"][0, used:] == -100).all() and (batch["input_ids"][0, used:] == 0).all()
-        cu = batch["cu_seq_lens_q"]
-        assert cu[0] == 0 and cu[-1] == 32 and (cu.diff() >= 0).all() and cu.diff().max() <= 16
-        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
-        assert starts == sorted(set(cu.tolist()) - {32})  # position ids restart exactly at each segment
-    assert full["cu_seq_lens_q"].tolist()[:4] == [0, 5, 14, 26]  # the real examples' boundaries are untouched
-
-
-def test_fixed_shape_batch_trains_like_the_plain_packed_batch(tiny_model_dir, monkeypatch):
-    """Padding to a fixed shape changes neither the loss nor the real tokens' logits (varlen keeps the
-    padding segments apart; their labels are -100)."""
-    import torch.nn.attention.varlen as varlen_module
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    from harness.train import FixedShapeCollator
-
-    monkeypatch.setattr(varlen_module, "varlen_attn", _reference_varlen)
-    tokenizer = models.load_tokenizer(str(tiny_model_dir), ModelSpec(), uses_chat_template=True)
-    model = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, models.Device("cpu"),
-                              attn_implementation="varlen")
-    plain = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
-    fixed = FixedShapeCollator(plain, tokens=3 * 16, max_length=16, segments=3 * 4 + 1, pad_token_id=0)
-    rows = _packed_rows()
-    with torch.no_grad():
-        a = model(**plain(rows), use_cache=False)
-        b = model(**fixed(rows), use_cache=False)
-    torch.testing.assert_close(b.loss, a.loss)
-    torch.testing.assert_close(b.logits[:, :a.logits.shape[1]], a.logits, rtol=1e-4, atol=1e-5)
 
 
 def test_compiled_layers_train_like_eager_layers(tiny_model_dir, tmp_path):
@@ -301,7 +231,7 @@ def test_compiled_layers_train_like_eager_layers(tiny_model_dir, tmp_path):
     tokenizer = models.load_tokenizer(str(tiny_model_dir), ModelSpec(), uses_chat_template=True)
     ids = torch.tensor([[5, 9, 14, 3, 22, 7, 8, 30]])
     eager, compiled = lora_model(), lora_model()
-    assert compile_layers(compiled, graphs=False, backend="eager") == len(decoder_layers(compiled))
+    assert compile_layers(compiled, backend="eager") == len(decoder_layers(compiled))
     assert all(layer._compiled_call_impl is not None for layer in decoder_layers(compiled))
     losses = []
     for model in (eager, compiled):
