@@ -109,14 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", help="comma-separated parts: smollm2,tinyllama,qlora8b,generate (default: all); "
                                   "serve (HTTP micro-batching) runs only when named")
     p.add_argument("--recipes", default="seed,trl_tuned,harness",
-                   help="comma-separated training recipes: seed,trl_tuned,harness_sdpa,harness "
-                        "(default: all but harness_sdpa)")
+                   help="comma-separated training recipes: seed,trl_tuned,harness_sdpa,harness,unsloth "
+                        "(default: seed,trl_tuned,harness)")
     p.add_argument("--examples", type=int, default=2048, help="training examples per recipe (default 2048)")
     p.add_argument("--max-length", type=int, default=512, help="token length of a (packed) sequence (default 512)")
     p.add_argument("--seed-steps", type=int, default=40, help="optimizer steps timed for the seed recipe (default 40)")
     p.add_argument("--batch", default="16,32",
-                   help="harness recipes: packed sequences per step, comma-separated (default 16,32: 16 is "
-                        "trl_tuned's batch, for an equal-batch ratio)")
+                   help="packed sequences per step for trl_tuned, harness and unsloth, comma-separated (default 16,32)")
+    p.add_argument("--warmup", type=int, default=5,
+                   help="optimizer steps left out of the steady-state rate (warm-up, compilation; default 5)")
+    p.add_argument("--loss-every", type=int, default=10, help="log the training loss every N steps (default 10)")
+    p.add_argument("--unsloth-site", help="folder holding Unsloth and its pinned trl/datasets (pip install --target): "
+                                          "put first on the unsloth recipe's path")
     p.add_argument("--gen-examples", type=int, default=256, help="prompts for the batched scorer (default 256)")
     p.add_argument("--loop-examples", type=int, default=32, help="prompts for the one-at-a-time loop (default 32)")
     p.add_argument("--work", default="/tmp/harness-bench", help="scratch folder (checkpoints, random 8B weights)")

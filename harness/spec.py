@@ -96,7 +96,7 @@ class TrainSpec:
     packing: Literal["auto", "on", "off"] = "auto"
     liger_kernels: Literal["auto", "on", "off"] = "auto"
     attention: Literal["auto", "sdpa", "varlen", "flex_attention", "eager"] = "auto"
-    compile: bool = False
+    compile: Literal["off", "on"] = "off"
     save_steps: int = 20
 
 
