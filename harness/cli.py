@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", type=Path, default=Path("runs"))
     _add_overrides(p)
 
-    p = sub.add_parser("sweep", help="choose settings on a validation slice of train; score the winner once on held-out")
+    p = sub.add_parser("sweep", help="choose settings on a validation slice of train; "
+                                     "score the winner once on held-out")
     p.add_argument("task", nargs="?", help="task name in tasks/ or a spec path")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="values to try for one train.*/lora.*/generation.* key, e.g. --grid train.lr=1e-4,3e-4 "
@@ -235,9 +236,9 @@ def _cmd_fetch_model(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "sweep": _cmd_sweep, "validate": _cmd_validate, "prepare": _cmd_prepare, "report": _cmd_report,
+COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "prepare": _cmd_prepare, "report": _cmd_report,
             "check": _cmd_check, "baseline": _cmd_baseline, "generate": _cmd_generate, "serve": _cmd_serve,
-            "bench": _cmd_bench, "fetch-model": _cmd_fetch_model}
+            "bench": _cmd_bench, "fetch-model": _cmd_fetch_model, "sweep": _cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,7 +53,8 @@ def load_run_spec(run_dir: Path) -> TaskSpec:
     return spec
 
 
-def start_run(task: str, overrides: list[str], runs_root: Path, label: str | None = None) -> tuple[TaskSpec, Manifest]:
+def start_run(task: str, overrides: list[str], runs_root: Path,
+              label: str | None = None) -> tuple[TaskSpec, Manifest]:
     """A new run folder `<runs_root>/<label or task name>-<time>-<rand>` with its resolved spec."""
     spec = load_spec(task, overrides)
     run_dir = new_run_dir(runs_root, label or spec.name)

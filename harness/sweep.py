@@ -68,21 +68,25 @@ class Sweep:
 def sweep_task(task: str | None, grid_args: list[str], overrides: list[str], sweeps_root: Path = Path("sweeps"),
                runs_root: Path = Path("runs"), storage: str | None = None, resume: Path | None = None) -> Path:
     if resume:
-        if "sweep" not in read_manifest(resume):
+        record = read_manifest(resume).get("sweep")
+        if record is None:
             raise RunError(f"{resume}: not a sweep folder (no sweep record in manifest.json)")
-        spec, manifest = resume_run(resume)
-        url = _resumed_storage(manifest.data["sweep"]["storage"], storage)
+        url = _resumed_storage(record["storage"], storage)
     else:
         grid = parse_grid(grid_args, task, overrides, spec_sweep=load_spec(task, overrides).sweep)
-        spec, manifest = start_run(task, overrides, sweeps_root)
-        manifest.update(sweep={"grid": grid, "storage": _masked(storage) if storage else None,
-                               "runs_dir": str(Path(runs_root).resolve())})
         url = storage
+    shared = open_storage(url) if url else None  # a bad URL or server fails before any work
+    if resume:
+        spec, manifest = resume_run(resume)
+    else:
+        spec, manifest = start_run(task, overrides, sweeps_root)
+        manifest.update(sweep={"grid": grid, "storage": _masked(url) if url else None,
+                               "runs_dir": str(Path(runs_root).resolve())})
     log.info("sweep folder: %s", manifest.run_dir)
-    return execute(spec, manifest, stages=functools.partial(_sweep_stages, url))
+    return execute(spec, manifest, stages=functools.partial(_sweep_stages, shared))
 
 
-def _sweep_stages(storage_url: str | None, spec: TaskSpec, manifest: Manifest) -> None:
+def _sweep_stages(shared_storage, spec: TaskSpec, manifest: Manifest) -> None:
     sweep_dir = manifest.run_dir.resolve()  # trial folders are recorded in the study: absolute paths
     done = set(manifest.data.get("stages_done", []))
     prepared = prepare_stage(spec, manifest)
@@ -91,8 +95,8 @@ def _sweep_stages(storage_url: str | None, spec: TaskSpec, manifest: Manifest) -
     grid = manifest.data["sweep"]["grid"]
     if "study" not in manifest.data["sweep"]:
         manifest.update(sweep={**manifest.data["sweep"], "study": study_name(spec, grid, train, validation)})
-    url = storage_url or f"sqlite:///{(sweep_dir / STUDY_FILE).resolve()}"
-    study = open_study(url, manifest.data["sweep"]["study"], spec.sweep, grid)
+    storage = shared_storage or open_storage(f"sqlite:///{sweep_dir / STUDY_FILE}")
+    study = open_study(storage, manifest.data["sweep"]["study"], spec.sweep, grid)
     sweep = Sweep(sweep_dir, spec, grid, train, validation, study)
 
     if "trials" not in done:
@@ -189,7 +193,8 @@ def study_name(spec: TaskSpec, grid: dict, train: list, validation: list) -> str
                                         "validation": split_fingerprint(validation)})[:12]
 
 
-def open_study(url: str, name: str, sweep: SweepSpec, grid: dict):
+def open_storage(url: str):
+    """optuna's RDB storage (SQLite file or a shared server), with heartbeats for trials that die."""
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
@@ -197,13 +202,18 @@ def open_study(url: str, name: str, sweep: SweepSpec, grid: dict):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(HEARTBEAT_RETRIES))
-        study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True,
-                                    direction="maximize" if HIGHER_IS_BETTER[sweep.select] else "minimize")
-    except Exception as exc:  # a bad URL, an unreachable server or a missing driver: one line
+            return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(HEARTBEAT_RETRIES))
+    except Exception as exc:  # a bad URL, an unreachable server or a missing driver (psycopg2): one line
         detail = " ".join(str(exc).split())[:200]
-        raise RunError(f"storage {_masked(url)}: cannot open the study ({type(exc).__name__}: {detail})") from None
+        raise RunError(f"storage {_masked(url)}: cannot open ({type(exc).__name__}: {detail})") from None
+
+
+def open_study(storage, name: str, sweep: SweepSpec, grid: dict):
+    import optuna
+
+    study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True,
+                                direction="maximize" if HIGHER_IS_BETTER[sweep.select] else "minimize")
     # TPE is seeded by the trials already there, so a resumed sweep does not replay its first suggestions.
     study.sampler = (optuna.samplers.GridSampler(grid, seed=sweep.seed) if sweep.sampler == "grid"
                      else optuna.samplers.TPESampler(seed=sweep.seed + len(study.trials)))
@@ -395,7 +405,8 @@ def loop_constraints(guards: dict, sweep: SweepSpec) -> dict[str, float]:
     """Optuna constraints (feasible when every value <= 0): tuned outputs must loop no more often than
     sweep.max_loop_share, nor than the base model's outputs on the same slice."""
     tuned = guards["tuned"]["loop_share"]
-    return {"loop_share_over_max": tuned - sweep.max_loop_share, "loop_share_over_base": tuned - guards["base"]["loop_share"]}
+    return {"loop_share_over_max": tuned - sweep.max_loop_share,
+            "loop_share_over_base": tuned - guards["base"]["loop_share"]}
 
 
 # -- the choice -------------------------------------------------------------------------------
@@ -433,7 +444,8 @@ def _summary(t, grid: dict) -> dict | None:
         return None
     guards = t.user_attrs["validation"]["guards"]
     return {"trial": t.number, "params": {k: t.params[k] for k in grid}, "overrides": trial_overrides(grid, t.params),
-            "value": t.value, "loop_share": guards["tuned"]["loop_share"], "base_loop_share": guards["base"]["loop_share"],
+            "value": t.value, "loop_share": guards["tuned"]["loop_share"],
+            "base_loop_share": guards["base"]["loop_share"],
             "trial_dir": t.user_attrs["trial_dir"], "host": t.user_attrs.get("host")}
 
 
@@ -482,7 +494,8 @@ def trial_rows(study, grid: dict) -> list[dict]:
     for t in study.get_trials(deepcopy=False):
         duration = t.duration.total_seconds() if t.duration else None
         rows.append({"trial": t.number, "state": t.state.name.lower(), "params": {k: t.params.get(k) for k in grid},
-                     "value": t.value, "feasible": _feasible(t) if t.state == TrialState.COMPLETE else None, "constraints": t.constraints, "validation": t.user_attrs.get("validation"),
+                     "value": t.value, "feasible": _feasible(t) if t.state == TrialState.COMPLETE else None,
+                     "constraints": t.constraints, "validation": t.user_attrs.get("validation"),
                      "retry_of": t.system_attrs.get("failed_trial"), "trial_dir": t.user_attrs.get("trial_dir"),
                      "host": t.user_attrs.get("host"), "seconds": duration})
     return rows

@@ -41,7 +41,8 @@ def build_context(sweep_dir: Path) -> dict:
     validation = json.loads((sweep_dir / VALIDATION_FILE).read_text(encoding="utf-8"))
     roles = {}
     if choice:
-        roles = {c["trial"]: role for role, c in (("runner-up", choice["runner_up"]), ("winner", choice["winner"])) if c}
+        roles = {c["trial"]: role for role, c in (("runner-up", choice["runner_up"]), ("winner", choice["winner"]))
+                 if c}
     return {
         "task": str(manifest.get("task", "")), "sweep_id": sweep_dir.name, "status": str(manifest.get("status")),
         "select": select, "arrow": "↑" if HIGHER_IS_BETTER[select] else "↓",
@@ -49,7 +50,8 @@ def build_context(sweep_dir: Path) -> dict:
         "grid": [{"key": k, "values": ", ".join(_fmt_param(v) for v in values)} for k, values in grid.items()],
         "keys": list(grid),
         "validation": validation, "max_loop_share": sweep["max_loop_share"],
-        "study": manifest["sweep"].get("study", ""), "storage": manifest["sweep"].get("storage") or "study.db (SQLite)",
+        "study": manifest["sweep"].get("study", ""),
+        "storage": manifest["sweep"].get("storage") or "study.db (SQLite)",
         "trials": [_row(t, grid, select, roles, sweep["max_loop_share"]) for t in trials],
         "choice": _choice(choice),
         "heldout": _heldout(choice),
@@ -58,8 +60,9 @@ def build_context(sweep_dir: Path) -> dict:
 
 
 def _fmt_param(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else json.dumps(value) if value is None or isinstance(value, bool) \
-        else str(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return json.dumps(value) if value is None or isinstance(value, bool) else str(value)
 
 
 def _num(value, digits: int = 2) -> str:
@@ -124,8 +127,9 @@ def _plots(trials: list[dict], grid: dict, select: str, roles: dict) -> list[dic
     return [
         {"id": "plot-trials", "title": f"Validation {select} per trial",
          "alt": f"Validation {select} of each trial; infeasible trials crossed, the winner starred",
-         "caption": f"Each completed trial's tuned {select} on the validation slice ({better} is better); grey ticks: "
-                    "the base model with the same generation settings. Crossed: infeasible (loop constraint).",
+         "caption": f"Each completed trial's tuned {select} on the validation slice ({better} is better); "
+                    "grey ticks: the base model with the same generation settings. Crossed: infeasible (loop "
+                    "constraint).",
          "src": _trials_plot(done, select, roles) if done else report._placeholder("no completed trial")},
         {"id": "plot-params", "title": f"Validation {select} by setting",
          "alt": f"Validation {select} against each swept setting",

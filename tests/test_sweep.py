@@ -100,9 +100,11 @@ def _scored_sets(monkeypatch) -> list[frozenset]:
 def _expected_choice(rows: list[dict], max_loop_share: float) -> list[int]:
     """The rule, re-derived from trials.jsonl: feasible = tuned loop share within the cap and the
     base's; best validation rougeL first, earlier trial on a tie."""
+    def loops(row, side):
+        return row["validation"]["guards"][side]["loop_share"]
+
     feasible = [r for r in rows if r["state"] == "complete"
-                and r["validation"]["guards"]["tuned"]["loop_share"] <= max_loop_share
-                and r["validation"]["guards"]["tuned"]["loop_share"] <= r["validation"]["guards"]["base"]["loop_share"]]
+                and loops(r, "tuned") <= max_loop_share and loops(r, "tuned") <= loops(r, "base")]
     return [r["trial"] for r in sorted(feasible, key=lambda r: (-r["value"], r["trial"]))]
 
 
