@@ -12,6 +12,7 @@ machines work on one study (the same command and data on each give the same stud
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import itertools
@@ -47,6 +48,7 @@ TRIALS_JSONL, TRIALS_CSV = "trials.jsonl", "trials.csv"
 # Shared storage: a running trial records a heartbeat; one silent for GRACE_S is failed and queued
 # again by the next worker (optuna's RetryHeartbeatStaleTrialCallback), at most HEARTBEAT_RETRIES times.
 HEARTBEAT_S, GRACE_S, HEARTBEAT_RETRIES = 60, 300, 2
+MAX_ATTEMPTS = 3  # a configuration that failed this often is left out on the next resume, not retried forever
 
 
 class NoFeasibleTrial(RunError):
@@ -67,6 +69,7 @@ class Sweep:
 
 def sweep_task(task: str | None, grid_args: list[str], overrides: list[str], sweeps_root: Path = Path("sweeps"),
                runs_root: Path = Path("runs"), storage: str | None = None, resume: Path | None = None) -> Path:
+    """Start a sweep of `task` over `--grid` values (or continue one: `resume`); return its folder."""
     if resume:
         record = read_manifest(resume).get("sweep")
         if record is None:
@@ -87,6 +90,8 @@ def sweep_task(task: str | None, grid_args: list[str], overrides: list[str], swe
 
 
 def _sweep_stages(shared_storage, spec: TaskSpec, manifest: Manifest) -> None:
+    from harness.sweep_report import write_sweep_reports
+
     sweep_dir = manifest.run_dir.resolve()  # trial folders are recorded in the study: absolute paths
     done = set(manifest.data.get("stages_done", []))
     prepared = prepare_stage(spec, manifest)
@@ -107,6 +112,7 @@ def _sweep_stages(shared_storage, spec: TaskSpec, manifest: Manifest) -> None:
             atomic_write_json(sweep_dir / CHOICE_FILE, choose(study, spec.sweep, grid))
     choice = json.loads((sweep_dir / CHOICE_FILE).read_text(encoding="utf-8"))
     if choice["winner"] is None:
+        write_sweep_reports(sweep_dir)  # every trial, and why each was ruled out
         raise NoFeasibleTrial(f"no trial meets the loop constraint ({len(choice['infeasible'])} infeasible, "
                               f"see {sweep_dir / CHOICE_FILE}); nothing is scored on held-out")
     if "heldout" not in done:
@@ -114,8 +120,6 @@ def _sweep_stages(shared_storage, spec: TaskSpec, manifest: Manifest) -> None:
             score_winner(manifest, choice)
     manifest.update(status="completed")  # as run's report_stage: the report says so; a failure resets it
     with stage(manifest, "report"):
-        from harness.sweep_report import write_sweep_reports
-
         write_sweep_reports(sweep_dir)
 
 
@@ -255,7 +259,7 @@ def run_trials(sweep: Sweep) -> None:
         while _more_to_run(sweep):
             sweep.study.optimize(functools.partial(_trial, sweep), n_trials=1)
     finally:
-        write_trial_tables(sweep.dir, sweep.study, sweep.grid)
+        write_trial_tables(sweep.dir, sweep.study, sweep.grid, sweep.spec.sweep)
     running = sweep.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     if running:
         hosts = sorted({str(t.user_attrs.get("host", "?")) for t in running})
@@ -265,7 +269,8 @@ def run_trials(sweep: Sweep) -> None:
 
 def retry_unfinished(study) -> None:
     """Queue again each configuration whose last attempt failed, or died running on this host (a
-    kill -9 leaves it RUNNING); a configuration that completed, or is queued or running, is left alone."""
+    kill -9 leaves it RUNNING); a configuration that completed, or is queued or running, is left alone,
+    and one that failed MAX_ATTEMPTS times is given up (choice.json lists it)."""
     from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
@@ -282,10 +287,17 @@ def retry_unfinished(study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the callback class is marked experimental
         retry = RetryHeartbeatStaleTrialCallback()
+    failures = collections.Counter(_key(t.params) for t in trials if t.state == TrialState.FAIL)
     for t in reversed(trials):
-        if t.state == TrialState.FAIL and _key(t.params) not in covered:
+        key = _key(t.params)
+        if t.state != TrialState.FAIL or key in covered:
+            continue
+        covered.add(key)
+        if failures[key] >= MAX_ATTEMPTS:
+            log.warning("trial %d's configuration failed %d times; the sweep goes on without it", t.number,
+                        failures[key])
+        else:
             retry(study, copy.deepcopy(t))  # a WAITING copy: same params, grid slot and trial folder
-            covered.add(_key(t.params))
 
 
 def _key(params: dict) -> tuple:
@@ -431,8 +443,19 @@ def choose(study, sweep: SweepSpec, grid: dict) -> dict:
         "winner": _summary(winner, grid), "runner_up": _summary(runner_up, grid),
         "margin": abs(winner.value - runner_up.value) if winner and runner_up else None,
         "infeasible": [{**_summary(t, grid), "reasons": _reasons(t, sweep)} for t in complete if not _feasible(t)],
+        "given_up": _given_up(study, grid),
         "heldout_run": None,
     }
+
+
+def _given_up(study, grid: dict) -> list[dict]:
+    """Configurations that failed and are neither complete nor queued (each failed MAX_ATTEMPTS times)."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    done = {_key(t.params) for t in trials if t.state != TrialState.FAIL}
+    failed = {_key(t.params): t for t in trials if t.state == TrialState.FAIL and _key(t.params) not in done}
+    return [{"params": {k: t.params.get(k) for k in grid}, "last_trial": t.number} for t in failed.values()]
 
 
 def _feasible(t) -> bool:
@@ -486,7 +509,7 @@ def score_winner(sweep_manifest: Manifest, choice: dict) -> Path:
 
 
 # -- records ----------------------------------------------------------------------------------
-def trial_rows(study, grid: dict) -> list[dict]:
+def trial_rows(study, grid: dict, sweep: SweepSpec) -> list[dict]:
     """One row per trial in the study: state, parameters, validation scores, guards, constraints."""
     from optuna.trial import TrialState
 
@@ -495,17 +518,18 @@ def trial_rows(study, grid: dict) -> list[dict]:
         duration = t.duration.total_seconds() if t.duration else None
         rows.append({"trial": t.number, "state": t.state.name.lower(), "params": {k: t.params.get(k) for k in grid},
                      "value": t.value, "feasible": _feasible(t) if t.state == TrialState.COMPLETE else None,
+                     "infeasible_because": _reasons(t, sweep) if t.state == TrialState.COMPLETE else [],
                      "constraints": t.constraints, "validation": t.user_attrs.get("validation"),
                      "retry_of": t.system_attrs.get("failed_trial"), "trial_dir": t.user_attrs.get("trial_dir"),
                      "host": t.user_attrs.get("host"), "seconds": duration})
     return rows
 
 
-def write_trial_tables(sweep_dir: Path, study, grid: dict) -> None:
+def write_trial_tables(sweep_dir: Path, study, grid: dict, sweep: SweepSpec) -> None:
     """`trials.jsonl` (nested) and `trials.csv` (flat, dotted columns), rewritten from the study."""
     import pandas as pd
 
-    rows = trial_rows(study, grid)
+    rows = trial_rows(study, grid, sweep)
     with atomic_writer(sweep_dir / TRIALS_JSONL) as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")

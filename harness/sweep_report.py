@@ -52,7 +52,7 @@ def build_context(sweep_dir: Path) -> dict:
         "validation": validation, "max_loop_share": sweep["max_loop_share"],
         "study": manifest["sweep"].get("study", ""),
         "storage": manifest["sweep"].get("storage") or "study.db (SQLite)",
-        "trials": [_row(t, grid, select, roles, sweep["max_loop_share"]) for t in trials],
+        "trials": [_row(t, grid, select, roles) for t in trials],
         "choice": _choice(choice),
         "heldout": _heldout(choice),
         "plots": _plots(trials, grid, select, roles),
@@ -69,19 +69,12 @@ def _num(value, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def _row(t: dict, grid: dict, select: str, roles: dict, max_loop: float) -> dict:
+def _row(t: dict, grid: dict, select: str, roles: dict) -> dict:
     scores = t.get("validation") or {}
     guards = scores.get("guards", {})
     tuned_loop = guards.get("tuned", {}).get("loop_share")
     base_loop = guards.get("base", {}).get("loop_share")
-    if t["feasible"] is None:
-        feasible = "—"
-    elif t["feasible"]:
-        feasible = "yes"
-    else:
-        feasible = "no: " + "; ".join(
-            ([f"loops {tuned_loop:.0%} > max {max_loop:.0%}"] if tuned_loop > max_loop else [])
-            + ([f"loops {tuned_loop:.0%} > base {base_loop:.0%}"] if tuned_loop > base_loop else []))
+    feasible = "—" if t["feasible"] is None else "yes" if t["feasible"] else "no: " + "; ".join(t["infeasible_because"])
     return {"trial": t["trial"], "state": t["state"], "role": roles.get(t["trial"], ""),
             "params": [_fmt_param(t["params"].get(k)) for k in grid],
             "value": _num(t["value"]), "base": _num(scores.get("base", {}).get(select)),
@@ -101,7 +94,9 @@ def _choice(choice: dict | None) -> dict | None:
 
     return {"rule": choice["rule"], "winner": who(choice["winner"]), "runner_up": who(choice["runner_up"]),
             "margin": _num(choice["margin"]), "completed": choice["completed"], "feasible": choice["feasible"],
-            "run": choice.get("heldout_run")}
+            "run": choice.get("heldout_run"),
+            "given_up": [" ".join(f"{k}={_fmt_param(v)}" for k, v in g["params"].items())
+                         for g in choice["given_up"]]}
 
 
 def _heldout(choice: dict | None) -> dict | None:

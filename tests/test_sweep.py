@@ -239,9 +239,66 @@ def test_interrupted_sweep_resumes_only_what_is_missing(tmp_path, tiny_model_dir
     rows = [json.loads(line) for line in (sweep_dir / "trials.jsonl").read_text().splitlines()]
     assert [r["retry_of"] for r in rows] == [None, None, 1, 1, None]
     choice = _json(sweep_dir / "choice.json")
-    assert choice["completed"] == 3 and choice["winner"]["trial"] == _expected_choice(rows, 0.1)[0]
+    assert choice["completed"] == 3 and choice["given_up"] == []
+    assert choice["winner"]["trial"] == _expected_choice(rows, 0.1)[0]
     assert _json(Path(choice["heldout_run"]) / "manifest.json")["status"] == "completed"
     assert _json(sweep_dir / "manifest.json")["status"] == "completed"
+
+
+def test_tpe_sweep_completes_its_n_trials(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """sampler tpe: optuna's TPE picks sweep.n_trials of the combinations; a finished sweep is not resumed."""
+    monkeypatch.chdir(tmp_path)
+    assert _sweep_cli(tmp_path, tiny_model_dir, ["generation.repetition_penalty=1.0,1.2,1.3"],
+                      "sweep.sampler=tpe", "sweep.n_trials=2", "train.max_steps=2") == 0
+    sweep_dir = _only(tmp_path / "sweeps")
+    study = _study(sweep_dir)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert not any("grid_id" in t.system_attrs for t in study.trials)  # GridSampler marks each trial's slot
+    assert all(t.params["generation.repetition_penalty"] in (1.0, 1.2, 1.3) for t in study.trials)
+    rows = [json.loads(line) for line in (sweep_dir / "trials.jsonl").read_text().splitlines()]
+    assert _json(sweep_dir / "choice.json")["winner"]["trial"] == _expected_choice(rows, 0.1)[0]
+    capsys.readouterr()
+    assert _resume_cli(sweep_dir) == 2
+    assert "already completed; nothing to resume" in capsys.readouterr().err
+
+
+def test_retry_queues_what_failed_or_died_here_and_gives_up_after_three_failures():
+    """A (failed 3 times) is given up, B (failed once) and D (RUNNING under a dead pid on this host)
+    are queued again with their trial folders, C (complete) and E (running elsewhere) are left alone."""
+    import socket
+    import subprocess
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from harness.sweep import MAX_ATTEMPTS, choose, retry_unfinished
+
+    assert MAX_ATTEMPTS == 3
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    study = optuna.create_study()
+    plan = [("A", TrialState.FAIL, {}), ("A", TrialState.FAIL, {}), ("A", TrialState.FAIL, {}),
+            ("B", TrialState.FAIL, {"trial_dir": "trials/b"}), ("C", TrialState.COMPLETE, {}),
+            ("D", TrialState.RUNNING, {"host": socket.gethostname(), "pid": dead.pid, "trial_dir": "trials/d"}),
+            ("E", TrialState.RUNNING, {"host": "another-machine", "pid": dead.pid})]
+    for name, state, attrs in plan:
+        study.enqueue_trial({"train.lr": name})
+        trial = study.ask()
+        trial.suggest_categorical("train.lr", list("ABCDE"))
+        for key, value in {"validation": {"guards": {"tuned": {"loop_share": 0.0}, "base": {"loop_share": 0.0}}},
+                           "trial_dir": "trials/x", **attrs}.items():
+            trial.set_user_attr(key, value)
+        if state != TrialState.RUNNING:
+            study.tell(trial, 1.0 if state == TrialState.COMPLETE else None, state=state)
+    retry_unfinished(study)
+    states = [(t.params["train.lr"], t.state.name) for t in study.trials]
+    assert states[:7] == [("A", "FAIL")] * 3 + [("B", "FAIL"), ("C", "COMPLETE"), ("D", "FAIL"), ("E", "RUNNING")]
+    queued = {t.params["train.lr"]: t for t in study.trials[7:]}
+    assert set(queued) == {"B", "D"} and all(t.state.name == "WAITING" for t in queued.values())
+    assert queued["D"].user_attrs["trial_dir"] == "trials/d" and queued["B"].system_attrs["failed_trial"] == 3
+    choice = choose(study, SweepSpec(), {"train.lr": list("ABCDE")})
+    assert choice["winner"]["params"] == {"train.lr": "C"}
+    assert choice["given_up"] == [{"params": {"train.lr": "A"}, "last_trial": 2}]
 
 
 def _hand_built_study(values_and_loops, select="rougeL", max_loop_share=0.1):
@@ -300,6 +357,8 @@ def test_no_feasible_trial_fails_closed_before_heldout(tmp_path, tiny_model_dir,
     choice = _json(sweep_dir / "choice.json")
     assert choice["winner"] is None and choice["feasible"] == 0 and len(choice["infeasible"]) == 2
     assert not (tmp_path / "runs").exists()
+    md = (sweep_dir / "sweep.md").read_text()
+    assert "**No trial is feasible**" in md and md.count("no: tuned loop\\_share 1.000 &gt; sweep.max\\_loop\\_share 0.1") == 2
 
 
 def test_grid_arguments_are_checked_before_any_work(tmp_path, capsys):
