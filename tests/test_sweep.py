@@ -1,6 +1,6 @@
 """`harness sweep` (issue 12, item 3): settings chosen on validation, never on held-out.
 
-End-to-end sweeps on the tiny model (4 training steps, 8 validation and 8 held-out examples),
+End-to-end sweeps on the tiny model (2 training steps, 8 validation and 8 held-out examples),
 an interrupted sweep resumed twice, the choice rule on a hand-built study, and
 `train.keep_best` restoring the checkpoint with the lowest eval loss (also across a resume).
 """
@@ -25,7 +25,7 @@ from tests.conftest import REPO, tiny_overrides
 
 pytestmark = pytest.mark.slow
 TASK = str(REPO / "tasks" / "amazon_desc.yaml")
-SWEEP_SETS = ("sweep.validation_fraction=0.2", "sweep.max_validation=8")
+SWEEP_SETS = ("sweep.validation_fraction=0.2", "sweep.max_validation=8", "train.max_steps=2")
 
 
 def _sweep_cli(tmp_path: Path, model_dir: Path, grids: list[str], *extra: str) -> int:
@@ -249,7 +249,7 @@ def test_tpe_sweep_completes_its_n_trials(tmp_path, tiny_model_dir, monkeypatch,
     """sampler tpe: optuna's TPE picks sweep.n_trials of the combinations; a finished sweep is not resumed."""
     monkeypatch.chdir(tmp_path)
     assert _sweep_cli(tmp_path, tiny_model_dir, ["generation.repetition_penalty=1.0,1.2,1.3"],
-                      "sweep.sampler=tpe", "sweep.n_trials=2", "train.max_steps=2") == 0
+                      "sweep.sampler=tpe", "sweep.n_trials=2") == 0
     sweep_dir = _only(tmp_path / "sweeps")
     study = _study(sweep_dir)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
