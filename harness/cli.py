@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", type=Path, default=Path("runs"))
     _add_overrides(p)
 
+    p = sub.add_parser("eval", help="score adapters made elsewhere (or merged models) against the base; no training")
+    p.add_argument("task", help="task name in tasks/ or a spec path")
+    p.add_argument("--adapter", dest="adapters", action="append", required=True, type=Path, metavar="DIR",
+                   help="a PEFT adapter folder, a run folder or a merged model folder (repeatable: compared)")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    _add_overrides(p)
+
     p = sub.add_parser("sweep", help="choose settings on a validation slice of train; "
                                      "score the winner once on held-out")
     p.add_argument("task", nargs="?", help="task name in tasks/ or a spec path")
@@ -145,6 +152,17 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from harness.eval import eval_task, summary_lines
+
+    with _sigterm_interrupts():
+        run_dir = eval_task(args.task, args.adapters, args.overrides, args.runs_dir)
+    print(f"run folder: {run_dir}")
+    print("\n".join(summary_lines(run_dir)))
+    print(f"reports: {run_dir / 'report.html'}  {run_dir / 'report.md'}")
+    return 0
+
+
 def _cmd_sweep(args) -> int:
     from harness.sweep import summary_lines, sweep_task
 
@@ -161,7 +179,7 @@ def _cmd_sweep(args) -> int:
 
 @contextmanager
 def _sigterm_interrupts():
-    """SIGTERM outside training (which saves a checkpoint first) acts like Ctrl-C: marked interrupted, exit 130."""
+    """SIGTERM outside training (which saves a checkpoint first) acts like Ctrl-C: run marked interrupted, exit 130."""
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if _main_thread() else None
     try:
         yield
@@ -250,9 +268,10 @@ def _cmd_fetch_model(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "prepare": _cmd_prepare, "report": _cmd_report,
-            "check": _cmd_check, "baseline": _cmd_baseline, "generate": _cmd_generate, "serve": _cmd_serve,
-            "bench": _cmd_bench, "fetch-model": _cmd_fetch_model, "sweep": _cmd_sweep}
+COMMANDS = {"run": _cmd_run, "eval": _cmd_eval, "validate": _cmd_validate, "prepare": _cmd_prepare,
+            "report": _cmd_report, "check": _cmd_check, "baseline": _cmd_baseline, "generate": _cmd_generate,
+            "serve": _cmd_serve, "bench": _cmd_bench, "fetch-model": _cmd_fetch_model,
+            "sweep": _cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,8 @@ Decisions (each deliberate, see the functions for why):
   then are titles de-duplicated: a title's first *usable* record is kept.
 * The split is a pure function of the normalized title and `split_salt` (sha256), so the same
   title never lands on both sides and adding rows never moves an existing row across it.
+  With `heldout_path` (a test file) every `path` row is train and every test-file row held out;
+  each side is de-duplicated on its own, so a title in both stays visible to the leakage check.
 * Caps keep the rows with the smallest split hash (stable as rows are added).
 * Output order is file order for both train and held-out (`source` ascending).
 * `read` counts every non-blank line (good or bad) plus one per cut-short/corrupt gzip stream,
@@ -490,13 +492,11 @@ def prepare(spec: TaskSpec) -> PreparedData:
     d = spec.data
     stats = ReadStats()
     counts = {k: 0 for k in COUNT_KEYS}
-    seen: set[int] = set()
+    seen: dict[bool, set[int]] = {False: set(), True: set()}  # by source: training file(s), test file(s)
     train, heldout = _Side(d.max_train), _Side(d.max_heldout)
     threshold = d.heldout_fraction
     seq = 0
-    records = iter_records(spec.data_paths(), d.strict, title_field=d.title_field,
-                           content_field=d.content_field, stats=stats)
-    for rec in records:
+    for rec, from_test_file in _sources(spec, stats):
         content = clean_text(rec.obj[d.content_field])
         if not content:
             counts["empty"] += 1
@@ -510,12 +510,13 @@ def prepare(spec: TaskSpec) -> PreparedData:
             counts["empty_title"] += 1
             continue
         h = title_hash(key, d.split_salt)  # split_value(key, salt) == _unit(h), without hashing twice
-        if h in seen:
+        if h in seen[from_test_file]:
             counts["duplicate"] += 1
             continue
-        seen.add(h)
+        seen[from_test_file].add(h)
         ex = Example(_record_id(rec, d.id_field), title, truncate_words(content, d.max_content_chars), rec.source)
-        side = heldout if _unit(h) < threshold else train
+        held = from_test_file if d.heldout_path else _unit(h) < threshold
+        side = heldout if held else train
         side.add(h, seq, ex)
         seq += 1
     counts["read"] = stats.read
@@ -529,6 +530,14 @@ def prepare(spec: TaskSpec) -> PreparedData:
         names = ", ".join(str(p) for p in spec.data_paths())
         raise DataError(f"{names}: no usable records ({_one_line(counts)})")
     return PreparedData(train_rows, heldout_rows, counts)
+
+
+def _sources(spec: TaskSpec, stats: ReadStats) -> Iterator[tuple[RawRecord, bool]]:
+    """Every record with whether it comes from `data.heldout_path`: the training file(s), then the test file(s)."""
+    d = spec.data
+    for paths, from_test_file in ((spec.data_paths(), False), (spec.heldout_paths(), True)):
+        yield from ((rec, from_test_file) for rec in iter_records(
+            paths, d.strict, title_field=d.title_field, content_field=d.content_field, stats=stats))
 
 
 def _one_line(counts: dict) -> str:

@@ -82,8 +82,8 @@ def resume_run(run_dir: Path) -> tuple[TaskSpec, Manifest]:
 
 
 def execute(spec: TaskSpec, manifest: Manifest, stages=None) -> Path:
-    """Run every unfinished stage (`stages(spec, manifest)`, the run's by default); mark the manifest
-    `completed`, `interrupted` or `failed`."""
+    """Run every unfinished stage (`stages(spec, manifest)`: this recipe's by default); mark the
+    manifest `completed`, `interrupted` or `failed`."""
     from harness.train import TrainingInterrupted
 
     try:

@@ -22,6 +22,8 @@ from harness.errors import SpecError
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 # Equal to harness.metrics.METRICS (a test holds them together); spec loading stays free of the scorers.
 METRIC_NAMES = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf", "perplexity", "rep4", "loops", "distinct2")
+# Named prompt formats of the fine-tuning notebooks (texts in harness/prompts.py PRESETS).
+PROMPT_PRESETS = ("alpaca", "llama2_inst")
 
 
 @dataclass
@@ -39,11 +41,14 @@ class DataSpec:
     max_train: int | None = None
     max_heldout: int | None = None
     strict: bool = False
+    # A test file (or globs) to score on instead of a hash split of `path`; `path` is then all training data.
+    heldout_path: list[str] | None = None
 
 
 @dataclass
 class PromptSpec:
-    """How a title becomes a prompt. `template=None` uses the model's chat template."""
+    """How a title becomes a prompt: `template=None` uses the model's chat template, `alpaca` or
+    `llama2_inst` a notebook format, anything else is a format string with {title} (and {instruction})."""
 
     instruction: str = "Write a product description for the following product title."
     system: str | None = None
@@ -57,6 +62,10 @@ class ModelSpec:
     base: str = EMBEDDED_MODEL
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    # Other names of the base model: an adapter whose base_model_name_or_path is one of them fits.
+    base_aliases: list[str] = field(default_factory=list)
+    # Score with the tokenizer saved next to an adapter (`eval`) when it differs from the base's.
+    adapter_tokenizer: bool = False
 
 
 @dataclass
@@ -169,7 +178,14 @@ class TaskSpec:
     base_dir: str = field(default=".", metadata={"internal": True})
 
     def data_paths(self) -> list[Path]:
-        return [Path(p) if Path(p).is_absolute() else Path(self.base_dir) / p for p in self.data.path]
+        return self._resolve(self.data.path)
+
+    def heldout_paths(self) -> list[Path]:
+        """`data.heldout_path` resolved like `data.path` (empty when held-out rows come from a split)."""
+        return self._resolve(self.data.heldout_path or [])
+
+    def _resolve(self, paths: list[str]) -> list[Path]:
+        return [Path(p) if Path(p).is_absolute() else Path(self.base_dir) / p for p in paths]
 
 
 def _did_you_mean(key: str, choices: list[str]) -> str:
@@ -294,13 +310,11 @@ def load_spec(name_or_path: str, overrides: list[str] = (), tasks_dir: Path = Pa
         raise SpecError(f"{path}: cannot read spec ({exc})") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a spec must be a mapping of sections")
-    cli_paths: list[str] | None = None
     for text in overrides:
         keys, value = parse_override(text)
-        if keys == ["data", "path"]:
+        if keys in (["data", "path"], ["data", "heldout_path"]) and value is not None:
             # Paths typed on the command line are relative to the shell's folder, not the spec's.
-            cli_paths = [str(Path(p).resolve()) for p in (value if isinstance(value, list) else [value])]
-            value = cli_paths
+            value = [str(Path(p).resolve()) for p in (value if isinstance(value, list) else [value])]
         _apply_override(raw, keys, value, text)
     try:
         spec = build(TaskSpec, raw, "")
@@ -319,6 +333,8 @@ def _check_values(spec: TaskSpec, path: Path) -> None:
         (spec.data.max_content_chars > spec.data.min_content_chars, "data.max_content_chars",
          "must be greater than data.min_content_chars"),
         (bool(spec.data.path), "data.path", "must name at least one file"),
+        (spec.data.heldout_path is None or bool(spec.data.heldout_path), "data.heldout_path",
+         "must name at least one file, or be null"),
         (spec.lora.r > 0, "lora.r", "must be > 0"),
         (0.0 <= spec.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)"),
         (spec.train.lr > 0, "train.lr", "must be > 0"),
@@ -370,8 +386,11 @@ def _check_values(spec: TaskSpec, path: Path) -> None:
                         f"{_did_you_mean(spec.sweep.select, list(METRIC_NAMES))}")
     if spec.sweep.select not in spec.metrics.names:
         raise SpecError(f"{path}: sweep.select: '{spec.sweep.select}' is not among metrics.names")
-    if spec.prompt.template is not None and "{title}" not in spec.prompt.template:
-        raise SpecError(f"{path}: prompt.template: must contain {{title}}")
+    template = spec.prompt.template
+    if template is not None and template not in PROMPT_PRESETS and "{title}" not in template:
+        close = difflib.get_close_matches(template, PROMPT_PRESETS, n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" ({', '.join(PROMPT_PRESETS)})"
+        raise SpecError(f"{path}: prompt.template: must contain {{title}} or name a preset{hint}")
 
 
 def spec_to_dict(spec: TaskSpec) -> dict:
@@ -379,4 +398,6 @@ def spec_to_dict(spec: TaskSpec) -> dict:
     out = dataclasses.asdict(spec)
     out.pop("base_dir")
     out["data"]["path"] = [str(p) for p in spec.data_paths()]
+    if spec.data.heldout_path is not None:
+        out["data"]["heldout_path"] = [str(p) for p in spec.heldout_paths()]
     return out

@@ -83,8 +83,8 @@ def sweep_task(task: str | None, grid_args: list[str], overrides: list[str], swe
         spec, manifest = resume_run(resume)
     else:
         spec, manifest = start_run(task, overrides, sweeps_root)
-        manifest.update(sweep={"grid": grid, "storage": _masked(url) if url else None,
-                               "runs_dir": str(Path(runs_root).resolve())})
+        manifest.update(recipe="sweep", sweep={"grid": grid, "storage": _masked(url) if url else None,
+                                               "runs_dir": str(Path(runs_root).resolve())})
     log.info("sweep folder: %s", manifest.run_dir)
     return execute(spec, manifest, stages=functools.partial(_sweep_stages, shared))
 
@@ -356,7 +356,7 @@ def _trial_stages(sweep: Sweep, spec: TaskSpec, manifest: Manifest) -> None:
 
     run_dir = manifest.run_dir
     done = set(manifest.data.get("stages_done", []))
-    manifest.update(scored_on="validation", sweep_dir=str(sweep.dir))
+    manifest.update(recipe="sweep-trial", scored_on="validation", sweep_dir=str(sweep.dir))
     device, fast = resolve_device(spec, manifest)
     model_ref, tokenizer = load_base_tokenizer(spec)
     session = ScoringSession(spec, tokenizer, sweep.validation, run_dir, device, model_ref, manifest)
