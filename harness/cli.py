@@ -52,6 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", type=Path, default=Path("runs"))
     _add_overrides(p)
 
+    p = sub.add_parser("sweep", help="choose settings on a validation slice of train; "
+                                     "score the winner once on held-out")
+    p.add_argument("task", nargs="?", help="task name in tasks/ or a spec path")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="values to try for one train.*/lora.*/generation.* key, e.g. --grid train.lr=1e-4,3e-4 "
+                        "(repeatable; a grid runs every combination)")
+    p.add_argument("--storage", metavar="URL", help="optuna storage that several machines share, e.g. "
+                   "postgresql://user@host/db (default: a SQLite file in the sweep folder)")
+    p.add_argument("--resume", type=Path, metavar="SWEEP_DIR", help="continue an interrupted sweep folder")
+    p.add_argument("--sweeps-dir", type=Path, default=Path("sweeps"))
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where the winner's run folder goes")
+    _add_overrides(p)
+
     p = sub.add_parser("validate", help="check a task spec without running it")
     p.add_argument("task")
     _add_overrides(p)
@@ -154,6 +167,20 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from harness.sweep import summary_lines, sweep_task
+
+    if bool(args.task) == bool(args.resume):
+        raise HarnessError("sweep: give a TASK, or --resume SWEEP_DIR (not both)")
+    if args.resume and (args.grid or args.overrides):
+        raise HarnessError("sweep --resume: the grid and --set values are recorded in the sweep folder; give neither")
+    with _sigterm_interrupts():
+        sweep_dir = sweep_task(args.task, args.grid, args.overrides, args.sweeps_dir, args.runs_dir,
+                               storage=args.storage, resume=args.resume)
+    print("\n".join(summary_lines(sweep_dir)))
+    return 0
+
+
 @contextmanager
 def _sigterm_interrupts():
     """SIGTERM outside training (which saves a checkpoint first) acts like Ctrl-C: run marked interrupted, exit 130."""
@@ -247,7 +274,8 @@ def _cmd_fetch_model(args) -> int:
 
 COMMANDS = {"run": _cmd_run, "eval": _cmd_eval, "validate": _cmd_validate, "prepare": _cmd_prepare,
             "report": _cmd_report, "check": _cmd_check, "baseline": _cmd_baseline, "generate": _cmd_generate,
-            "serve": _cmd_serve, "bench": _cmd_bench, "fetch-model": _cmd_fetch_model}
+            "serve": _cmd_serve, "bench": _cmd_bench, "fetch-model": _cmd_fetch_model,
+            "sweep": _cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,7 @@ class TrainResult:
     steps: int
     train_tokens: int
     seconds: float
+    best: dict | None = None  # with train.keep_best: the checkpoint the adapter was restored from
 
 
 def fast_path_options(spec: TaskSpec, device: Device) -> dict:
@@ -242,6 +243,10 @@ def sft_options(spec: TaskSpec, tokenizer, device: Device, output_dir: Path, eva
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
+    if t.keep_best:
+        # The Trainer restores the best checkpoint at the end; it evaluates at every save (eval_steps ==
+        # save_steps above, both "steps") and never rotates the best checkpoint away (save_total_limit).
+        options.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
     if t.gradient_checkpointing:  # named only when on: deprecated in transformers 5.23, the only name in 5.17
         options["gradient_checkpointing"] = True
     return options
@@ -324,6 +329,9 @@ def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, devic
     import time
 
     train_part, eval_part = split_eval(train_examples, spec.train.eval_fraction)
+    if spec.train.keep_best and not eval_part:
+        raise HarnessError(f"train.keep_best: train.eval_fraction {spec.train.eval_fraction} of "
+                           f"{len(train_examples)} examples leaves no eval example; raise it")
     train_ds = tokenized_dataset(spec, tokenizer, train_part)
     eval_ds = tokenized_dataset(spec, tokenizer, eval_part) if eval_part else None
     trainer = build_trainer(spec, model, tokenizer, train_ds, eval_ds, run_dir / "checkpoints", device)
@@ -341,6 +349,10 @@ def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, devic
     sync_eos(trainer.model, tokenizer)
     trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
     n_tokens = sum(len(ids) for ids in train_ds["input_ids"]) * max(spec.train.epochs, 1)
+    best = None
+    if spec.train.keep_best:
+        best = {"checkpoint": trainer.state.best_model_checkpoint, "eval_loss": trainer.state.best_metric}
+        log.info("keep_best: adapter restored from %s (eval loss %s)", best["checkpoint"], best["eval_loss"])
     return TrainResult(adapter_dir=adapter_dir,
                        steps=trainer.state.global_step, train_tokens=int(n_tokens),
-                       seconds=time.perf_counter() - started)
+                       seconds=time.perf_counter() - started, best=best)
