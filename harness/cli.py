@@ -16,10 +16,13 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from harness import distributed
 from harness.errors import HarnessError
 
 EXIT_CRASH = 3
 EXIT_INTERRUPTED = 130
+# Commands that run in several processes under torchrun / accelerate launch (harness.distributed).
+DISTRIBUTED = ("run", "eval", "check")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,6 +37,12 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
                    help="override a spec value, e.g. --set train.lr=1e-4 (repeatable)")
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got '{text}'")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="harness", description="Evaluation-centric LoRA fine-tuning harness.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -43,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", nargs="?", help="task name in tasks/ or a spec path")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run folder")
     p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    p.add_argument("--gpus", type=_positive_int, metavar="N",
+                   help="data-parallel on N GPUs of this host: the same command relaunched under torchrun")
     _add_overrides(p)
 
     p = sub.add_parser("eval", help="score adapters made elsewhere (or merged models) against the base; no training")
@@ -148,8 +159,15 @@ def _cmd_run(args) -> int:
 
     if bool(args.task) == bool(args.resume):
         raise HarnessError("run: give a TASK, or --resume RUN (not both)")
+    if args.gpus and args.gpus != distributed.world_size():
+        if distributed.world_size() > 1:
+            raise HarnessError(f"run --gpus {args.gpus}: the launcher started {distributed.world_size()} "
+                               "processes; give --gpus or a launcher, not both")
+        distributed.relaunch(args.gpus, args.argv)
     with _sigterm_interrupts():
         run_dir = run_task(args.task, args.overrides, args.runs_dir, resume=args.resume)
+    if not distributed.is_main():
+        return 0
     print(f"run folder: {run_dir}")
     print(summary_line(run_dir))
     print(f"reports: {run_dir / 'report.html'}  {run_dir / 'report.md'}")
@@ -161,6 +179,8 @@ def _cmd_eval(args) -> int:
 
     with _sigterm_interrupts():
         run_dir = eval_task(args.task, args.adapters, args.overrides, args.runs_dir)
+    if not distributed.is_main():
+        return 0
     print(f"run folder: {run_dir}")
     print("\n".join(summary_lines(run_dir)))
     print(f"reports: {run_dir / 'report.html'}  {run_dir / 'report.md'}")
@@ -280,13 +300,21 @@ COMMANDS = {"run": _cmd_run, "eval": _cmd_eval, "validate": _cmd_validate, "prep
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="harness: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score says "Using default tokenizer." per call
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        if distributed.world_size() > 1:
+            if args.command not in DISTRIBUTED:
+                raise HarnessError(f"{args.command}: runs in one process; start it without torchrun or "
+                                   f"accelerate launch (those run: {', '.join(DISTRIBUTED)})")
+            distributed.init()
         return COMMANDS[args.command](args)
     except HarnessError as exc:
-        print(f"harness: error: {exc}", file=sys.stderr)
+        if not isinstance(exc, distributed.MainFailed):  # rank 0 printed that one
+            rank = f"[rank {distributed.rank()}]" if not distributed.is_main() else ""
+            print(f"harness{rank}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("harness: interrupted", file=sys.stderr)
@@ -297,3 +325,5 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print("harness: crashed (this is a bug in harness or a library; exit 3)", file=sys.stderr)
         return EXIT_CRASH
+    finally:
+        distributed.finish()

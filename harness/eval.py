@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import models
+from harness.distributed import main_only
 from harness.errors import HarnessError, ModelError
 from harness.io import atomic_write_json, atomic_write_text
 from harness.metrics import paired_comparison
-from harness.run import (SPEC_FILE, execute, load_base_tokenizer, prepare_stage, report_stage, resolve_device,
-                         results_stage, stage, start_run, summary_line)
+from harness.run import (SPEC_FILE, execute, load_base_tokenizer, load_run_spec, prepare_stage, report_stage,
+                         resolve_device, results_stage, stage, start_run, summary_line)
 from harness.runfolder import Manifest
 from harness.spec import TaskSpec
 
@@ -57,10 +58,17 @@ def eval_task(task: str, adapters: list[Path], overrides: list[str], runs_root: 
         raise HarnessError("eval: give at least one --adapter DIR")
     # Trained elsewhere, the adapters may have seen any of data.path: every training title counts in
     # the leak check, so data.max_train (a cap on what `run` trains on) does not apply here.
-    spec, manifest = start_run(task, [*overrides, "data.max_train=null"], runs_root)
+    run_dir = _open_eval(task, [*overrides, "data.max_train=null"], runs_root)
+    log.info("run folder: %s", run_dir)
+    return execute(load_run_spec(run_dir), Manifest.load(run_dir),
+                   stages=lambda s, m: _stages(s, m, [Path(a) for a in adapters]))
+
+
+@main_only
+def _open_eval(task: str, overrides: list[str], runs_root: Path) -> Path:
+    _spec, manifest = start_run(task, overrides, runs_root)
     manifest.update(recipe="eval")
-    log.info("run folder: %s", manifest.run_dir)
-    return execute(spec, manifest, stages=lambda s, m: _stages(s, m, [Path(a) for a in adapters]))
+    return manifest.run_dir
 
 
 def _stages(spec: TaskSpec, manifest: Manifest, adapters: list[Path]) -> None:
@@ -159,11 +167,7 @@ def candidate_session(top, candidate: Candidate):
     from harness.heldout_scoring import ScoringSession
 
     folder = top.run_dir / CANDIDATES_DIR / candidate.name
-    (folder / "scores").mkdir(parents=True)
-    for name in BASE_SCORE_FILES:
-        shutil.copyfile(top.scores_dir / name, folder / "scores" / name)
-    shutil.copyfile(top.run_dir / SPEC_FILE, folder / SPEC_FILE)
-    (folder / "data").symlink_to(Path("..") / ".." / "data")  # the eval's prepared data, not a copy of it
+    _candidate_folder(top.run_dir, folder, top.scores_dir)
     shared = {k: v for k, v in top.manifest.data.items() if k not in ("stages_done", "timings_s", "candidates")}
     manifest = Manifest(folder, {**shared, "run_id": f"{shared['run_id']}/{candidate.name}",
                                  "candidates": [candidate.record()], "timings_s": {}})
@@ -177,7 +181,17 @@ def candidate_session(top, candidate: Candidate):
     return session
 
 
+@main_only
+def _candidate_folder(run_dir: Path, folder: Path, scores_dir: Path) -> None:
+    (folder / "scores").mkdir(parents=True)
+    for name in BASE_SCORE_FILES:
+        shutil.copyfile(scores_dir / name, folder / "scores" / name)
+    shutil.copyfile(run_dir / SPEC_FILE, folder / SPEC_FILE)
+    (folder / "data").symlink_to(Path("..") / ".." / "data")  # the eval's prepared data, not a copy of it
+
+
 # -- several candidates: each against the base (their folders), and against each other -----------
+@main_only
 def comparison_stage(top, candidates: list[Candidate], sessions: list) -> None:
     """The top-level metrics.json and predictions.jsonl of an eval with several candidates."""
     names = [c.name for c in candidates]

@@ -11,6 +11,8 @@ tokenizer or base model, a NaN, an unreadable adapter or baseline) raises `Canno
 fingerprints show they come from the same computation: a baseline file's predictions, or a
 run folder's scores/. The folder of a one-candidate `eval` (or `candidates/<name>/` of a larger
 one) is read like a run's; a merged model's scores are reused but never re-scored here.
+Under several processes (harness.distributed) an adapter is scored in shards that every process
+then holds in full, so all judge alike; rank 0 writes the verdict.
 """
 
 from __future__ import annotations
@@ -25,16 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import data, fingerprint, models
+from harness import data, distributed, fingerprint, models
 from harness.errors import HarnessError, RunError
 from harness.io import atomic_write_json, atomic_write_text
 from harness.metrics import (HIGHER_IS_BETTER, METRICS, MetricSettings, ModelOutputs, bootstrap_replicates,
                              paired_comparison, per_example_scores, score_single, settings_record)
 from harness.prompts import build_prompt, encode_example
 from harness.runfolder import read_manifest
-from harness.generation import generate
-from harness.likelihood import reference_nll
-from harness.heldout_scoring import assert_adapter_applied, guards, metric_settings, read_generations
+from harness.heldout_scoring import (assert_adapter_applied, generate_sharded, guards, metric_settings,
+                                     read_generations, reference_nll_sharded)
 from harness.spec import GateSpec, TaskSpec, load_spec
 
 log = logging.getLogger(__name__)
@@ -219,9 +220,9 @@ def score_adapter(adapter_dir: Path, ctx: Context) -> Side:
     prompts = [build_prompt(ctx.tokenizer, ctx.spec.prompt, e.title) for e in ctx.examples]
     encoded = [encode_example(ctx.tokenizer, p, e.content, None) for p, e in zip(prompts, ctx.examples)]
     assert_adapter_applied(model, ctx.tokenizer, prompts[:4], ctx.device)
-    results = generate(model, ctx.tokenizer, prompts, ctx.spec.generation, ctx.device)
-    nll, counts = reference_nll(model, encoded, ctx.spec.generation.batch_size, ctx.device,
-                                ctx.tokenizer.pad_token_id)
+    results = generate_sharded(model, ctx.tokenizer, prompts, ctx.spec.generation, ctx.device)
+    nll, counts = reference_nll_sharded(model, encoded, ctx.spec.generation.batch_size, ctx.device,
+                                        ctx.tokenizer.pad_token_id)
     gens = [{"text": g.text, "n_tokens": g.n_tokens, "hit_max_new_tokens": g.hit_max_new_tokens} for g in results]
     return _side(ctx, gens, nll, counts, fingerprint.hash_folder(adapter_dir), f"scored {adapter_dir}",
                  ctx.device.kind)
@@ -413,6 +414,8 @@ def render_junit(record: dict) -> str:
 
 
 def write_outputs(record: dict, out_dir: Path) -> None:
+    if not distributed.is_main():  # every process judged the same outputs; one writes the verdict
+        return
     out_dir = Path(out_dir)
     markdown = render_markdown(record)
     atomic_write_json(out_dir / "verdict.json", record)
@@ -442,6 +445,8 @@ def run_check(task: str, candidate: Path, baseline: Path, out_dir: Path, overrid
             log.warning("could not write the cannot-judge verdict: %s", write_exc)
         raise
     write_outputs(record, out_dir)
+    if not distributed.is_main():
+        return record["exit_code"]
     for r in record["rules"]:
         print(f"{'PASS' if r['passed'] else 'FAIL'}  {r['name']}: {r['reason']}")
     for w in record["warnings"]:

@@ -3,6 +3,10 @@
 Generations are appended to `scores/<side>_generations.jsonl` as each batch finishes, so an
 interrupted run resumes without regenerating them. Base-model scores are cached under a key
 built from every fingerprint that determines them; any change misses the cache.
+
+Under several processes each one generates and scores whole batches of the held-out examples
+(harness.distributed), appending to its own part file that rank 0 then folds into the side's file;
+rank 0 alone writes scores/ and keeps the base cache.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import degeneration, fingerprint, models
+from harness import degeneration, distributed, fingerprint, models
+from harness.distributed import main_only
 from harness.errors import ModelError
 from harness.io import atomic_write_json
 from harness.metrics import MetricSettings, ModelOutputs, per_example_scores, score_outputs, settings_record
 from harness.prompts import build_prompt, encode_example, encode_prompt
-from harness.generation import Generation, generate, left_pad
+from harness.generation import Generation, auto_batch_size, generate, left_pad, length_sorted_batches
 from harness.likelihood import reference_nll
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,45 @@ def _drop_torn_tail(path: Path) -> None:
         if data and not data.endswith(b"\n"):
             with open(path, "r+b") as fh:
                 fh.truncate(data.rfind(b"\n") + 1)
+
+
+@main_only
+def fold_rank_parts(path: Path) -> None:
+    """Rows the processes of a several-process run appended to their part files join `path`."""
+    parts = distributed.rank_parts(path)
+    if not parts:
+        return
+    have = read_generations(path)
+    _drop_torn_tail(path)
+    with open(path, "a", encoding="utf-8") as sink:
+        for part in parts:
+            for row in read_generations(part).values():
+                if row["id"] not in have:
+                    sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+            sink.flush()
+            part.unlink()  # after its rows are written: a kill in between leaves duplicates, read once by id
+
+
+def generate_sharded(model, tokenizer, prompts: list[str], gen, device, on_done=None) -> list[Generation]:
+    """`generate` spread over the processes: each decodes whole batches of the one-process batch plan,
+    so every output is the one a single process gives on this device; all processes get all results."""
+    if distributed.world_size() == 1:
+        return generate(model, tokenizer, prompts, gen, device, on_done=on_done)
+    lengths = [len(encode_prompt(tokenizer, p)) for p in prompts]
+    rows = main_only(auto_batch_size)(model, device, max(lengths, default=1), gen.max_new_tokens, len(prompts),
+                                      gen.batch_size)  # one batch size for every process's plan
+    mine = distributed.shard_batches(length_sorted_batches(lengths, rows))
+    results = generate(model, tokenizer, [prompts[i] for i in mine], gen, device, batch_size=rows,
+                       on_done=None if on_done is None else lambda j, result: on_done(mine[j], result))
+    return distributed.unshard(mine, results, len(prompts))
+
+
+def reference_nll_sharded(model, examples, batch_size: int, device, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """`reference_nll` spread over the processes by whole batches; all processes get every value."""
+    mine = distributed.shard_batches(length_sorted_batches([len(e.input_ids) for e in examples], batch_size))
+    nll, counts = reference_nll(model, [examples[i] for i in mine], batch_size, device, pad_id)
+    pairs = distributed.unshard(mine, list(zip(nll.tolist(), counts.tolist())), len(examples))
+    return np.array([p[0] for p in pairs], dtype=np.float64), np.array([p[1] for p in pairs], dtype=np.int64)
 
 
 def assert_adapter_applied(model, tokenizer, prompts: list[str], device) -> float:
@@ -149,18 +193,33 @@ class ScoringSession:
         # Numerics differ between bf16 on CUDA and fp32 on CPU: never share a cache across them.
         return fingerprint.hash_json({**parts, "device": self.device.kind, "dtype": str(self.device.dtype)})[:32]
 
+    BASE_FILES = ("base_generations.jsonl", "base_nll.json")
+
     def score_base(self) -> None:
         key = self.base_cache_key()
-        cached = score_cache_dir() / key
-        files = ("base_generations.jsonl", "base_nll.json")
-        if all((cached / f).is_file() for f in files) and len(read_generations(cached / files[0])) == len(self.heldout):
-            for f in files:
-                shutil.copyfile(cached / f, self.scores_dir / f)
-            log.info("base cache hit: reusing base-model predictions and perplexities (%s)", key)
-            self.manifest.update(base_cache={"hit": True, "key": key})
+        if self._base_from_cache(key):
             return
         model = models.load_model(self.model_ref, self.spec.model, self.tokenizer, self.device)
         self._score_side("base", model)
+        self._store_base(key)
+
+    @main_only
+    def _base_from_cache(self, key: str) -> bool:
+        cached = score_cache_dir() / key
+        files = self.BASE_FILES
+        if not (all((cached / f).is_file() for f in files)
+                and len(read_generations(cached / files[0])) == len(self.heldout)):
+            return False
+        for f in files:
+            shutil.copyfile(cached / f, self.scores_dir / f)
+        log.info("base cache hit: reusing base-model predictions and perplexities (%s)", key)
+        self.manifest.update(base_cache={"hit": True, "key": key})
+        return True
+
+    @main_only
+    def _store_base(self, key: str) -> None:
+        cached = score_cache_dir() / key
+        files = self.BASE_FILES
         tmp = cached.with_name(f".{key}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -199,29 +258,32 @@ class ScoringSession:
     # -- one side ---------------------------------------------------------------------------
     def _score_side(self, side: str, model) -> None:
         gens_path = self.scores_dir / f"{side}_generations.jsonl"
+        fold_rank_parts(gens_path)  # what an interrupted several-process run left
         done = read_generations(gens_path)
         todo = [i for i, e in enumerate(self.heldout) if e.id not in done]
         if done:
             log.info("%s: %d generations already written, %d to go", side, len(done), len(todo))
         if todo:
-            _drop_torn_tail(gens_path)
-            with open(gens_path, "a", encoding="utf-8") as sink:
+            part = distributed.part_path(gens_path)
+            _drop_torn_tail(part)
+            with open(part, "a", encoding="utf-8") as sink:
                 def persist(j: int, result: Generation) -> None:
                     row = {"id": self.heldout[todo[j]].id, "text": result.text, "n_tokens": result.n_tokens,
                            "hit_max_new_tokens": result.hit_max_new_tokens}
                     sink.write(json.dumps(row, ensure_ascii=False) + "\n")
                     sink.flush()
 
-                generate(model, self.tokenizer, [self.prompts[i] for i in todo], self.spec.generation,
-                         self.device, on_done=persist)
+                generate_sharded(model, self.tokenizer, [self.prompts[i] for i in todo], self.spec.generation,
+                                 self.device, on_done=persist)
+            fold_rank_parts(gens_path)
         nll_path = self.scores_dir / f"{side}_nll.json"
         if not nll_path.is_file():
             # Only description positions reach the LM head, so CUDA affords large batches here.
             batch = 64 if self.device.kind == "cuda" else self.spec.generation.batch_size
-            nll, counts = reference_nll(model, self.encoded, batch, self.device,
-                                        self.tokenizer.pad_token_id)
-            atomic_write_json(nll_path, {"ids": [e.id for e in self.heldout], "nll_sum": nll.tolist(),
-                                         "n_tokens": counts.tolist()})
+            nll, counts = reference_nll_sharded(model, self.encoded, batch, self.device,
+                                                self.tokenizer.pad_token_id)
+            main_only(atomic_write_json)(nll_path, {"ids": [e.id for e in self.heldout], "nll_sum": nll.tolist(),
+                                                    "n_tokens": counts.tolist()})
 
     def _side(self, side: str) -> tuple[ModelOutputs, list[dict]]:
         rows = read_generations(self.scores_dir / f"{side}_generations.jsonl")

@@ -2,7 +2,8 @@
 
 One readable workflow. Each stage records itself in the manifest when it finishes, so
 `--resume RUN` skips finished stages, continues training from the last checkpoint and
-does not regenerate predictions already written.
+does not regenerate predictions already written. Under several processes (harness.distributed)
+every process runs the same stages; rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 import yaml
 
 from harness import data as data_mod
-from harness import models
+from harness import distributed, models
+from harness.distributed import main_only
 from harness.errors import HarnessError, RunError
 from harness.io import atomic_write_json, atomic_write_text, os_error_message
 from harness.leakage import assert_no_exact_leak, leakage_report
@@ -79,6 +81,13 @@ def resume_run(run_dir: Path) -> tuple[TaskSpec, Manifest]:
     manifest.update(status="running", pid=os.getpid(), pid_started=process_start(os.getpid()),
                     resumed_at=time.time())
     return spec, manifest
+
+
+@main_only
+def open_run(task: str | None, overrides: list[str], runs_root: Path, resume: Path | None = None) -> Path:
+    """Start a new run folder, or take over `resume`; the other processes get its path."""
+    _spec, manifest = resume_run(resume) if resume else start_run(task, overrides, runs_root)
+    return manifest.run_dir
 
 
 def execute(spec: TaskSpec, manifest: Manifest, stages=None) -> Path:
@@ -151,10 +160,12 @@ def _stages(spec: TaskSpec, manifest: Manifest) -> None:
 
 # -- stages shared by the recipes (run, sweep, eval) ------------------------------------------
 def resolve_device(spec: TaskSpec, manifest: Manifest):
-    """The device and the fast-path switches, before any work: an impossible switch fails here."""
+    """The device and the fast-path switches, before any work: an impossible switch fails here.
+
+    `device` is rank 0's; `world_size` says how many processes (one a GPU) share the work."""
     device = models.pick_device()
     fast = fast_path_options(spec, device)
-    manifest.update(device=device.describe(), fast_path=fast)
+    manifest.update(device=device.describe(), world_size=distributed.world_size(), fast_path=fast)
     return device, fast
 
 
@@ -163,11 +174,22 @@ def prepare_stage(spec: TaskSpec, manifest: Manifest) -> data_mod.PreparedData:
     run_dir = manifest.run_dir
     if "prepare" not in manifest.data.get("stages_done", []):
         with stage(manifest, "prepare"):
-            prepared = data_mod.prepare(spec)
-            data_mod.write_prepared(prepared, run_dir / "data")
-            manifest.update(data_counts=prepared.counts)
-            log.info("data: %d train, %d held-out", len(prepared.train), len(prepared.heldout))
+            _write_prepared(spec, manifest)
     prepared = data_mod.read_prepared(run_dir / "data")
+    _check_split(spec, manifest, prepared)
+    return prepared
+
+
+@main_only
+def _write_prepared(spec: TaskSpec, manifest: Manifest) -> None:
+    prepared = data_mod.prepare(spec)
+    data_mod.write_prepared(prepared, manifest.run_dir / "data")
+    manifest.update(data_counts=prepared.counts)
+    log.info("data: %d train, %d held-out", len(prepared.train), len(prepared.heldout))
+
+
+@main_only
+def _check_split(spec: TaskSpec, manifest: Manifest, prepared: data_mod.PreparedData) -> None:
     leaks = leakage_report(prepared.train, prepared.heldout)
     manifest.update(leakage=leaks)
     assert_no_exact_leak(leaks)
@@ -176,12 +198,11 @@ def prepare_stage(spec: TaskSpec, manifest: Manifest) -> data_mod.PreparedData:
     if not prepared.train or not prepared.heldout:
         raise HarnessError(f"{spec.name}: need at least one train and one held-out example "
                            f"(got {len(prepared.train)} train, {len(prepared.heldout)} held-out)")
-    return prepared
 
 
 def load_base_tokenizer(spec: TaskSpec):
     """The base model's reference (fetched/converted once) and its tokenizer, set up for the prompt."""
-    model_ref = models.resolve_base(spec.model.base)
+    model_ref = main_only(models.resolve_base)(spec.model.base)  # fetched or converted once, by rank 0
     tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
     return model_ref, tokenizer
 
@@ -196,17 +217,21 @@ def train_stage(spec: TaskSpec, manifest: Manifest, train_examples, model_ref: s
                               attn_implementation=fast["attention"])
     resume_from = latest_checkpoint(run_dir / "checkpoints")
     result = train(spec, model, tokenizer, train_examples, run_dir, device, resume_from=resume_from)
+    t = spec.train
     manifest.update(train={"steps": result.steps, "train_tokens": result.train_tokens,
                            "seconds": round(result.seconds, 2), "resumed_from": str(resume_from or ""),
+                           "global_batch": t.batch_size * distributed.world_size() * t.grad_accum,
                            **({"best": result.best} if result.best else {})})
 
 
+@main_only
 def results_stage(session, run_dir: Path) -> None:
     """`metrics.json` (with CIs and guards) and `predictions.jsonl` from the scores on disk."""
     atomic_write_json(run_dir / "metrics.json", session.metrics())
     session.write_predictions()
 
 
+@main_only
 def report_stage(spec: TaskSpec, manifest: Manifest) -> None:
     """Every result is in: mark the run completed (a report failure resets it), then write the reports."""
     from harness.report import write_reports
@@ -230,6 +255,6 @@ def summary_line(run_dir: Path) -> str:
 
 
 def run_task(task: str, overrides: list[str], runs_root: Path = Path("runs"), resume: Path | None = None) -> Path:
-    spec, manifest = resume_run(resume) if resume else start_run(task, overrides, runs_root)
-    log.info("run folder: %s", manifest.run_dir)
-    return execute(spec, manifest)
+    run_dir = open_run(task, overrides, runs_root, resume)
+    log.info("run folder: %s", run_dir)
+    return execute(load_run_spec(run_dir), Manifest.load(run_dir))

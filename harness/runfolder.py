@@ -17,6 +17,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from harness import distributed
 from harness.errors import RunError
 from harness.io import atomic_write_json, os_error_message
 
@@ -112,7 +113,7 @@ def read_manifest(run_dir: Path) -> dict:
 
 
 class Manifest:
-    """The run's manifest, persisted on every change."""
+    """The run's manifest, persisted on every change (by rank 0 alone when several processes run)."""
 
     def __init__(self, run_dir: Path, data: dict):
         self.run_dir = Path(run_dir)
@@ -140,6 +141,8 @@ class Manifest:
 
     def save(self) -> None:
         self.data["updated_at"] = _now()
+        if not distributed.is_main():
+            return
         atomic_write_json(self.run_dir / MANIFEST, self.data)
 
 

@@ -3,6 +3,9 @@
 Examples reach trl already tokenized, with labels masked to the description tokens, so the
 loss is on the completion only and the tokens match scoring exactly (harness.prompts).
 SIGINT/SIGTERM save a checkpoint and stop cleanly; `resume_from` continues from one.
+Launched in several processes (harness.distributed), the Trainer trains data-parallel (DDP):
+each process packs and trains on its share of every step; the world's process zero alone
+writes the log and the adapter.
 """
 
 from __future__ import annotations
@@ -10,10 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness import distributed
 from harness.errors import HarnessError
 from harness.io import atomic_write_text
 from harness.models import Device, sync_eos
@@ -123,16 +128,24 @@ def split_eval(examples: list, fraction: float) -> tuple[list, list]:
 class _StopOnSignal:
     """A TrainerCallback that turns SIGINT/SIGTERM into save-checkpoint-and-stop."""
 
+    # Under torchrun, Ctrl-C reaches each process twice: from the terminal, and passed on by the launcher.
+    LAUNCHER_ECHO_S = 2.0
+
     def __init__(self):
         self.received: int | None = None
+        self.at = 0.0
 
     def handler(self, signum, _frame):
         if self.received is not None:  # a second signal: the user really wants out now
+            if distributed.world_size() > 1 and time.monotonic() - self.at < self.LAUNCHER_ECHO_S:
+                return
             raise KeyboardInterrupt
-        self.received = signum
+        self.received, self.at = signum, time.monotonic()
         log.warning("signal %s: saving a checkpoint, then stopping (send again to abort now)", signum)
 
-    def callback(self):
+    def callback(self, accelerator):
+        """Stops every process at the same step: a signal reaches them at slightly different moments, and
+        a process that stops alone leaves the others waiting in their next gradient all-reduce."""
         from transformers import TrainerCallback
 
         outer = self
@@ -140,6 +153,8 @@ class _StopOnSignal:
         class Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
                 if outer.received is not None:
+                    accelerator.set_trigger()
+                if accelerator.check_trigger():  # any process's trigger, through one all-reduce
                     control.should_save = True
                     control.should_training_stop = True
 
@@ -169,7 +184,7 @@ class _LossLog:
 
         class Callback(TrainerCallback):
             def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs:
+                if logs and state.is_world_process_zero:
                     with open(path, "a", encoding="utf-8") as fh:
                         fh.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
@@ -242,6 +257,9 @@ def sft_options(spec: TaskSpec, tokenizer, device: Device, output_dir: Path, eva
         eos_token=tokenizer.eos_token,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        # Under DDP: every LoRA parameter gets a gradient each step, so DDP need not search the graph
+        # for unused ones (an extra traversal per step).
+        ddp_find_unused_parameters=False,
     )
     if t.keep_best:
         # The Trainer restores the best checkpoint at the end; it evaluates at every save (eval_steps ==
@@ -326,8 +344,6 @@ def lora_inputs_in_compute_dtype(model) -> int:
 def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, device: Device,
           resume_from: Path | None = None) -> TrainResult:
     """Train a LoRA adapter on `train_examples`; save it in standard PEFT format under run_dir/adapter."""
-    import time
-
     train_part, eval_part = split_eval(train_examples, spec.train.eval_fraction)
     if spec.train.keep_best and not eval_part:
         raise HarnessError(f"train.keep_best: train.eval_fraction {spec.train.eval_fraction} of "
@@ -336,9 +352,10 @@ def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, devic
     eval_ds = tokenized_dataset(spec, tokenizer, eval_part) if eval_part else None
     trainer = build_trainer(spec, model, tokenizer, train_ds, eval_ds, run_dir / "checkpoints", device)
     stopper = _StopOnSignal()
-    trainer.add_callback(stopper.callback())
+    trainer.add_callback(stopper.callback(trainer.accelerator))
     trainer.add_callback(_LossLog(run_dir / "train_log.jsonl").callback())
-    _trim_log(run_dir / "train_log.jsonl", int(Path(resume_from).name.split("-")[-1]) if resume_from else 0)
+    if trainer.is_world_process_zero():
+        _trim_log(run_dir / "train_log.jsonl", int(Path(resume_from).name.split("-")[-1]) if resume_from else 0)
     started = time.perf_counter()
     with _signals_to(stopper):
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -347,7 +364,9 @@ def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, devic
                                   f"resume with: python -m harness run --resume {run_dir}")
     adapter_dir = run_dir / "adapter"
     sync_eos(trainer.model, tokenizer)
-    trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    if trainer.is_world_process_zero():
+        trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    trainer.accelerator.wait_for_everyone()  # the others score with the adapter next
     n_tokens = sum(len(ids) for ids in train_ds["input_ids"]) * max(spec.train.epochs, 1)
     best = None
     if spec.train.keep_best:
