@@ -38,6 +38,7 @@ class DataSpec:
     max_train: int | None = None
     max_heldout: int | None = None
     strict: bool = False
+    workers: int | None = None
 
 
 @dataclass
@@ -298,6 +299,7 @@ def _check_values(spec: TaskSpec, path: Path) -> None:
         (spec.data.max_content_chars > spec.data.min_content_chars, "data.max_content_chars",
          "must be greater than data.min_content_chars"),
         (bool(spec.data.path), "data.path", "must name at least one file"),
+        (spec.data.workers is None or spec.data.workers >= 1, "data.workers", "must be >= 1 or null"),
         (spec.lora.r > 0, "lora.r", "must be > 0"),
         (0.0 <= spec.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)"),
         (spec.train.lr > 0, "train.lr", "must be > 0"),
