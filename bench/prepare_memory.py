@@ -66,11 +66,13 @@ def _labels(rng: random.Random) -> str:
     return f'"target_ind": {json.dumps(ind)}, "target_rel": {json.dumps([1.0] * k)}'
 
 
-def write_synthetic_trn(path: Path, n_lines: int, seed: int = 0) -> dict:
-    """Write a trn.json-shaped file of `n_lines` lines; returns what it wrote (sizes, counts)."""
+def write_synthetic_trn(path: Path, n_lines: int, seed: int = 0, block_chars: int = 8_000_000) -> dict:
+    """Write a trn.json-shaped file of `n_lines` lines; returns what it wrote (sizes, counts).
+
+    Contents are slices of one `block_chars` run of text (a smaller block writes faster)."""
     rng = random.Random(seed)
     words = _vocabulary(rng)
-    block = _text_block(rng, words, 8_000_000)
+    block = _text_block(rng, words, block_chars)
     labels = [_labels(rng) for _ in range(1024)]
     titles: list[str] = []
     empty = truncated = 0
@@ -92,7 +94,7 @@ def write_synthetic_trn(path: Path, n_lines: int, seed: int = 0) -> dict:
                 content = block[start:start + n]
             line = (f'{{"uid": "{i:010d}", "title": {json.dumps(title)}, "content": {json.dumps(content)}, '
                     f'{labels[rng.randrange(len(labels))]}}}')
-            if i % 250_000 == 12_345:  # a cut-short line now and then
+            if i % 250_000 == 1_234:  # a cut-short line now and then
                 line, truncated = line[: len(line) // 2], truncated + 1
             fh.write(line + "\n")
     return {"lines": n_lines, "bytes": path.stat().st_size, "empty_content": empty, "cut_short": truncated}
@@ -109,20 +111,38 @@ def _env() -> dict:
 
 
 def measure_prepare(data_path: Path, runs_dir: Path, extra: list[str] = ()) -> dict:
-    """`python -m harness prepare` on `data_path` in a child process: wall time and peak RSS."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """`python -m harness prepare` on `data_path` in a child process: wall and CPU time, peak RSS.
+
+    `peak_rss_mb` is ru_maxrss: the largest single process (prepare or one of its workers);
+    `tree_peak_rss_mb` is the largest sum over the process and its workers, sampled every 0.1 s.
+    """
+    import psutil
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     cmd = _python() + ["-m", "harness", "-q", "prepare", str(SPEC), "--runs-dir", str(runs_dir),
                        "--set", f"data.path={data_path}", *[a for x in extra for a in ("--set", x)]]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tree_peak = 0
+    watched = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            tree = [watched, *watched.children(recursive=True)]
+            tree_peak = max(tree_peak, sum(p.memory_info().rss for p in tree))
+        except psutil.Error:  # a process ended between listing and reading it
+            pass
+        time.sleep(0.1)
+    stdout, stderr = proc.communicate()
     wall = time.perf_counter() - started
     if proc.returncode != 0:
-        raise SystemExit(f"prepare failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak_kb <= before:
+        raise SystemExit(f"prepare failed ({proc.returncode}): {stderr.strip()[-2000:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if after.ru_maxrss <= before.ru_maxrss:
         raise SystemExit("prepare's peak RSS is hidden by an earlier, larger child: measure it first")
-    return {"command": " ".join(cmd[1:]), "wall_s": round(wall, 1), "peak_rss_mb": round(peak_kb / 1024, 1),
-            "output_tail": proc.stdout.strip().splitlines()[-12:]}
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"command": " ".join(cmd[1:]), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+            "peak_rss_mb": round(after.ru_maxrss / 1024, 1), "tree_peak_rss_mb": round(tree_peak / 2**20, 1),
+            "output_tail": stdout.strip().splitlines()[-12:]}
 
 
 def measure_first_step(data_path: Path, runs_dir: Path, model: str, max_train: int,
@@ -133,6 +153,7 @@ def measure_first_step(data_path: Path, runs_dir: Path, model: str, max_train: i
                        "--set", f"model.base={model}", "--set", "train.logging_steps=1",
                        "--set", "train.eval_fraction=0", "--set", "data.max_heldout=8",
                        "--set", "generation.max_new_tokens=4"]
+    runs_dir.mkdir(parents=True, exist_ok=True)
     log_path = runs_dir / "first-step.log"
     started = time.perf_counter()
     with open(log_path, "w") as log:

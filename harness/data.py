@@ -569,36 +569,52 @@ class _LineRules:
                    d.split_salt)
 
 
-_BAD, _KEPT = "bad", "kept"  # line statuses besides the count keys "empty", "too_short", "empty_title"
+@dataclass(slots=True)
+class _Examined:
+    """What prepare makes of one batch of lines, short of de-duplication (which needs file order).
 
-
-def _examine(rules: _LineRules, name: str, line_no: int, line: bytes | None, reason: str | None):
-    """Everything prepare does to one line short of de-duplication, as (status, payload).
-
-    (_BAD, reason), (count key, None) for a dropped record, or (_KEPT, (title hash, the example's
-    train.jsonl line as UTF-8)): the dedupe and the split need nothing else.
+    Only kept rows and bad lines are listed, in file order; dropped records are just counted.
+    A kept row is (title hash, the example's train.jsonl line as UTF-8): all the dedupe, the
+    split and the writer need.
     """
-    parsed = _parse_line(line, rules.title_field, rules.content_field) if reason is None else reason
-    if isinstance(parsed, str):
-        return _BAD, parsed
-    content = clean_text(parsed[rules.content_field])
+
+    path: Path
+    read: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # "empty" / "too_short" / "empty_title" -> n
+    bad: list[tuple[int, str]] = field(default_factory=list)  # (line_no, reason)
+    kept: list[tuple[int, bytes]] = field(default_factory=list)
+
+
+def _examine_batch(rules: _LineRules, batch: tuple[Path, list]) -> _Examined:
+    path, lines = batch
+    out = _Examined(path, read=len(lines))
+    for line_no, line, reason in lines:
+        parsed = _parse_line(line, rules.title_field, rules.content_field) if reason is None else reason
+        if isinstance(parsed, str):
+            out.bad.append((line_no, parsed))
+            continue
+        row = _examine_record(rules, RawRecord(path.name, line_no, parsed))
+        if isinstance(row, str):
+            out.dropped[row] = out.dropped.get(row, 0) + 1
+        else:
+            out.kept.append(row)
+    return out
+
+
+def _examine_record(rules: _LineRules, rec: RawRecord) -> str | tuple[int, bytes]:
+    """The count key a record is dropped under, or its kept row (title hash, train.jsonl line)."""
+    content = clean_text(rec.obj[rules.content_field])
     if not content:
-        return "empty", None
+        return "empty"
     if len(content) < rules.min_content_chars:
-        return "too_short", None
-    title = clean_text(parsed[rules.title_field])
+        return "too_short"
+    title = clean_text(rec.obj[rules.title_field])
     key = _title_key(title)
     if not key:
-        return "empty_title", None
-    rec = RawRecord(name, line_no, parsed)
+        return "empty_title"
     ex = Example(_record_id(rec, rules.id_field), title, truncate_words(content, rules.max_content_chars),
                  rec.source)
-    return _KEPT, (title_hash(key, rules.split_salt), _example_line(ex).encode("utf-8"))
-
-
-def _examine_batch(rules: _LineRules, batch: tuple[Path, list]) -> tuple[Path, list]:
-    path, lines = batch
-    return path, [(line_no, *_examine(rules, path.name, line_no, line, reason)) for line_no, line, reason in lines]
+    return title_hash(key, rules.split_salt), _example_line(ex).encode("utf-8")
 
 
 def _line_batches(paths: list[Path]) -> Iterator[tuple[Path, list]]:
@@ -626,16 +642,13 @@ def _worker_count(paths: list[Path], requested: int | None) -> int:
     return min(cpus, _MAX_WORKERS)
 
 
-def _examined_lines(paths: list[Path], rules: _LineRules, workers: int | None) -> Iterator[tuple[Path, int, str, Any]]:
-    """Every non-blank line of `paths`, in file order, as (path, line_no, status, payload)."""
+def _examined_batches(paths: list[Path], rules: _LineRules, workers: int | None) -> Iterator[_Examined]:
+    """The non-blank lines of `paths`, examined a batch at a time, in file order."""
     paths = expand_paths(paths)
     n = _worker_count(paths, workers)
     examine = functools.partial(_examine_batch, rules)
     batches = _line_batches(paths)
-    results = map(examine, batches) if n == 1 else _in_order_parallel(examine, batches, n, paths)
-    for path, outcomes in results:
-        for line_no, status, payload in outcomes:
-            yield path, line_no, status, payload
+    yield from map(examine, batches) if n == 1 else _in_order_parallel(examine, batches, n, paths)
 
 
 def _in_order_parallel(fn, items: Iterator, workers: int, paths: list[Path]) -> Iterator:
@@ -643,7 +656,9 @@ def _in_order_parallel(fn, items: Iterator, workers: int, paths: list[Path]) -> 
 
     At most 2 x workers items are in flight, so memory stays bounded on any file size
     (multiprocessing.Pool.imap reads its input ahead without limit). Workers are spawned, not
-    forked: `run` prepares after torch has started threads, and a fork would copy their locks.
+    forked: `run` prepares after torch is loaded, and a fork would copy its threads' locks. As
+    with any spawned worker, a script calling this must guard its body with `if __name__ ==
+    "__main__":` (the worker imports the script; `python -m harness` and notebooks are fine).
     """
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
     pending: deque = deque()
@@ -656,8 +671,8 @@ def _in_order_parallel(fn, items: Iterator, workers: int, paths: list[Path]) -> 
             yield pending.popleft().result()
     except BrokenProcessPool as exc:
         names = ", ".join(str(p) for p in paths)
-        raise DataError(f"{names}: a prepare worker process died ({exc}); "
-                        f"data.workers: 1 prepares in this process") from None
+        raise DataError(f"{names}: a prepare worker process died ({exc}); a script that calls prepare needs "
+                        f"`if __name__ == '__main__':`, or set data.workers: 1") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -718,17 +733,16 @@ def prepare(spec: TaskSpec) -> PreparedData:
     seen: set[int] = set()
     train, heldout = _Side(d.max_train), _Side(d.max_heldout)
     threshold = d.heldout_fraction
-    with contextlib.closing(_examined_lines(spec.data_paths(), _LineRules.of(d), d.workers)) as lines:
-        for path, line_no, status, payload in lines:
-            stats.read += 1
-            if status == _BAD:
+    with contextlib.closing(_examined_batches(spec.data_paths(), _LineRules.of(d), d.workers)) as batches:
+        for batch in batches:
+            stats.read += batch.read
+            for line_no, reason in batch.bad:
                 if d.strict:
-                    raise DataError(f"{path}:{line_no}: {payload}")
-                stats.add_bad(payload, f"{path.name}:{line_no}")
-            elif status != _KEPT:
-                counts[status] += 1
-            else:
-                h, line = payload
+                    raise DataError(f"{batch.path}:{line_no}: {reason}")
+                stats.add_bad(reason, f"{batch.path.name}:{line_no}")
+            for key, n in batch.dropped.items():
+                counts[key] += n
+            for h, line in batch.kept:
                 if h in seen:
                     counts["duplicate"] += 1
                     continue
