@@ -11,6 +11,7 @@ Usage:
   python bench/prepare_memory.py                       # 2.25M lines, prepare only
   python bench/prepare_memory.py --lines 200000 --first-step --model MODEL_DIR
   python bench/prepare_memory.py --first-step          # builds the tests' tiny model (CPU)
+  python bench/prepare_memory.py --set data.workers=1  # prepare in one process
 
 Each measurement runs in its own subprocess; peak RSS is that child's ru_maxrss.
 Prints one JSON object (also written to --out).
@@ -100,12 +101,8 @@ def write_synthetic_trn(path: Path, n_lines: int, seed: int = 0, block_chars: in
     return {"lines": n_lines, "bytes": path.stat().st_size, "empty_content": empty, "cut_short": truncated}
 
 
-def _python() -> list[str]:
-    return [sys.executable]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
+def _env(**extra: str) -> dict:
+    env = {**os.environ, **extra}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -119,7 +116,7 @@ def measure_prepare(data_path: Path, runs_dir: Path, extra: list[str] = ()) -> d
     import psutil
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cmd = _python() + ["-m", "harness", "-q", "prepare", str(SPEC), "--runs-dir", str(runs_dir),
+    cmd = [sys.executable, "-m", "harness", "-q", "prepare", str(SPEC), "--runs-dir", str(runs_dir),
                        "--set", f"data.path={data_path}", *[a for x in extra for a in ("--set", x)]]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -147,8 +144,10 @@ def measure_prepare(data_path: Path, runs_dir: Path, extra: list[str] = ()) -> d
 
 def measure_first_step(data_path: Path, runs_dir: Path, model: str, max_train: int,
                        timeout_s: float = 1800) -> dict:
-    """Seconds from starting `harness run` to its first logged optimizer step (then it is stopped)."""
-    cmd = _python() + ["-m", "harness", "run", str(SPEC), "--runs-dir", str(runs_dir),
+    """Seconds from starting `harness run` to its first logged optimizer step (then it is stopped).
+
+    Base scores are cached per run folder so an earlier measurement cannot shorten this one."""
+    cmd = [sys.executable, "-m", "harness", "run", str(SPEC), "--runs-dir", str(runs_dir),
                        "--set", f"data.path={data_path}", "--set", f"data.max_train={max_train}",
                        "--set", f"model.base={model}", "--set", "train.logging_steps=1",
                        "--set", "train.eval_fraction=0", "--set", "data.max_heldout=8",
@@ -157,7 +156,8 @@ def measure_first_step(data_path: Path, runs_dir: Path, model: str, max_train: i
     log_path = runs_dir / "first-step.log"
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=_env(HARNESS_SCORE_CACHE=str(runs_dir / "score-cache")), cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT)
         try:
             while True:
                 logs = [p for p in runs_dir.glob("*/train_log.jsonl") if p.stat().st_size]
@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-train", type=int, default=100_000)
     ap.add_argument("--model", help="model.base for --first-step (default: the tests' tiny model)")
     ap.add_argument("--work", type=Path, help="folder for the data and runs (default: a temp folder)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a spec override for prepare, e.g. --set data.workers=1 (repeatable)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             result["data"] = write_synthetic_trn(data_path, args.lines)
             result["data"]["write_s"] = round(time.perf_counter() - started, 1)
-        result["prepare"] = measure_prepare(data_path, work / "runs-prepare")
+        result["prepare"] = measure_prepare(data_path, work / "runs-prepare", args.overrides)
         if args.first_step:
             model = args.model or _tiny_model(work / "tiny-model")
             result["first_step"] = measure_first_step(data_path, work / "runs-first-step", model, args.max_train)
