@@ -12,6 +12,7 @@ Usage:
   python bench/prepare_memory.py --lines 200000 --first-step --model MODEL_DIR
   python bench/prepare_memory.py --first-step          # builds the tests' tiny model (CPU)
   python bench/prepare_memory.py --set data.workers=1  # prepare in one process
+  python bench/prepare_memory.py --tokenize            # + tokenized_dataset vs one-at-a-time, 100k examples
 
 Each measurement runs in its own subprocess; peak RSS is that child's ru_maxrss.
 Prints one JSON object (also written to --out).
@@ -20,6 +21,7 @@ Prints one JSON object (also written to --out).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -32,6 +34,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 FULL_LINES = 2_250_000
 SPEC = REPO / "tasks" / "amazon_desc.yaml"
 
@@ -186,8 +189,51 @@ def _stage_seconds(manifest_path: Path) -> dict:
     return dict(manifest.get("timings_s") or {})
 
 
+def tokenize_one_at_a_time(spec, tokenizer, examples):
+    """What harness.train.tokenized_dataset did before: two tokenizer calls per example, one process."""
+    from datasets import Dataset
+
+    from harness.prompts import build_prompt, encode_example
+
+    rows = []
+    for ex in examples:
+        enc = encode_example(tokenizer, build_prompt(tokenizer, spec.prompt, ex.title), ex.content,
+                             spec.train.max_length)
+        rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
+    return Dataset.from_list(rows)
+
+
+def measure_tokenize(data_dir: Path, model: str, n: int) -> dict:
+    """tokenized_dataset against the encoding it replaced, on the same `n` prepared train examples.
+
+    Both run in this process (CPU seconds count tokenized_dataset's worker processes too), after a
+    small warm-up of each so that neither pays for first imports."""
+    from harness import models
+    from harness.data import TRAIN_FILE, Example
+    from harness.spec import load_spec
+    from harness.train import tokenized_dataset
+
+    spec = load_spec(str(SPEC), [f"model.base={model}"])
+    tokenizer = models.load_tokenizer(models.resolve_base(model), spec.model,
+                                      uses_chat_template=spec.prompt.template is None)
+    with open(data_dir / TRAIN_FILE, encoding="utf-8") as fh:  # the first n only: all would be 1.5 GB
+        examples = [Example.from_dict(json.loads(line)) for line in itertools.islice(fh, n)]
+    out: dict = {"examples": len(examples)}
+    for name, fn in (("one_at_a_time", tokenize_one_at_a_time), ("tokenized_dataset", tokenized_dataset)):
+        fn(spec, tokenizer, examples[:50])
+        cpu, started = _cpu_seconds(), time.perf_counter()
+        rows = len(fn(spec, tokenizer, examples))
+        out[name] = {"rows": rows, "wall_s": round(time.perf_counter() - started, 1),
+                     "cpu_s": round(_cpu_seconds() - cpu, 1)}
+    return out
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _tiny_model(folder: Path) -> str:
-    sys.path.insert(0, str(REPO))
     from tests.conftest import build_tiny_model
 
     return str(build_tiny_model(folder))
@@ -198,8 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lines", type=int, default=FULL_LINES)
     ap.add_argument("--data", type=Path, help="use this file instead of writing a synthetic one")
     ap.add_argument("--first-step", action="store_true", help="also time `run` to its first optimizer step")
+    ap.add_argument("--tokenize", action="store_true",
+                    help="also time tokenized_dataset against the one-at-a-time encoding on --max-train examples")
     ap.add_argument("--max-train", type=int, default=100_000)
-    ap.add_argument("--model", help="model.base for --first-step (default: the tests' tiny model)")
+    ap.add_argument("--model", help="model.base for --first-step/--tokenize (default: the tests' tiny model)")
     ap.add_argument("--work", type=Path, help="folder for the data and runs (default: a temp folder)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a spec override for prepare, e.g. --set data.workers=1 (repeatable)")
@@ -217,8 +265,11 @@ def main(argv: list[str] | None = None) -> int:
             result["data"] = write_synthetic_trn(data_path, args.lines)
             result["data"]["write_s"] = round(time.perf_counter() - started, 1)
         result["prepare"] = measure_prepare(data_path, work / "runs-prepare", args.overrides)
+        model = args.model or (_tiny_model(work / "tiny-model") if args.first_step or args.tokenize else None)
+        if args.tokenize:
+            prepared = next((work / "runs-prepare").glob("*/data"))
+            result["tokenize"] = measure_tokenize(prepared, model, args.max_train)
         if args.first_step:
-            model = args.model or _tiny_model(work / "tiny-model")
             result["first_step"] = measure_first_step(data_path, work / "runs-first-step", model, args.max_train)
         text = json.dumps(result, indent=2)
         print(text)

@@ -217,19 +217,6 @@ def test_prepare_peak_rss_is_bounded_on_a_200k_line_file(tmp_path):
 # -- tokenization ----------------------------------------------------------------------------------
 
 
-def _one_at_a_time(spec, tokenizer, examples):
-    from datasets import Dataset
-
-    from harness.prompts import build_prompt, encode_example
-
-    rows = []
-    for ex in examples:
-        enc = encode_example(tokenizer, build_prompt(tokenizer, spec.prompt, ex.title), ex.content,
-                             spec.train.max_length)
-        rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
-    return Dataset.from_list(rows)
-
-
 @pytest.mark.parametrize("per_process", [10**9, 60], ids=["in-process", "2-processes"])
 def test_tokenized_dataset_matches_one_at_a_time_encoding(tiny_model_dir, monkeypatch, capsys, per_process):
     import harness.train as T
@@ -242,7 +229,7 @@ def test_tokenized_dataset_matches_one_at_a_time_encoding(tiny_model_dir, monkey
     monkeypatch.setattr(T, "_TOKENIZE_PER_PROCESS", per_process)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
     got = T.tokenized_dataset(spec, tokenizer, examples)
-    want = _one_at_a_time(spec, tokenizer, examples)
+    want = _bench().tokenize_one_at_a_time(spec, tokenizer, examples)
     assert got.features == want.features and got.to_dict() == want.to_dict()
     assert any(len(ids) == 48 for ids in got["input_ids"])  # some were cut at max_length
     bar = capsys.readouterr().err
