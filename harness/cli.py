@@ -1,6 +1,7 @@
 """`python -m harness` / `harness`: the command line.
 
-Exit codes: 0 success; 1 a regression found by `check`; 2 bad input or a result that cannot
+Exit codes: 0 success; 1 a regression found by `check`, or input lines `generate` could not
+describe (named on stderr; the rest were described); 2 bad input or a result that cannot
 be judged (one line on stderr, no traceback); 3 an unexpected crash (traceback);
 130 interrupted (the run folder says where to resume).
 """
@@ -12,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from harness.errors import HarnessError
@@ -43,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", type=Path, default=Path("runs"))
     _add_overrides(p)
 
+    p = sub.add_parser("eval", help="score adapters made elsewhere (or merged models) against the base; no training")
+    p.add_argument("task", help="task name in tasks/ or a spec path")
+    p.add_argument("--adapter", dest="adapters", action="append", required=True, type=Path, metavar="DIR",
+                   help="a PEFT adapter folder, a run folder or a merged model folder (repeatable: compared)")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    _add_overrides(p)
+
     p = sub.add_parser("validate", help="check a task spec without running it")
     p.add_argument("task")
     _add_overrides(p)
@@ -70,8 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="write descriptions with a run's tuned model")
     p.add_argument("run", type=Path)
-    p.add_argument("--title", help="a product title (default: read titles from stdin)")
-    p.add_argument("--compare", action="store_true", help="also print the base model's description")
+    p.add_argument("--title", help="a product title (default: --input, titles piped on stdin, or a prompt)")
+    p.add_argument("--input", type=Path, metavar="FILE",
+                   help="titles to describe in batches: .txt (one a line) or .jsonl (objects with a title field)")
+    p.add_argument("--output", type=Path, metavar="FILE",
+                   help="JSON Lines output, written as titles finish (default: stdout, in input order)")
+    p.add_argument("--resume", action="store_true", help="continue --output: skip the input lines it describes")
+    p.add_argument("--title-field", metavar="NAME", help="the .jsonl field holding the title (default: title)")
+    p.add_argument("--progress", action="store_true", help="progress bar on stderr even when it is not a terminal")
+    p.add_argument("--compare", action="store_true", help="also write the base model's description")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
@@ -80,12 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    # 10 ms is little next to one generation (hundreds of ms) and enough for a burst to gather.
+    p.add_argument("--batch-window-ms", type=float, default=10.0,
+                   help="how long a batch gathers requests once the model is free (default %(default)g; 0: no wait)")
+    p.add_argument("--max-batch", type=int, default=64,
+                   help="most requests generated together (default %(default)s; 1: one at a time)")
 
     p = sub.add_parser("bench", help="GPU benchmark: seed recipe vs harness (training and scoring)")
     p.add_argument("task")
     p.add_argument("--out", type=Path, default=Path("bench/results.json"))
     p.add_argument("--quick", action="store_true", help="allow a CPU smoke test (numbers mean nothing there)")
-    p.add_argument("--only", help="comma-separated parts: smollm2,tinyllama,qlora8b,generate (default: all)")
+    p.add_argument("--only", help="comma-separated parts: smollm2,tinyllama,qlora8b,generate (default: all); "
+                                  "serve (HTTP micro-batching) runs only when named")
     p.add_argument("--recipes", default="seed,trl_tuned,harness",
                    help="comma-separated training recipes: seed,trl_tuned,harness_sdpa,harness "
                         "(default: all but harness_sdpa)")
@@ -109,17 +131,34 @@ def _cmd_run(args) -> int:
 
     if bool(args.task) == bool(args.resume):
         raise HarnessError("run: give a TASK, or --resume RUN (not both)")
-    # SIGTERM outside training (which saves a checkpoint first) acts like Ctrl-C: run marked interrupted, exit 130.
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if _main_thread() else None
-    try:
+    with _sigterm_interrupts():
         run_dir = run_task(args.task, args.overrides, args.runs_dir, resume=args.resume)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     print(f"run folder: {run_dir}")
     print(summary_line(run_dir))
     print(f"reports: {run_dir / 'report.html'}  {run_dir / 'report.md'}")
     return 0
+
+
+def _cmd_eval(args) -> int:
+    from harness.eval import eval_task, summary_lines
+
+    with _sigterm_interrupts():
+        run_dir = eval_task(args.task, args.adapters, args.overrides, args.runs_dir)
+    print(f"run folder: {run_dir}")
+    print("\n".join(summary_lines(run_dir)))
+    print(f"reports: {run_dir / 'report.html'}  {run_dir / 'report.md'}")
+    return 0
+
+
+@contextmanager
+def _sigterm_interrupts():
+    """SIGTERM outside training (which saves a checkpoint first) acts like Ctrl-C: run marked interrupted, exit 130."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if _main_thread() else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _main_thread() -> bool:
@@ -177,7 +216,7 @@ def _cmd_baseline(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from harness.serve import generate_command
+    from harness.generate_cli import generate_command
 
     return generate_command(args)
 
@@ -202,9 +241,9 @@ def _cmd_fetch_model(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "prepare": _cmd_prepare, "report": _cmd_report,
-            "check": _cmd_check, "baseline": _cmd_baseline, "generate": _cmd_generate, "serve": _cmd_serve,
-            "bench": _cmd_bench, "fetch-model": _cmd_fetch_model}
+COMMANDS = {"run": _cmd_run, "eval": _cmd_eval, "validate": _cmd_validate, "prepare": _cmd_prepare,
+            "report": _cmd_report, "check": _cmd_check, "baseline": _cmd_baseline, "generate": _cmd_generate,
+            "serve": _cmd_serve, "bench": _cmd_bench, "fetch-model": _cmd_fetch_model}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,8 @@ Decisions (each deliberate, see the functions for why):
   then are titles de-duplicated: a title's first *usable* record is kept.
 * The split is a pure function of the normalized title and `split_salt` (sha256), so the same
   title never lands on both sides and adding rows never moves an existing row across it.
+  With `heldout_path` (a test file) every `path` row is train and every test-file row held out;
+  each side is de-duplicated on its own, so a title in both stays visible to the leakage check.
 * Caps keep the rows with the smallest split hash (stable as rows are added).
 * Output order is file order for both train and held-out (`source` ascending).
 * `read` counts every non-blank line (good or bad) plus one per cut-short/corrupt gzip stream,
@@ -737,11 +739,11 @@ def prepare(spec: TaskSpec) -> PreparedData:
     d = spec.data
     stats = ReadStats()
     counts = {k: 0 for k in COUNT_KEYS}
-    seen: set[int] = set()
+    seen: dict[bool, set[int]] = {False: set(), True: set()}  # by source: training file(s), test file(s)
     train, heldout = _Side(d.max_train), _Side(d.max_heldout)
     threshold = d.heldout_fraction
-    with contextlib.closing(_examined_batches(spec.data_paths(), _LineRules.of(d), d.workers)) as batches:
-        for batch in batches:
+    with contextlib.closing(_sources(spec)) as batches:
+        for batch, from_test_file in batches:
             stats.read += batch.read
             for line_no, reason in batch.bad:
                 if d.strict:
@@ -750,11 +752,12 @@ def prepare(spec: TaskSpec) -> PreparedData:
             for key, n in batch.dropped.items():
                 counts[key] += n
             for h, line in batch.kept:
-                if h in seen:
+                if h in seen[from_test_file]:
                     counts["duplicate"] += 1
                     continue
-                seen.add(h)
-                side = heldout if _unit(h) < threshold else train  # _unit(h) == split_value(key, salt)
+                seen[from_test_file].add(h)
+                held = from_test_file if d.heldout_path else _unit(h) < threshold  # _unit(h) == split_value
+                side = heldout if held else train
                 side.add(h, line)
     counts["read"] = stats.read
     counts["malformed"] = stats.malformed
@@ -767,6 +770,15 @@ def prepare(spec: TaskSpec) -> PreparedData:
         names = ", ".join(str(p) for p in spec.data_paths())
         raise DataError(f"{names}: no usable records ({_one_line(counts)})")
     return PreparedData(train_rows, heldout_rows, counts)
+
+
+def _sources(spec: TaskSpec) -> Iterator[tuple[_Examined, bool]]:
+    """Every examined batch with whether it comes from `data.heldout_path`: the training file(s), then the test file(s)."""
+    d = spec.data
+    rules = _LineRules.of(d)
+    for paths, from_test_file in ((spec.data_paths(), False), (spec.heldout_paths(), True)):
+        with contextlib.closing(_examined_batches(paths, rules, d.workers)) as batches:
+            yield from ((batch, from_test_file) for batch in batches)
 
 
 def _one_line(counts: dict) -> str:

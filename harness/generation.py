@@ -84,6 +84,7 @@ def generate(model, tokenizer, prompts: Sequence[str], gen: GenerationSpec, devi
             out = model.generate(
                 input_ids=ids.to(device.torch_device), attention_mask=mask.to(device.torch_device),
                 max_new_tokens=gen.max_new_tokens, eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id,
+                no_repeat_ngram_size=gen.no_repeat_ngram_size,
                 repetition_penalty=gen.repetition_penalty, streamer=streamer, **sampling)
         new_tokens = out[:, ids.shape[1]:].cpu().tolist()
         for i, tokens in zip(batch, new_tokens):

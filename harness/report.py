@@ -1,5 +1,8 @@
 """Reports people want to read: one run (base vs tuned) or several adapters against one base.
 
+An `eval` folder of several candidates is read as its candidates side by side, plus a table of
+the candidates against each other (paired deltas with 95% CIs).
+
 `write_reports` renders two files from finished run folders:
 
 * `report.html` -- one self-contained page: inline CSS, matplotlib plots as PNG data URIs and
@@ -30,7 +33,7 @@ from matplotlib.figure import Figure
 
 from harness.errors import RunError
 from harness.io import atomic_write_text, os_error_message
-from harness.metrics import METRICS, ROUGE_TYPES
+from harness.metrics import DEGENERATION, HIGHER_IS_BETTER, METRICS, ROUGE_TYPES
 
 TEMPLATES = Path(__file__).parent / "templates"
 MD_MAX_BYTES = 60_000
@@ -48,6 +51,8 @@ GUARDS = (
     ("mean_words", "Mean words per output", "count"),
     ("mean_tokens", "Mean tokens per output", "count"),
 )
+# Degenerate-output metrics (0-1 scale): their own section, three decimals.
+DEGENERATION_LABELS = {"rep4": "rep-4", "loops": "Looping outputs", "distinct2": "distinct-2"}
 PALETTE = ("#2f6fde", "#e07b28", "#2a9d5b", "#c23b3b", "#7b52c7", "#8c5a3c", "#d45aa8", "#1fa3b5")
 BASE_GREYS = ("#8a8f98", "#b3b8c0", "#6b7079", "#cfd3d9")
 REFERENCE_COLOR = "#222222"
@@ -79,13 +84,15 @@ def write_reports(run_dirs: list[Path], out_dir: Path) -> tuple[Path, Path]:
     """
     if not run_dirs:
         raise RunError("no run folders given to report on")
-    runs = [load_run(Path(d)) for d in run_dirs]
-    labels = [str(r.manifest.get("run_id") or r.path.name) for r in runs]
+    loaded = [load_runs(Path(d)) for d in run_dirs]
+    runs = [run for folder_runs, _ in loaded for run in folder_runs]
+    comparisons = [pair for _, pairs in loaded for pair in pairs]
+    labels = [r.label or str(r.manifest.get("run_id") or r.path.name) for r in runs]
     if len(set(labels)) < len(labels):
         labels = [f"{i}. {label}" for i, label in enumerate(labels, 1)]
     for run, label in zip(runs, labels):
         run.label = label
-    context = build_context(runs)
+    context = build_context(runs, comparisons)
     html = render_html(context)
     markdown = render_markdown(context)
     out_dir = Path(out_dir)
@@ -96,6 +103,37 @@ def write_reports(run_dirs: list[Path], out_dir: Path) -> tuple[Path, Path]:
 
 
 # --- reading run folders -------------------------------------------------------------------
+
+
+def load_runs(path: Path) -> tuple[list[Run], list[dict]]:
+    """A run folder (one Run, no comparisons), or an `eval` folder of several candidates: one Run
+    per candidate folder (labelled with its name) and the paired comparisons between them."""
+    metrics_path = path / "metrics.json"
+    if not metrics_path.is_file():
+        return [load_run(path)], []
+    metrics = _read_json_object(metrics_path)
+    if "candidates" not in metrics:
+        return [load_run(path)], []
+    candidates, comparisons = metrics["candidates"], metrics.get("comparisons")
+    if not isinstance(candidates, dict) or len(candidates) < 2 or not isinstance(comparisons, list):
+        raise RunError(f"{metrics_path}: an eval needs two or more candidates and a list of comparisons")
+    runs = []
+    for name, entry in candidates.items():
+        folder = Path(str(_dict(entry).get("folder", "")))
+        if not folder.parts or folder.is_absolute() or ".." in folder.parts:
+            raise RunError(f"{metrics_path}: candidates.{name}.folder must be a folder inside the eval folder")
+        run = load_run(path / folder)
+        run.label = str(name)
+        runs.append(run)
+    for i, pair in enumerate(comparisons):
+        delta = _dict(_dict(pair).get("delta"))
+        if _dict(pair).get("a") not in candidates or pair.get("b") not in candidates or not delta:
+            raise RunError(f"{metrics_path}: comparisons[{i}] needs candidates a and b and a delta block")
+        for name, stat in delta.items():
+            if not _is_estimate(stat):
+                raise RunError(f"{metrics_path}: comparisons[{i}].delta.{name} needs a numeric value and ci95 "
+                               "[low, high]")
+    return runs, comparisons
 
 
 def load_run(path: Path) -> Run:
@@ -159,13 +197,15 @@ def _check_metrics(path: Path, metrics: dict) -> None:
     for side in ("base", "tuned", "delta"):
         block = metrics.get(side)
         for name in names:
-            stat = block.get(name) if isinstance(block, dict) else None
-            ci = stat.get("ci95") if isinstance(stat, dict) else None
-            if not (
-                _is_num(stat.get("value") if isinstance(stat, dict) else None)
-                and isinstance(ci, list) and len(ci) == 2 and all(_is_num(x) for x in ci)
-            ):
+            if not _is_estimate(block.get(name) if isinstance(block, dict) else None):
                 raise RunError(f"{path}: {side}.{name} needs a numeric value and ci95 [low, high]")
+
+
+def _is_estimate(stat) -> bool:
+    """{"value": number, "ci95": [low, high]} with finite numbers."""
+    ci = stat.get("ci95") if isinstance(stat, dict) else None
+    return (_is_num(stat.get("value") if isinstance(stat, dict) else None)
+            and isinstance(ci, list) and len(ci) == 2 and all(_is_num(x) for x in ci))
 
 
 def _read_predictions(path: Path) -> list[dict]:
@@ -215,7 +255,7 @@ def significance(ci95: list[float], higher_is_better: bool) -> str | None:
 
 def _higher(run: Run, name: str) -> bool:
     value = _dict(run.metrics.get("higher_is_better")).get(name)
-    return value if isinstance(value, bool) else name != "perplexity"
+    return value if isinstance(value, bool) else HIGHER_IS_BETTER.get(name, True)
 
 
 def _ordered(names) -> list[str]:
@@ -223,14 +263,18 @@ def _ordered(names) -> list[str]:
     return [m for m in METRICS if m in names] + [m for m in names if m not in METRICS]
 
 
-def _stat(block: dict) -> dict:
-    low, high = block["ci95"]
-    return {"value": f"{block['value']:.2f}", "ci": f"[{low:.2f}, {high:.2f}]"}
+def _digits(name: str) -> int:
+    return 3 if name in DEGENERATION else 2
 
 
-def _delta(block: dict, higher: bool) -> dict:
+def _stat(block: dict, digits: int = 2) -> dict:
     low, high = block["ci95"]
-    return {"value": f"{block['value']:+.2f}", "ci": f"[{low:+.2f}, {high:+.2f}]",
+    return {"value": f"{block['value']:.{digits}f}", "ci": f"[{low:.{digits}f}, {high:.{digits}f}]"}
+
+
+def _delta(block: dict, higher: bool, digits: int = 2) -> dict:
+    low, high = block["ci95"]
+    return {"value": f"{block['value']:+.{digits}f}", "ci": f"[{low:+.{digits}f}, {high:+.{digits}f}]",
             "sig": significance(block["ci95"], higher)}
 
 
@@ -242,8 +286,9 @@ def _wtl(run: Run, name: str) -> dict | None:
 
 
 def _headline(runs: list[Run]) -> list[dict]:
+    """Quality metrics, one row each; degenerate-output metrics have their own section."""
     rows = []
-    for name in _ordered(runs[0].metrics["base"]):
+    for name in _ordered(n for n in runs[0].metrics["base"] if n not in DEGENERATION):
         higher = _higher(runs[0], name)
         cells = []
         for run in runs:
@@ -255,6 +300,20 @@ def _headline(runs: list[Run]) -> list[dict]:
                           "delta": _delta(m["delta"][name], _higher(run, name)), "wtl": _wtl(run, name)})
         rows.append({"name": name, "arrow": "↑" if higher else "↓", "runs": cells})
     return rows
+
+
+def _pairwise(runs: list[Run], comparisons: list[dict]) -> dict:
+    """An eval's candidates against each other: per metric and pair, b − a with its paired 95% CI
+    and win/tie/loss (b beats / equals / trails a)."""
+    names = _ordered(dict.fromkeys(m for pair in comparisons for m in pair["delta"]))
+    rows = []
+    for name in names:
+        higher = _higher(runs[0], name)
+        cells = [{"delta": _delta(pair["delta"][name], higher),
+                  "wtl": _dict(pair.get("win_tie_loss")).get(name)} if name in pair["delta"] else None
+                 for pair in comparisons]
+        rows.append({"name": name, "arrow": "↑" if higher else "↓", "cells": cells})
+    return {"pairs": [{"a": str(p["a"]), "b": str(p["b"])} for p in comparisons], "rows": rows}
 
 
 def _verdict(run: Run) -> dict:
@@ -322,6 +381,50 @@ def _guards(runs: list[Run]) -> list[dict]:
     return rows
 
 
+def _degeneration(runs: list[Run], shared_base: bool) -> dict:
+    """Per model rep-4 / looping share / distinct-2 with CIs and paired deltas, and per model its
+    most repetitive looping output, so the numbers come with what they measure."""
+    names = [n for n in DEGENERATION if n in runs[0].metrics["base"]]
+    multi = len(runs) > 1
+
+    def cells(run: Run, side: str) -> list[dict | None]:
+        block = run.metrics[side]
+        if side == "delta":
+            return [_delta(block[n], _higher(run, n), _digits(n)) if n in block else None for n in names]
+        return [_stat(block[n], _digits(n)) if n in block else None for n in names]
+
+    rows, examples = [], []
+    for k, run in enumerate(runs):
+        if k == 0 or not shared_base:
+            label = f"Base · {run.label}" if multi and not shared_base else "Base"
+            rows.append({"label": label, "kind": "base", "cells": cells(run, "base")})
+            examples.append(_looping_example(run, "base", label))
+        label = run.label if multi else "Tuned"
+        rows.append({"label": label, "kind": "tuned", "cells": cells(run, "tuned")})
+        rows.append({"label": f"Δ {label if multi else 'tuned'} − base", "kind": "delta",
+                     "cells": cells(run, "delta")})
+        examples.append(_looping_example(run, "tuned", label))
+    columns = [{"name": n, "label": DEGENERATION_LABELS[n], "arrow": "↑" if _higher(runs[0], n) else "↓"}
+               for n in names]
+    return {"columns": columns, "rows": rows, "examples": examples}
+
+
+def _looping_example(run: Run, side: str, model: str) -> dict:
+    """The looping output of one model with the highest rep-4 (the first on ties), or why there is none."""
+    flag, rep4 = f"{side}_loops", f"{side}_rep4"
+    if not any(flag in p for p in run.predictions):
+        return {"model": model, "note": "looping not recorded in predictions.jsonl", "example": None}
+    looping = [p for p in run.predictions if p.get(flag) is True]
+    note = f"{len(looping)} of {len(run.predictions)} outputs loop"
+    if not looping:
+        return {"model": model, "note": note, "example": None}
+    row = max(looping, key=lambda p: p[rep4] if _is_num(p.get(rep4)) else 0.0)
+    return {"model": model, "note": note,
+            "example": {"id": str(row["id"]), "title": row["title"], "text": row[side],
+                        "rep4": f"{row[rep4]:.3f}" if _is_num(row.get(rep4)) else "—",
+                        "truncated": bool(row.get(f"{side}_truncated"))}}
+
+
 def _scores(row: dict, side: str) -> dict[str, float]:
     scores = row.get("scores")
     scores = scores.get(side) if isinstance(scores, dict) else None
@@ -386,6 +489,8 @@ def _all_examples(runs: list[Run]) -> list[dict]:
                 row["flags"].add("truncated")
             if not p["base"].strip() or not p["tuned"].strip():
                 row["flags"].add("empty")
+            if p.get("base_loops") is True or p.get("tuned_loops") is True:
+                row["flags"].add("loops")
     for row in rows.values():
         row["flags"] = " ".join(sorted(row["flags"]))
     return list(rows.values())
@@ -428,6 +533,8 @@ def _environment(runs: list[Run]) -> dict:
         ("Device", lambda m: m.get("device")), ("Git commit", lambda m: m.get("git_commit")),
         ("Python", lambda m: m.get("python")), ("Platform", lambda m: m.get("platform")),
         ("Base-score cache", _base_cache),
+        ("Scored candidates", lambda m: ", ".join(str(_dict(c).get("path")) for c in m.get("candidates") or [])
+         or None),
         ("Train steps", lambda m: _dict(m.get("train")).get("steps")),
         ("Train tokens", lambda m: _dict(m.get("train")).get("train_tokens")),
         ("Train seconds", lambda m: _dict(m.get("train")).get("seconds")),
@@ -459,8 +566,9 @@ def _spec_differences(runs: list[Run]) -> list[dict]:
     return [row for row in rows if len(set(row["values"])) > 1]
 
 
-def build_context(runs: list[Run]) -> dict:
-    """Everything both templates show, as pre-formatted strings (templates only lay out)."""
+def build_context(runs: list[Run], comparisons: list[dict] = ()) -> dict:
+    """Everything both templates show, as pre-formatted strings (templates only lay out);
+    `comparisons` are an eval's candidates against each other (metrics.json `comparisons`)."""
     problems, shared_base = _comparability(runs)
     tasks = {str(r.manifest.get("task") or r.spec.get("name") or "") for r in runs}
     first = runs[0]
@@ -482,10 +590,12 @@ def build_context(runs: list[Run]) -> dict:
         "problems": problems,
         "headline": _headline(runs),
         "guards": _guards(runs),
+        "degeneration": _degeneration(runs, shared_base),
         "examples": _all_examples(runs),
         "plots": _plots(runs, shared_base),
         "spec_differences": _spec_differences(runs) if len(runs) > 1 else [],
         "environment": _environment(runs),
+        "pairwise": _pairwise(runs, list(comparisons)) if comparisons else None,
     }
 
 
@@ -542,7 +652,8 @@ def _bars_plot(runs: list[Run], shared_base: bool) -> str:
                r.metrics["base"]) for k, r in enumerate(bases)]
     series += [(_tuned_label(r, multi), PALETTE[k % len(PALETTE)], r.metrics["tuned"])
                for k, r in enumerate(runs)]
-    names = [n for n in _ordered(runs[0].metrics["base"]) if all(n in block for _, _, block in series)]
+    names = [n for n in _ordered(runs[0].metrics["base"])
+             if n not in DEGENERATION and all(n in block for _, _, block in series)]
     groups = [(g, label) for g, label in (
         ([n for n in names if n != "perplexity"], "score (0–100), higher is better"),
         ([n for n in names if n == "perplexity"], "perplexity, lower is better")) if g]

@@ -79,12 +79,13 @@ def resume_run(run_dir: Path) -> tuple[TaskSpec, Manifest]:
     return spec, manifest
 
 
-def execute(spec: TaskSpec, manifest: Manifest) -> Path:
-    """Run every unfinished stage; mark the manifest `completed`, `interrupted` or `failed`."""
+def execute(spec: TaskSpec, manifest: Manifest, stages=None) -> Path:
+    """Run every unfinished stage (`stages(spec, manifest)`: this recipe's by default); mark the
+    manifest `completed`, `interrupted` or `failed`."""
     from harness.train import TrainingInterrupted
 
     try:
-        _stages(spec, manifest)
+        (stages or _stages)(spec, manifest)
     except (TrainingInterrupted, KeyboardInterrupt):
         manifest.update(status="interrupted", last_checkpoint=_last_checkpoint(manifest.run_dir))
         raise

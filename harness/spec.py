@@ -20,7 +20,10 @@ import yaml
 from harness.errors import SpecError
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
-METRIC_NAMES = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf", "perplexity")
+# Equal to harness.metrics.METRICS (a test holds them together); spec loading stays free of the scorers.
+METRIC_NAMES = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf", "perplexity", "rep4", "loops", "distinct2")
+# Named prompt formats of the fine-tuning notebooks (texts in harness/prompts.py PRESETS).
+PROMPT_PRESETS = ("alpaca", "llama2_inst")
 
 
 @dataclass
@@ -38,12 +41,15 @@ class DataSpec:
     max_train: int | None = None
     max_heldout: int | None = None
     strict: bool = False
+    # A test file (or globs) to score on instead of a hash split of `path`; `path` is then all training data.
+    heldout_path: list[str] | None = None
     workers: int | None = None
 
 
 @dataclass
 class PromptSpec:
-    """How a title becomes a prompt. `template=None` uses the model's chat template."""
+    """How a title becomes a prompt: `template=None` uses the model's chat template, `alpaca` or
+    `llama2_inst` a notebook format, anything else is a format string with {title} (and {instruction})."""
 
     instruction: str = "Write a product description for the following product title."
     system: str | None = None
@@ -57,6 +63,10 @@ class ModelSpec:
     base: str = EMBEDDED_MODEL
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    # Other names of the base model: an adapter whose base_model_name_or_path is one of them fits.
+    base_aliases: list[str] = field(default_factory=list)
+    # Score with the tokenizer saved next to an adapter (`eval`) when it differs from the base's.
+    adapter_tokenizer: bool = False
 
 
 @dataclass
@@ -99,6 +109,7 @@ class GenerationSpec:
     top_p: float = 1.0
     batch_size: int = 16
     repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0  # > 0: never repeat an n-gram of this many model tokens (0 = off)
 
 
 @dataclass
@@ -108,6 +119,7 @@ class MetricsSpec:
     bootstrap_replicates: int = 1000
     bootstrap_seed: int = 0
     length_shift_warning: float = 0.5
+    loop_warning: float = 0.2  # warn when more than this share of a model's outputs loop
 
 
 @dataclass
@@ -127,10 +139,11 @@ class GateSpec:
     subset_seed: int = 0
     rules: list[RuleSpec] = field(
         default_factory=lambda: [RuleSpec("rougeL", margin=1.0), RuleSpec("chrf", margin=1.0),
-                                 RuleSpec("perplexity", margin=0.5)]
+                                 RuleSpec("perplexity", margin=0.5), RuleSpec("loops", margin=0.05)]
     )
     max_empty_share: float = 0.05
     max_truncated_share: float = 0.5
+    max_loop_share: float | None = None  # null = no absolute limit on the candidate's looping outputs
 
 
 @dataclass
@@ -149,7 +162,14 @@ class TaskSpec:
     base_dir: str = field(default=".", metadata={"internal": True})
 
     def data_paths(self) -> list[Path]:
-        return [Path(p) if Path(p).is_absolute() else Path(self.base_dir) / p for p in self.data.path]
+        return self._resolve(self.data.path)
+
+    def heldout_paths(self) -> list[Path]:
+        """`data.heldout_path` resolved like `data.path` (empty when held-out rows come from a split)."""
+        return self._resolve(self.data.heldout_path or [])
+
+    def _resolve(self, paths: list[str]) -> list[Path]:
+        return [Path(p) if Path(p).is_absolute() else Path(self.base_dir) / p for p in paths]
 
 
 def _did_you_mean(key: str, choices: list[str]) -> str:
@@ -274,13 +294,11 @@ def load_spec(name_or_path: str, overrides: list[str] = (), tasks_dir: Path = Pa
         raise SpecError(f"{path}: cannot read spec ({exc})") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a spec must be a mapping of sections")
-    cli_paths: list[str] | None = None
     for text in overrides:
         keys, value = parse_override(text)
-        if keys == ["data", "path"]:
+        if keys in (["data", "path"], ["data", "heldout_path"]) and value is not None:
             # Paths typed on the command line are relative to the shell's folder, not the spec's.
-            cli_paths = [str(Path(p).resolve()) for p in (value if isinstance(value, list) else [value])]
-            value = cli_paths
+            value = [str(Path(p).resolve()) for p in (value if isinstance(value, list) else [value])]
         _apply_override(raw, keys, value, text)
     try:
         spec = build(TaskSpec, raw, "")
@@ -299,6 +317,8 @@ def _check_values(spec: TaskSpec, path: Path) -> None:
         (spec.data.max_content_chars > spec.data.min_content_chars, "data.max_content_chars",
          "must be greater than data.min_content_chars"),
         (bool(spec.data.path), "data.path", "must name at least one file"),
+        (spec.data.heldout_path is None or bool(spec.data.heldout_path), "data.heldout_path",
+         "must name at least one file, or be null"),
         (spec.data.workers is None or spec.data.workers >= 1, "data.workers", "must be >= 1 or null"),
         (spec.lora.r > 0, "lora.r", "must be > 0"),
         (0.0 <= spec.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)"),
@@ -313,12 +333,16 @@ def _check_values(spec: TaskSpec, path: Path) -> None:
         (spec.generation.batch_size > 0, "generation.batch_size", "must be > 0"),
         (spec.generation.temperature > 0, "generation.temperature", "must be > 0"),
         (0.0 < spec.generation.top_p <= 1.0, "generation.top_p", "must be in (0, 1]"),
+        (spec.generation.no_repeat_ngram_size >= 0, "generation.no_repeat_ngram_size", "must be >= 0 (0 = off)"),
         (spec.metrics.bootstrap_replicates >= 100, "metrics.bootstrap_replicates", "must be >= 100"),
+        (0.0 <= spec.metrics.loop_warning <= 1.0, "metrics.loop_warning", "must be in [0, 1]"),
         (spec.gate.subset is None or spec.gate.subset >= 1, "gate.subset", "must be >= 1 or null"),
         (bool(spec.gate.rules), "gate.rules", "must list at least one rule"),
         (all(r.margin >= 0 for r in spec.gate.rules), "gate.rules", "every margin must be >= 0"),
         (0.0 <= spec.gate.max_empty_share <= 1.0, "gate.max_empty_share", "must be in [0, 1]"),
         (0.0 <= spec.gate.max_truncated_share <= 1.0, "gate.max_truncated_share", "must be in [0, 1]"),
+        (spec.gate.max_loop_share is None or 0.0 <= spec.gate.max_loop_share <= 1.0, "gate.max_loop_share",
+         "must be in [0, 1] or null"),
     ]
     for ok, key, msg in checks:
         if not ok:
@@ -330,8 +354,11 @@ def _check_values(spec: TaskSpec, path: Path) -> None:
         if rule.metric not in METRIC_NAMES:
             raise SpecError(f"{path}: gate.rules[{i}].metric: unknown metric '{rule.metric}'"
                             f"{_did_you_mean(rule.metric, list(METRIC_NAMES))}")
-    if spec.prompt.template is not None and "{title}" not in spec.prompt.template:
-        raise SpecError(f"{path}: prompt.template: must contain {{title}}")
+    template = spec.prompt.template
+    if template is not None and template not in PROMPT_PRESETS and "{title}" not in template:
+        close = difflib.get_close_matches(template, PROMPT_PRESETS, n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" ({', '.join(PROMPT_PRESETS)})"
+        raise SpecError(f"{path}: prompt.template: must contain {{title}} or name a preset{hint}")
 
 
 def spec_to_dict(spec: TaskSpec) -> dict:
@@ -339,4 +366,6 @@ def spec_to_dict(spec: TaskSpec) -> dict:
     out = dataclasses.asdict(spec)
     out.pop("base_dir")
     out["data"]["path"] = [str(p) for p in spec.data_paths()]
+    if spec.data.heldout_path is not None:
+        out["data"]["heldout_path"] = [str(p) for p in spec.heldout_paths()]
     return out
