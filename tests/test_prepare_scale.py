@@ -116,15 +116,17 @@ def test_worker_processes_change_nothing(tmp_path, monkeypatch):
     results = {}
     for workers in (1, 2):
         spec = make_spec(paths, max_heldout=20, workers=workers)
-        p = prepare(spec)
-        write_prepared(p, tmp_path / f"w{workers}")
+        write_prepared(prepare(spec), tmp_path / f"w{workers}")
         results[workers] = written(tmp_path / f"w{workers}")
         with pytest.raises(DataError) as exc:
             prepare(make_spec(paths, strict=True, workers=workers))
         results[workers]["strict"] = str(exc.value)
+        test_file = make_spec(paths[:1], heldout_path=[str(paths[1])], max_heldout=20, workers=workers)
+        write_prepared(prepare(test_file), tmp_path / f"t{workers}")
+        results[workers]["heldout_path"] = written(tmp_path / f"t{workers}")
     assert results[1] == results[2]
-    assert results[1] == {**reference_files(make_spec(paths, max_heldout=20), tmp_path / "ref"),
-                          "strict": results[1]["strict"]}
+    assert {k: v for k, v in results[1].items() if k not in ("strict", "heldout_path")} == \
+        reference_files(make_spec(paths, max_heldout=20), tmp_path / "ref")
     counts = json.loads(results[1][D.COUNTS_FILE])
     assert counts["malformed"] > 50 and counts["duplicate"] > 0 and counts["heldout_capped"] > 0
     assert "truncated gzip" in counts["bad_lines_by_reason"]
