@@ -97,8 +97,10 @@ class TrainSpec:
     packing: Literal["auto", "on", "off"] = "auto"
     liger_kernels: Literal["auto", "on", "off"] = "auto"
     attention: Literal["auto", "sdpa", "varlen", "flex_attention", "eager"] = "auto"
-    compile: bool = False
+    compile: Literal["off", "on"] = "off"
     save_steps: int = 20
+    # Keep the checkpoint with the lowest eval loss (on the train.eval_fraction slice), not the last.
+    keep_best: bool = False
 
 
 @dataclass
@@ -147,6 +149,20 @@ class GateSpec:
 
 
 @dataclass
+class SweepSpec:
+    """How `harness sweep` chooses settings: on a validation slice carved from train, never held-out."""
+
+    select: str = "rougeL"  # the validation metric that picks the winner (direction follows the metric)
+    validation_fraction: float = 0.1
+    validation_salt: str = "harness-validation-v1"  # must differ from data.split_salt
+    max_validation: int | None = 64
+    max_loop_share: float = 0.1  # tuned outputs looping more often than this, or than base, are infeasible
+    sampler: Literal["grid", "tpe"] = "grid"
+    n_trials: int | None = None  # tpe only: how many trials to complete
+    seed: int = 0
+
+
+@dataclass
 class TaskSpec:
     name: str
     description: str = ""
@@ -158,6 +174,7 @@ class TaskSpec:
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     metrics: MetricsSpec = field(default_factory=MetricsSpec)
     gate: GateSpec = field(default_factory=GateSpec)
+    sweep: SweepSpec = field(default_factory=SweepSpec)
     # Folder that relative data paths in the YAML are resolved against; not a YAML key.
     base_dir: str = field(default=".", metadata={"internal": True})
 
@@ -329,6 +346,8 @@ def _check_values(spec: TaskSpec, path: Path) -> None:
         (spec.train.grad_accum > 0, "train.grad_accum", "must be > 0"),
         (spec.train.max_length >= 16, "train.max_length", "must be >= 16"),
         (0.0 <= spec.train.eval_fraction < 0.5, "train.eval_fraction", "must be in [0, 0.5)"),
+        (not spec.train.keep_best or spec.train.eval_fraction > 0, "train.keep_best",
+         "needs train.eval_fraction > 0 (the eval set that picks the best checkpoint)"),
         (spec.generation.max_new_tokens > 0, "generation.max_new_tokens", "must be > 0"),
         (spec.generation.batch_size > 0, "generation.batch_size", "must be > 0"),
         (spec.generation.temperature > 0, "generation.temperature", "must be > 0"),
@@ -343,6 +362,16 @@ def _check_values(spec: TaskSpec, path: Path) -> None:
         (0.0 <= spec.gate.max_truncated_share <= 1.0, "gate.max_truncated_share", "must be in [0, 1]"),
         (spec.gate.max_loop_share is None or 0.0 <= spec.gate.max_loop_share <= 1.0, "gate.max_loop_share",
          "must be in [0, 1] or null"),
+        (0.0 < spec.sweep.validation_fraction < 1.0, "sweep.validation_fraction", "must be between 0 and 1"),
+        (spec.sweep.validation_salt != spec.data.split_salt, "sweep.validation_salt",
+         "must differ from data.split_salt (the same salt would carve the slice along the held-out boundary)"),
+        (spec.sweep.max_validation is None or spec.sweep.max_validation >= 1, "sweep.max_validation",
+         "must be >= 1 or null"),
+        (0.0 <= spec.sweep.max_loop_share <= 1.0, "sweep.max_loop_share", "must be in [0, 1]"),
+        (spec.sweep.sampler != "tpe" or (spec.sweep.n_trials or 0) >= 1, "sweep.n_trials",
+         "must be >= 1 with sampler tpe"),
+        (spec.sweep.sampler != "grid" or spec.sweep.n_trials is None, "sweep.n_trials",
+         "only for sampler tpe (a grid runs every combination); leave it null"),
     ]
     for ok, key, msg in checks:
         if not ok:
@@ -354,6 +383,11 @@ def _check_values(spec: TaskSpec, path: Path) -> None:
         if rule.metric not in METRIC_NAMES:
             raise SpecError(f"{path}: gate.rules[{i}].metric: unknown metric '{rule.metric}'"
                             f"{_did_you_mean(rule.metric, list(METRIC_NAMES))}")
+    if spec.sweep.select not in METRIC_NAMES:
+        raise SpecError(f"{path}: sweep.select: unknown metric '{spec.sweep.select}'"
+                        f"{_did_you_mean(spec.sweep.select, list(METRIC_NAMES))}")
+    if spec.sweep.select not in spec.metrics.names:
+        raise SpecError(f"{path}: sweep.select: '{spec.sweep.select}' is not among metrics.names")
     template = spec.prompt.template
     if template is not None and template not in PROMPT_PRESETS and "{title}" not in template:
         close = difflib.get_close_matches(template, PROMPT_PRESETS, n=1, cutoff=0.6)
