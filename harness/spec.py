@@ -43,6 +43,7 @@ class DataSpec:
     strict: bool = False
     # A test file (or globs) to score on instead of a hash split of `path`; `path` is then all training data.
     heldout_path: list[str] | None = None
+    workers: int | None = None
 
 
 @dataclass
@@ -335,6 +336,7 @@ def _check_values(spec: TaskSpec, path: Path) -> None:
         (bool(spec.data.path), "data.path", "must name at least one file"),
         (spec.data.heldout_path is None or bool(spec.data.heldout_path), "data.heldout_path",
          "must name at least one file, or be null"),
+        (spec.data.workers is None or spec.data.workers >= 1, "data.workers", "must be >= 1 or null"),
         (spec.lora.r > 0, "lora.r", "must be > 0"),
         (0.0 <= spec.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)"),
         (spec.train.lr > 0, "train.lr", "must be > 0"),
