@@ -122,6 +122,7 @@ def tokenized_dataset(spec: TaskSpec, tokenizer, examples):
 
     titles = [ex.title for ex in examples]
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # the host's other ranks tokenize too
     procs = min(cpus, len(titles) // _TOKENIZE_PER_PROCESS)
     return Dataset.from_dict({"title": titles, "content": [ex.content for ex in examples]}).map(
         _encode_batch, batched=True, remove_columns=["title", "content"], num_proc=procs if procs > 1 else None,

@@ -88,6 +88,23 @@ def test_rank_part_files_fold_into_the_side_file_once(tmp_path, monkeypatch):
     assert len(side.read_text().splitlines()) == 4 and not distributed.rank_parts(side)
 
 
+def test_the_launchers_echo_of_ctrl_c_does_not_abort_the_checkpoint(monkeypatch):
+    """torchrun passes the terminal's Ctrl-C on to processes that got it already: that echo must not
+    count as the second signal that aborts without a checkpoint; a later one still does."""
+    import signal
+
+    from harness.train import _StopOnSignal
+
+    _as_rank(monkeypatch, 0, 2)
+    stopper = _StopOnSignal()
+    stopper.handler(signal.SIGINT, None)
+    stopper.handler(signal.SIGINT, None)
+    assert stopper.received == signal.SIGINT
+    stopper.at -= stopper.LAUNCHER_ECHO_S
+    with pytest.raises(KeyboardInterrupt):
+        stopper.handler(signal.SIGINT, None)
+
+
 def test_launcher_misuse_is_one_line(monkeypatch, capsys, tmp_path):
     """Commands that run in one process refuse a launcher; --gpus needs GPUs (or HARNESS_DEVICE=cpu)
     and cannot be mixed with a launcher of another size."""

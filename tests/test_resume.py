@@ -191,23 +191,27 @@ def test_resume_does_not_regenerate_scored_predictions(tmp_path, tiny_run, monke
 
 
 def test_sigint_and_sigterm_both_ask_for_checkpoint_then_stop_and_a_second_one_aborts():
-    """The subprocess tests send SIGTERM; SIGINT (Ctrl-C) goes through the same handler."""
+    """The subprocess tests send SIGTERM; SIGINT (Ctrl-C) goes through the same handler. The stop
+    goes through the accelerator's trigger, which every process of a several-process run checks."""
     import os
     import types
 
+    from accelerate import Accelerator
+
     from harness.train import _signals_to, _StopOnSignal
 
+    accelerator = Accelerator(cpu=True)
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for signum in (signal.SIGINT, signal.SIGTERM):
         stopper = _StopOnSignal()
         control = types.SimpleNamespace(should_save=False, should_training_stop=False)
         with _signals_to(stopper):
-            stopper.callback().on_step_end(None, None, control)
+            stopper.callback(accelerator).on_step_end(None, None, control)
             assert not control.should_save and not control.should_training_stop
             os.kill(os.getpid(), signum)
             time.sleep(0.05)  # the handler runs in the main thread at the next bytecode
             assert stopper.received == signum
-            stopper.callback().on_step_end(None, None, control)
+            stopper.callback(accelerator).on_step_end(None, None, control)
             assert control.should_save and control.should_training_stop
             with pytest.raises(KeyboardInterrupt):
                 os.kill(os.getpid(), signum)
