@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterable, NoReturn, TypeVar
 
@@ -67,7 +68,10 @@ def init() -> None:
             raise HarnessError(f"{os.environ.get('LOCAL_WORLD_SIZE', local + 1)} processes on this host but "
                                f"{torch.cuda.device_count()} GPU(s) visible; start at most one process a GPU")
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device("cuda", local) if cuda else None)
+    # The others wait in a collective while rank 0 alone prepares a large data file (minutes for the full
+    # AmazonTitles), past NCCL's default 10-minute timeout; a failed process ends the rest through the launcher.
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device("cuda", local) if cuda else None,
+                            timeout=timedelta(hours=1))
     if not is_main():
         _quiet()
 

@@ -74,8 +74,10 @@ def test_rank_part_files_fold_into_the_side_file_once(tmp_path, monkeypatch):
     dropped, rows already there not repeated) and removes them."""
     from harness.heldout_scoring import fold_rank_parts, read_generations
 
+    def row(i: int) -> str:
+        return json.dumps({"id": f"e{i}", "text": f"t{i}", "n_tokens": 1, "hit_max_new_tokens": False})
+
     side = tmp_path / "tuned_generations.jsonl"
-    row = lambda i: json.dumps({"id": f"e{i}", "text": f"t{i}", "n_tokens": 1, "hit_max_new_tokens": False})  # noqa: E731
     side.write_text(row(0) + "\n" + row(1)[:9])  # a kill tore its last line
     _as_rank(monkeypatch, 1, 2)
     assert distributed.part_path(side).name == "tuned_generations.rank1.jsonl"
@@ -261,3 +263,14 @@ def test_resume_under_two_processes_continues_from_the_checkpoint(two_process_ru
     assert Path(manifest["train"]["resumed_from"]).name == "checkpoint-2" and manifest["train"]["steps"] == 4
     assert (copy / "adapter" / "adapter_model.safetensors").read_bytes() == \
         (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_failure_on_rank_zero_reaches_the_others_and_is_told_once(two_process_run, tmp_path):
+    """Rank 0 refuses to resume a completed run while the others wait for the run folder: they fail with
+    it instead of waiting forever, and the error is printed once (by rank 0), in one line."""
+    run_dir, _ = two_process_run
+    done = _launch([*TORCHRUN, "-m", "harness", "run", "--resume", str(run_dir)], tmp_path, tmp_path / "cache")
+    assert done.returncode == 1  # torchrun's code for any failed process
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert errors == [f"harness: error: {run_dir}: run already completed; nothing to resume"]
