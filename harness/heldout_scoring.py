@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from harness.errors import ModelError
 from harness.io import atomic_write_json
 from harness.metrics import MetricSettings, ModelOutputs, per_example_scores, score_outputs, settings_record
 from harness.prompts import build_prompt, encode_example, encode_prompt
-from harness.generation import Generation, generate, left_pad
+from harness.generation import Generation, GenerationStats, batch_rows, generate, left_pad, resolve_engine
 from harness.likelihood import reference_nll
 
 log = logging.getLogger(__name__)
@@ -194,14 +195,16 @@ class ScoringSession:
                     sink.write(json.dumps(row, ensure_ascii=False) + "\n")
                     sink.flush()
 
+                stats = GenerationStats()
                 generate(model, self.tokenizer, [self.prompts[i] for i in todo], self.spec.generation,
-                         self.device, on_done=persist)
+                         self.device, on_done=persist, stats=stats)
+            self.manifest.update(scoring_engine={**self.manifest.data.get("scoring_engine", {}),
+                                                 side: {**asdict(stats), "seed": self.spec.generation.seed}})
         nll_path = self.scores_dir / f"{side}_nll.json"
         if not nll_path.is_file():
-            # Only description positions reach the LM head, so CUDA affords large batches here.
-            batch = 64 if self.device.kind == "cuda" else self.spec.generation.batch_size
-            nll, counts = reference_nll(model, self.encoded, batch, self.device,
-                                        self.tokenizer.pad_token_id)
+            # Only description positions reach the LM head (in chunks), so the engine's batches fit here too.
+            rows = batch_rows(self.spec.generation, resolve_engine(self.spec.generation, self.device, model))
+            nll, counts = reference_nll(model, self.encoded, rows, self.device, self.tokenizer.pad_token_id)
             atomic_write_json(nll_path, {"ids": [e.id for e in self.heldout], "nll_sum": nll.tolist(),
                                          "n_tokens": counts.tolist()})
 

@@ -78,7 +78,7 @@ class LoadedRun:
         sample = bool(temperature)
         return replace(base, max_new_tokens=max_new_tokens or base.max_new_tokens, do_sample=sample,
                        temperature=temperature if sample else base.temperature,
-                       top_p=1.0 if top_p is None else top_p, batch_size=1)
+                       top_p=1.0 if top_p is None else top_p, batch_size=1, engine="dynamic")
 
     def describe(self, title: str, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, use_adapter: bool = True, streamer=None) -> Generation:

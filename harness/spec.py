@@ -98,6 +98,11 @@ class GenerationSpec:
     top_p: float = 1.0
     batch_size: int = 16
     repetition_penalty: float = 1.0
+    # -- fast scorer (harness/generation.py): engine, fixed batch shapes, sampling seed --
+    engine: Literal["auto", "compiled", "static", "dynamic"] = "auto"
+    static_batch_size: int = 512
+    prompt_buckets: list[int] = field(default_factory=lambda: [128, 256, 512, 1024, 2048])
+    seed: int = 0
 
 
 @dataclass
@@ -311,6 +316,10 @@ def _check_values(spec: TaskSpec, path: Path) -> None:
         (spec.generation.batch_size > 0, "generation.batch_size", "must be > 0"),
         (spec.generation.temperature > 0, "generation.temperature", "must be > 0"),
         (0.0 < spec.generation.top_p <= 1.0, "generation.top_p", "must be in (0, 1]"),
+        (spec.generation.static_batch_size > 0, "generation.static_batch_size", "must be > 0"),
+        (bool(spec.generation.prompt_buckets) and min(spec.generation.prompt_buckets) > 0
+         and spec.generation.prompt_buckets == sorted(set(spec.generation.prompt_buckets)),
+         "generation.prompt_buckets", "must list positive widths in increasing order"),
         (spec.metrics.bootstrap_replicates >= 100, "metrics.bootstrap_replicates", "must be >= 100"),
         (spec.gate.subset is None or spec.gate.subset >= 1, "gate.subset", "must be >= 1 or null"),
         (bool(spec.gate.rules), "gate.rules", "must list at least one rule"),
