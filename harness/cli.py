@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", default="16,32",
                    help="harness recipes: packed sequences per step, comma-separated (default 16,32: 16 is "
                         "trl_tuned's batch, for an equal-batch ratio)")
-    p.add_argument("--gen-examples", type=int, default=256, help="prompts for the batched scorer (default 256)")
+    p.add_argument("--gen-examples", type=int, default=512, help="prompts for the batched scorers (default 512)")
     p.add_argument("--loop-examples", type=int, default=32, help="prompts for the one-at-a-time loop (default 32)")
     p.add_argument("--work", default="/tmp/harness-bench", help="scratch folder (checkpoints, random 8B weights)")
     _add_overrides(p)

@@ -247,7 +247,8 @@ def generate(model, tokenizer, prompts: Sequence[str], gen: GenerationSpec, devi
     results: list[Generation | None] = [None] * len(prompts)
     model.eval()
     decode = _Decoder(model, tokenizer, gen, device, stats.engine, stats)
-    with torch.random.fork_rng(devices=[device.index] if device.kind == "cuda" else []), torch.inference_mode():
+    # no_grad, not inference_mode: the context transformers' own `generate` (and its compiled decoding) runs in.
+    with torch.random.fork_rng(devices=[device.index] if device.kind == "cuda" else []), torch.no_grad():
         for batch in plan:
             rows = [encoded[i] for i in batch.indices]
             rows += [rows[-1]] * (batch.rows - len(rows))  # filler rows: the batch keeps its compiled shape
