@@ -111,7 +111,7 @@ def left_pad(rows: list[list[int]], pad_id: int, width: int | None = None):
 
 
 def _compile_blocker(model, device) -> str | None:
-    """Why decoding cannot be compiled here, or None."""
+    """Why decoding cannot be compiled here, or None (`model` None: judged by the device alone)."""
     if device.kind != "cuda":
         return f"compiled decoding needs a CUDA device (this run is on {device.kind})"
     quantizer = getattr(transformers_model(model), "hf_quantizer", None)
@@ -128,8 +128,10 @@ def _compile_config():
     return CompileConfig(dynamic=False)
 
 
-def resolve_engine(gen: GenerationSpec, device, model) -> str:
-    """The engine `gen.engine` means for this model on this device; a forced one that cannot run fails."""
+def resolve_engine(gen: GenerationSpec, device, model=None) -> str:
+    """The engine `gen.engine` means for this model on this device; a forced one that cannot run fails.
+
+    Called without a model before any work, so a run that asks for what the device cannot do stops early."""
     blocker = _compile_blocker(model, device)
     if gen.engine == "auto":
         if device.kind != "cuda":

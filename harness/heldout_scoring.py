@@ -128,6 +128,7 @@ class ScoringSession:
         self.prompts = [build_prompt(tokenizer, spec.prompt, e.title) for e in heldout]
         self.encoded = [encode_example(tokenizer, p, e.content, None) for p, e in zip(self.prompts, heldout)]
         self.settings = metric_settings(spec)
+        resolve_engine(spec.generation, device)  # a forced engine this device cannot run fails before any work
 
     # -- fingerprints and the base cache ---------------------------------------------------
     def fingerprints(self) -> dict[str, str]:

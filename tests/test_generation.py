@@ -236,3 +236,14 @@ def test_the_same_command_writes_byte_identical_predictions(tmp_path, tiny_model
                        "generation.prompt_buckets=[16, 32]")
         outputs.append((run / "predictions.jsonl").read_bytes())
     assert outputs[0] == outputs[1] and outputs[0].count(b"\n") == 8
+
+
+def test_a_run_forcing_compiled_decoding_on_cpu_stops_before_any_model_work(tmp_path, tiny_model_dir, monkeypatch):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match="generation.engine=compiled: compiled decoding needs a CUDA device"):
+        run_tiny(tmp_path, tiny_model_dir, "generation.engine=compiled")
+    (manifest,) = (tmp_path / "runs").glob("*/manifest.json")
+    data = json.loads(manifest.read_text())
+    assert data["status"] == "failed" and "score_base" not in data["stages_done"]
