@@ -330,7 +330,7 @@ def measure_generation(spec, model, tokenizer, examples, device, loop_n: int) ->
         except Exception as exc:  # recorded and printed next to the table, never hidden
             log.error("bench: generation %s failed: %s: %s", name, type(exc).__name__, exc)
             failures.append({"scorer": name, "error": f"{type(exc).__name__}: {exc}"[:500]})
-    result = {"max_new_tokens": gen.max_new_tokens, "scorers": rows, "failures": failures, "ratios": {},
+    result = {"max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample, "scorers": rows, "failures": failures, "ratios": {},
               "identical_outputs_share": {}}
     for name in ("dynamic", "static", "fast"):
         if name in rows and "loop" in rows:
@@ -461,7 +461,8 @@ SCORER_NAMES = {"loop": "one at a time (seeds' loop)", "dynamic": "dynamic cache
 
 
 def format_generation(label: str, g: dict) -> list[str]:
-    lines = ["", f"generation, {label} (greedy, max_new_tokens {g['max_new_tokens']}):",
+    decoding = "sampled" if g["do_sample"] else "greedy"
+    lines = ["", f"generation, {label} ({decoding}, max_new_tokens {g['max_new_tokens']}):",
              "| scorer | engine | rows | examples | tokens | seconds | tokens/s | warm-up s |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in g["scorers"].items():
@@ -473,10 +474,12 @@ def format_generation(label: str, g: dict) -> list[str]:
                      f"{g['amortised_tokens_per_s']:,.0f} tokens/s")
         b = g["bandwidth_bound"]
         if b["hbm_bytes_per_s"]:
-            lines.append(f"bandwidth bound at {b['rows']} rows, {b['hbm_bytes_per_s'] / 1e12:.2f} TB/s: weights only "
-                         f"{b['weights_only_tokens_per_s']:,.0f} tokens/s (fast reaches "
-                         f"{b['fast_share_of_weights_only_bound']:.1%}); weights + KV cache "
-                         f"{b['with_kv_tokens_per_s']:,.0f} tokens/s ({b['fast_share_of_with_kv_bound']:.1%})")
+            lines.append(f"bandwidth bound, rows x {b['hbm_bytes_per_s'] / 1e12:.2f} TB/s / bytes read per step, at "
+                         f"{b['rows']} rows: weights only ({b['weight_bytes'] / 1e9:.2f} GB) "
+                         f"{b['weights_only_tokens_per_s']:,.0f} tokens/s, fast reaches "
+                         f"{b['fast_share_of_weights_only_bound']:.1%}; weights + static KV cache "
+                         f"({b['kv_cache_bytes'] / 1e9:.2f} GB) {b['with_kv_tokens_per_s']:,.0f} tokens/s, fast reaches "
+                         f"{b['fast_share_of_with_kv_bound']:.1%}")
         else:
             lines.append("bandwidth bound: n/a (no known HBM bandwidth for this device)")
     lines += [f"ratio {k}: {v:.2f}x" for k, v in g["ratios"].items()]

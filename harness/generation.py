@@ -218,9 +218,9 @@ class _Decoder:
         if steps > 1 and getattr(transformers_model(self.model), "_compiled_call", None) is None:
             raise ModelError("transformers did not compile decoding (its compile criteria were not met; see its "
                              "warning above); set generation.engine=static or dynamic")
-        self.stats.warmup_s += time.perf_counter() - started
-        log.info("generation: compiled decoding for %d rows x %d prompt tokens in %.1f s",
-                 ids.shape[0], ids.shape[1], time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.stats.warmup_s += seconds
+        log.info("generation: compiled decoding for %d rows x %d prompt tokens in %.1f s", *ids.shape, seconds)
 
 
 def generate(model, tokenizer, prompts: Sequence[str], gen: GenerationSpec, device,
