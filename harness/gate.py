@@ -131,7 +131,7 @@ def floor_check(metric: str, value: float, floor: float) -> CheckResult:
 
 
 def guard_check(name: str, share: float, limit: float) -> CheckResult:
-    """A format guard on the candidate: a metric can hold up while outputs go empty or run on."""
+    """A format guard on the candidate: a metric can hold up while outputs go empty, run on or loop."""
     _require_finite(f"guard.{name}", share, limit)
     passed = share <= limit
     return CheckResult(f"guard.{name}", passed, float(share),
@@ -160,6 +160,8 @@ def evaluate(gate: GateSpec, baseline: ModelOutputs, candidate: ModelOutputs, sh
             results.append(floor_check(m, paired["b"][m]["value"], rule.floor))
     results.append(guard_check("empty_share", shares["empty_share"], gate.max_empty_share))
     results.append(guard_check("truncated_share", shares["truncated_share"], gate.max_truncated_share))
+    if gate.max_loop_share is not None:
+        results.append(guard_check("loop_share", shares["loop_share"], gate.max_loop_share))
     metrics = {m: {"baseline": paired["a"][m]["value"], "candidate": paired["b"][m]["value"],
                    "delta": paired["delta"][m]["value"], "delta_ci95": paired["delta"][m]["ci95"]}
                for m in dict.fromkeys(r.metric for r in gate.rules)}

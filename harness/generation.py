@@ -163,7 +163,8 @@ class _Decoder:
         sampling = {"do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p} if gen.do_sample \
             else {"do_sample": False}
         self.kwargs = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                           repetition_penalty=gen.repetition_penalty, **sampling)
+                           repetition_penalty=gen.repetition_penalty, no_repeat_ngram_size=gen.no_repeat_ngram_size,
+                           **sampling)
         if engine == "compiled":
             self.kwargs["compile_config"] = _compile_config()
             # Dynamo guards on requires_grad: a freshly loaded base model has it on, a merged PEFT model

@@ -80,7 +80,10 @@ def assert_adapter_applied(model, tokenizer, prompts: list[str], device) -> floa
 
 def guards(predictions: list[str], references: list[str], titles: list[str], generations: list[dict],
            instruction: str) -> dict:
-    """Length and format checks: a metric gain that comes from a format change should be visible."""
+    """Length and format checks: a metric gain that comes from a format change should be visible.
+
+    `loop_share` is also the `loops` metric's value; it is here for the gate's share limit and the
+    loop warning, which judge one model's outputs without a bootstrap."""
     words = np.array([len(p.split()) for p in predictions], dtype=float)
     ref_words = np.array([len(r.split()) for r in references], dtype=float)
     norm = lambda s: " ".join(s.casefold().split())  # noqa: E731
@@ -94,12 +97,10 @@ def guards(predictions: list[str], references: list[str], titles: list[str], gen
         "truncated_share": float(np.mean([g["hit_max_new_tokens"] for g in generations])),
         "prompt_repeat_share": float(np.mean(repeats)),
         "loop_share": float(np.mean([degeneration.loops(p) for p in predictions])),
-        "mean_rep4": float(np.mean([degeneration.rep_n(p) for p in predictions])),
-        "distinct2": degeneration.distinct_n(predictions),
     }
 
 
-def guard_warnings(metrics: dict, guard: dict, shift_limit: float) -> list[str]:
+def guard_warnings(metrics: dict, guard: dict, shift_limit: float, loop_limit: float) -> list[str]:
     out = []
     gain = metrics["delta"]["rougeL"]["value"] if "rougeL" in metrics["delta"] else 0.0
     shift = guard["tuned"]["length_ratio"] - guard["base"]["length_ratio"]
@@ -114,6 +115,10 @@ def guard_warnings(metrics: dict, guard: dict, shift_limit: float) -> list[str]:
             out.append(f"{side}: {guard[side]['truncated_share']:.0%} of outputs hit max_new_tokens")
         if guard[side]["prompt_repeat_share"] > 0.1:
             out.append(f"{side}: {guard[side]['prompt_repeat_share']:.0%} of outputs repeat the prompt")
+        if guard[side]["loop_share"] > loop_limit:
+            out.append(f"{side}: {guard[side]['loop_share']:.0%} of outputs loop (their second half repeats "
+                       f"what they already wrote; limit {loop_limit:.0%}); try generation.no_repeat_ngram_size "
+                       "or generation.repetition_penalty")
     return out
 
 
@@ -231,7 +236,8 @@ class ScoringSession:
         refs = [e.content for e in self.heldout]
         result["guards"] = {side: guards(out.predictions, refs, titles, gens, self.spec.prompt.instruction)
                             for side, out, gens in (("base", base, base_gens), ("tuned", tuned, tuned_gens))}
-        result["warnings"] = guard_warnings(result, result["guards"], self.spec.metrics.length_shift_warning)
+        result["warnings"] = guard_warnings(result, result["guards"], self.spec.metrics.length_shift_warning,
+                                            self.spec.metrics.loop_warning)
         result["fingerprints"] = self.manifest.data.get("fingerprints", {})
         return result
 
@@ -250,6 +256,8 @@ class ScoringSession:
                            "tuned": {m: float(tuned_scores[m][i]) for m in names}},
                 "base_truncated": base_gens[i]["hit_max_new_tokens"],
                 "tuned_truncated": tuned_gens[i]["hit_max_new_tokens"],
+                "base_loops": bool(base_scores["loops"][i]), "tuned_loops": bool(tuned_scores["loops"][i]),
+                "base_rep4": float(base_scores["rep4"][i]), "tuned_rep4": float(tuned_scores["rep4"][i]),
             }, ensure_ascii=False))
         from harness.io import atomic_write_text
 

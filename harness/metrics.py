@@ -4,10 +4,15 @@ Every metric is reduced to per-example sufficient statistics whose column sums d
 the corpus score. Any bootstrap resample is then a weighted sum (a count matrix times the
 statistics), so thousands of replicates cost a few matrix products instead of re-running
 the scorers, and base and tuned are resampled with the *same* example draws (paired).
+The one exception is distinct-2, which counts each n-gram once across examples: its statistic
+is an example x n-gram incidence, and a resample recounts the n-grams held by a drawn example
+(centred on the full-sample value: `degeneration.DistinctNgrams.bootstrap` says why).
 
 Corpus values reproduce the reference implementations: ROUGE is rouge-score's F-measure
 averaged over examples (as rouge-score and HF `evaluate` report it), BLEU and chrF equal
-sacrebleu's `corpus_bleu` / `corpus_chrf`, and perplexity is token-weighted.
+sacrebleu's `corpus_bleu` / `corpus_chrf`, and perplexity is token-weighted. Degenerate
+output (harness.degeneration, on a 0-1 scale): rep4 is the mean seq-rep-4, loops the share of
+looping outputs, distinct2 the corpus distinct-2.
 """
 
 from __future__ import annotations
@@ -19,11 +24,16 @@ import numpy as np
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU, CHRF
 
+from harness import degeneration
 from harness.errors import MetricError
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-METRICS = (*ROUGE_TYPES, "bleu", "chrf", "perplexity")
-HIGHER_IS_BETTER = {name: name != "perplexity" for name in METRICS}
+DEGENERATION = ("rep4", "loops", "distinct2")
+METRICS = (*ROUGE_TYPES, "bleu", "chrf", "perplexity", *DEGENERATION)
+LOWER_IS_BETTER = ("perplexity", "rep4", "loops")
+HIGHER_IS_BETTER = {name: name not in LOWER_IS_BETTER for name in METRICS}
+# Means of per-example values: the corpus score is the column sum over the number of examples.
+_MEANS = (*ROUGE_TYPES, "rep4", "loops")
 
 # Sentence boundary: whitespace after terminal punctuation, or a line break. nltk's punkt
 # model (what rouge-score's `split_summaries` uses) is not available offline, so rougeLsum
@@ -124,12 +134,16 @@ def _rouge_stats(outputs: ModelOutputs, settings: MetricSettings) -> dict[str, n
     }
 
 
-def sufficient_stats(outputs: ModelOutputs, settings: MetricSettings) -> dict[str, np.ndarray]:
-    """Per-example statistics (n x k per metric) whose sums determine each corpus score."""
+def sufficient_stats(outputs: ModelOutputs, settings: MetricSettings) -> dict:
+    """Per-example statistics (n x k per metric) whose sums determine each corpus score;
+    distinct2's is its n-gram incidence (`degeneration.DistinctNgrams`)."""
     stats = _rouge_stats(outputs, settings)
     stats["bleu"] = _sacrebleu_stats(_bleu_metric(), outputs)
     stats["chrf"] = _sacrebleu_stats(_chrf_metric(), outputs)
     stats["perplexity"] = np.column_stack([outputs.nll_sum, outputs.n_tokens.astype(np.float64)])
+    stats["rep4"] = np.array([[degeneration.rep_n(p)] for p in outputs.predictions], dtype=np.float64)
+    stats["loops"] = np.array([[degeneration.loops(p)] for p in outputs.predictions], dtype=np.float64)
+    stats["distinct2"] = degeneration.DistinctNgrams.of(outputs.predictions)
     return stats
 
 
@@ -192,7 +206,7 @@ def chrf_from_stats(sums: np.ndarray, beta: int = CHRF.BETA) -> np.ndarray:
 
 def _corpus_from_sums(name: str, sums: np.ndarray, n_examples: np.ndarray) -> np.ndarray:
     """Corpus score of `name` for each row of summed statistics."""
-    if name in ROUGE_TYPES:
+    if name in _MEANS:
         return sums[:, 0] / n_examples
     if name == "bleu":
         return bleu_from_stats(sums)
@@ -202,10 +216,11 @@ def _corpus_from_sums(name: str, sums: np.ndarray, n_examples: np.ndarray) -> np
         return np.exp(sums[:, 0] / sums[:, 1])
 
 
-def _weighted_scores(stats: dict[str, np.ndarray], weights: np.ndarray) -> dict[str, np.ndarray]:
+def _weighted_scores(stats: dict, weights: np.ndarray) -> dict[str, np.ndarray]:
     """Corpus scores for each row of example weights (B x n), one array of B per metric."""
     n_examples = weights.sum(axis=1)
-    return {name: _corpus_from_sums(name, weights @ stats[name], n_examples) for name in METRICS}
+    return {name: stats[name].bootstrap(weights) if name == "distinct2"
+            else _corpus_from_sums(name, weights @ stats[name], n_examples) for name in METRICS}
 
 
 def _check_finite(name: str, *arrays: np.ndarray) -> None:
@@ -214,13 +229,16 @@ def _check_finite(name: str, *arrays: np.ndarray) -> None:
         raise MetricError(f"{name}: metric is not a finite number (NaN or infinite)")
 
 
-def _per_example_from_stats(stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Sentence-level scores from per-example statistics (sentence BLEU uses effective order)."""
-    scores = {name: stats[name][:, 0] for name in ROUGE_TYPES}
+def _per_example_from_stats(stats: dict) -> dict[str, np.ndarray]:
+    """Sentence-level scores from per-example statistics (sentence BLEU uses effective order;
+    distinct-2 of one output counts that output's own bigrams)."""
+    scores = {name: stats[name][:, 0] for name in _MEANS}
     scores["bleu"] = bleu_from_stats(stats["bleu"], effective_order=True)
     scores["chrf"] = chrf_from_stats(stats["chrf"])
     with np.errstate(over="ignore"):
         scores["perplexity"] = np.exp(stats["perplexity"][:, 0] / stats["perplexity"][:, 1])
+    scores["distinct2"] = stats["distinct2"].per_output()
+    scores = {name: scores[name] for name in METRICS}
     for name, values in scores.items():
         _check_finite(name, values)
     return scores
@@ -247,7 +265,7 @@ def _summary(name: str, value: float, replicates: np.ndarray, n: int) -> dict:
     return {"value": float(value), "ci95": [float(low), float(high)], "n": int(n)}
 
 
-def _point_and_replicates(stats: dict[str, np.ndarray], counts: np.ndarray):
+def _point_and_replicates(stats: dict, counts: np.ndarray):
     """Full-sample corpus scores and bootstrap replicate scores for one model."""
     point = _weighted_scores(stats, np.ones((1, counts.shape[1])))
     return {name: value[0] for name, value in point.items()}, _weighted_scores(stats, counts)
@@ -320,6 +338,7 @@ def settings_record(settings: MetricSettings) -> dict:
             "rougeLsum_sentence_split": f"regex {_SENTENCE_BREAK.pattern}",
         },
         "sacrebleu": {"bleu": _signature(_bleu_metric()), "chrf": _signature(_chrf_metric())},
+        "degeneration": degeneration.settings_record(),
     }
 
 

@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 
 from harness.errors import RunError
 from harness.io import atomic_write_text, os_error_message
-from harness.metrics import METRICS, ROUGE_TYPES
+from harness.metrics import DEGENERATION, HIGHER_IS_BETTER, METRICS, ROUGE_TYPES
 
 TEMPLATES = Path(__file__).parent / "templates"
 MD_MAX_BYTES = 60_000
@@ -48,6 +48,8 @@ GUARDS = (
     ("mean_words", "Mean words per output", "count"),
     ("mean_tokens", "Mean tokens per output", "count"),
 )
+# Degenerate-output metrics (0-1 scale): their own section, three decimals.
+DEGENERATION_LABELS = {"rep4": "rep-4", "loops": "Looping outputs", "distinct2": "distinct-2"}
 PALETTE = ("#2f6fde", "#e07b28", "#2a9d5b", "#c23b3b", "#7b52c7", "#8c5a3c", "#d45aa8", "#1fa3b5")
 BASE_GREYS = ("#8a8f98", "#b3b8c0", "#6b7079", "#cfd3d9")
 REFERENCE_COLOR = "#222222"
@@ -215,7 +217,7 @@ def significance(ci95: list[float], higher_is_better: bool) -> str | None:
 
 def _higher(run: Run, name: str) -> bool:
     value = _dict(run.metrics.get("higher_is_better")).get(name)
-    return value if isinstance(value, bool) else name != "perplexity"
+    return value if isinstance(value, bool) else HIGHER_IS_BETTER.get(name, True)
 
 
 def _ordered(names) -> list[str]:
@@ -223,14 +225,18 @@ def _ordered(names) -> list[str]:
     return [m for m in METRICS if m in names] + [m for m in names if m not in METRICS]
 
 
-def _stat(block: dict) -> dict:
-    low, high = block["ci95"]
-    return {"value": f"{block['value']:.2f}", "ci": f"[{low:.2f}, {high:.2f}]"}
+def _digits(name: str) -> int:
+    return 3 if name in DEGENERATION else 2
 
 
-def _delta(block: dict, higher: bool) -> dict:
+def _stat(block: dict, digits: int = 2) -> dict:
     low, high = block["ci95"]
-    return {"value": f"{block['value']:+.2f}", "ci": f"[{low:+.2f}, {high:+.2f}]",
+    return {"value": f"{block['value']:.{digits}f}", "ci": f"[{low:.{digits}f}, {high:.{digits}f}]"}
+
+
+def _delta(block: dict, higher: bool, digits: int = 2) -> dict:
+    low, high = block["ci95"]
+    return {"value": f"{block['value']:+.{digits}f}", "ci": f"[{low:+.{digits}f}, {high:+.{digits}f}]",
             "sig": significance(block["ci95"], higher)}
 
 
@@ -242,8 +248,9 @@ def _wtl(run: Run, name: str) -> dict | None:
 
 
 def _headline(runs: list[Run]) -> list[dict]:
+    """Quality metrics, one row each; degenerate-output metrics have their own section."""
     rows = []
-    for name in _ordered(runs[0].metrics["base"]):
+    for name in _ordered(n for n in runs[0].metrics["base"] if n not in DEGENERATION):
         higher = _higher(runs[0], name)
         cells = []
         for run in runs:
@@ -322,6 +329,50 @@ def _guards(runs: list[Run]) -> list[dict]:
     return rows
 
 
+def _degeneration(runs: list[Run], shared_base: bool) -> dict:
+    """Per model rep-4 / looping share / distinct-2 with CIs and paired deltas, and per model its
+    most repetitive looping output, so the numbers come with what they measure."""
+    names = [n for n in DEGENERATION if n in runs[0].metrics["base"]]
+    multi = len(runs) > 1
+
+    def cells(run: Run, side: str) -> list[dict | None]:
+        block = run.metrics[side]
+        if side == "delta":
+            return [_delta(block[n], _higher(run, n), _digits(n)) if n in block else None for n in names]
+        return [_stat(block[n], _digits(n)) if n in block else None for n in names]
+
+    rows, examples = [], []
+    for k, run in enumerate(runs):
+        if k == 0 or not shared_base:
+            label = f"Base · {run.label}" if multi and not shared_base else "Base"
+            rows.append({"label": label, "kind": "base", "cells": cells(run, "base")})
+            examples.append(_looping_example(run, "base", label))
+        label = run.label if multi else "Tuned"
+        rows.append({"label": label, "kind": "tuned", "cells": cells(run, "tuned")})
+        rows.append({"label": f"Δ {label if multi else 'tuned'} − base", "kind": "delta",
+                     "cells": cells(run, "delta")})
+        examples.append(_looping_example(run, "tuned", label))
+    columns = [{"name": n, "label": DEGENERATION_LABELS[n], "arrow": "↑" if _higher(runs[0], n) else "↓"}
+               for n in names]
+    return {"columns": columns, "rows": rows, "examples": examples}
+
+
+def _looping_example(run: Run, side: str, model: str) -> dict:
+    """The looping output of one model with the highest rep-4 (the first on ties), or why there is none."""
+    flag, rep4 = f"{side}_loops", f"{side}_rep4"
+    if not any(flag in p for p in run.predictions):
+        return {"model": model, "note": "looping not recorded in predictions.jsonl", "example": None}
+    looping = [p for p in run.predictions if p.get(flag) is True]
+    note = f"{len(looping)} of {len(run.predictions)} outputs loop"
+    if not looping:
+        return {"model": model, "note": note, "example": None}
+    row = max(looping, key=lambda p: p[rep4] if _is_num(p.get(rep4)) else 0.0)
+    return {"model": model, "note": note,
+            "example": {"id": str(row["id"]), "title": row["title"], "text": row[side],
+                        "rep4": f"{row[rep4]:.3f}" if _is_num(row.get(rep4)) else "—",
+                        "truncated": bool(row.get(f"{side}_truncated"))}}
+
+
 def _scores(row: dict, side: str) -> dict[str, float]:
     scores = row.get("scores")
     scores = scores.get(side) if isinstance(scores, dict) else None
@@ -386,6 +437,8 @@ def _all_examples(runs: list[Run]) -> list[dict]:
                 row["flags"].add("truncated")
             if not p["base"].strip() or not p["tuned"].strip():
                 row["flags"].add("empty")
+            if p.get("base_loops") is True or p.get("tuned_loops") is True:
+                row["flags"].add("loops")
     for row in rows.values():
         row["flags"] = " ".join(sorted(row["flags"]))
     return list(rows.values())
@@ -482,6 +535,7 @@ def build_context(runs: list[Run]) -> dict:
         "problems": problems,
         "headline": _headline(runs),
         "guards": _guards(runs),
+        "degeneration": _degeneration(runs, shared_base),
         "examples": _all_examples(runs),
         "plots": _plots(runs, shared_base),
         "spec_differences": _spec_differences(runs) if len(runs) > 1 else [],
@@ -542,7 +596,8 @@ def _bars_plot(runs: list[Run], shared_base: bool) -> str:
                r.metrics["base"]) for k, r in enumerate(bases)]
     series += [(_tuned_label(r, multi), PALETTE[k % len(PALETTE)], r.metrics["tuned"])
                for k, r in enumerate(runs)]
-    names = [n for n in _ordered(runs[0].metrics["base"]) if all(n in block for _, _, block in series)]
+    names = [n for n in _ordered(runs[0].metrics["base"])
+             if n not in DEGENERATION and all(n in block for _, _, block in series)]
     groups = [(g, label) for g, label in (
         ([n for n in names if n != "perplexity"], "score (0–100), higher is better"),
         ([n for n in names if n == "perplexity"], "perplexity, lower is better")) if g]

@@ -20,7 +20,8 @@ import yaml
 from harness.errors import SpecError
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
-METRIC_NAMES = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf", "perplexity")
+# Equal to harness.metrics.METRICS (a test holds them together); spec loading stays free of the scorers.
+METRIC_NAMES = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf", "perplexity", "rep4", "loops", "distinct2")
 
 
 @dataclass
@@ -98,6 +99,7 @@ class GenerationSpec:
     top_p: float = 1.0
     batch_size: int = 16
     repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0  # > 0: never repeat an n-gram of this many model tokens (0 = off)
     # -- fast scorer (harness/generation.py): engine, fixed batch shapes, sampling seed --
     engine: Literal["auto", "compiled", "static", "dynamic"] = "auto"
     static_batch_size: int = 512
@@ -112,6 +114,7 @@ class MetricsSpec:
     bootstrap_replicates: int = 1000
     bootstrap_seed: int = 0
     length_shift_warning: float = 0.5
+    loop_warning: float = 0.2  # warn when more than this share of a model's outputs loop
 
 
 @dataclass
@@ -131,10 +134,11 @@ class GateSpec:
     subset_seed: int = 0
     rules: list[RuleSpec] = field(
         default_factory=lambda: [RuleSpec("rougeL", margin=1.0), RuleSpec("chrf", margin=1.0),
-                                 RuleSpec("perplexity", margin=0.5)]
+                                 RuleSpec("perplexity", margin=0.5), RuleSpec("loops", margin=0.05)]
     )
     max_empty_share: float = 0.05
     max_truncated_share: float = 0.5
+    max_loop_share: float | None = None  # null = no absolute limit on the candidate's looping outputs
 
 
 @dataclass
@@ -316,16 +320,20 @@ def _check_values(spec: TaskSpec, path: Path) -> None:
         (spec.generation.batch_size > 0, "generation.batch_size", "must be > 0"),
         (spec.generation.temperature > 0, "generation.temperature", "must be > 0"),
         (0.0 < spec.generation.top_p <= 1.0, "generation.top_p", "must be in (0, 1]"),
+        (spec.generation.no_repeat_ngram_size >= 0, "generation.no_repeat_ngram_size", "must be >= 0 (0 = off)"),
         (spec.generation.static_batch_size > 0, "generation.static_batch_size", "must be > 0"),
         (bool(spec.generation.prompt_buckets) and min(spec.generation.prompt_buckets) > 0
          and spec.generation.prompt_buckets == sorted(set(spec.generation.prompt_buckets)),
          "generation.prompt_buckets", "must list positive widths in increasing order"),
         (spec.metrics.bootstrap_replicates >= 100, "metrics.bootstrap_replicates", "must be >= 100"),
+        (0.0 <= spec.metrics.loop_warning <= 1.0, "metrics.loop_warning", "must be in [0, 1]"),
         (spec.gate.subset is None or spec.gate.subset >= 1, "gate.subset", "must be >= 1 or null"),
         (bool(spec.gate.rules), "gate.rules", "must list at least one rule"),
         (all(r.margin >= 0 for r in spec.gate.rules), "gate.rules", "every margin must be >= 0"),
         (0.0 <= spec.gate.max_empty_share <= 1.0, "gate.max_empty_share", "must be in [0, 1]"),
         (0.0 <= spec.gate.max_truncated_share <= 1.0, "gate.max_truncated_share", "must be in [0, 1]"),
+        (spec.gate.max_loop_share is None or 0.0 <= spec.gate.max_loop_share <= 1.0, "gate.max_loop_share",
+         "must be in [0, 1] or null"),
     ]
     for ok, key, msg in checks:
         if not ok:

@@ -13,16 +13,23 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from harness.metrics import METRICS
+from harness.metrics import DEGENERATION, HIGHER_IS_BETTER, METRICS
 
 VOCAB = ("soft", "cotton", "navy", "steel", "bottle", "keeps", "drinks", "cold", "lamp", "desk",
          "warm", "light", "durable", "classic", "fit", "washable", "ceramic", "mug", "gift", "travel")
 BASE_VALUES = {"rouge1": 31.0, "rouge2": 11.0, "rougeL": 24.0, "rougeLsum": 26.0, "bleu": 6.5,
-               "chrf": 33.0, "perplexity": 14.2}
-# (delta, ci low, ci high): ROUGE gains and a perplexity drop that are significant, BLEU that is not.
+               "chrf": 33.0, "perplexity": 14.2, "rep4": 0.31, "loops": 0.25, "distinct2": 0.42}
+# (delta, ci low, ci high): ROUGE gains and a perplexity drop that are significant, BLEU that is not;
+# tuned loops significantly less, repeats itself no more or less (rep4), and is less diverse.
 DEFAULT_DELTAS = {"rouge1": (4.1, 2.9, 5.3), "rouge2": (2.2, 1.1, 3.4), "rougeL": (3.6, 2.4, 4.9),
                   "rougeLsum": (3.3, 2.0, 4.5), "bleu": (0.4, -0.6, 1.5), "chrf": (2.8, 1.5, 4.0),
-                  "perplexity": (-3.1, -3.9, -2.4)}
+                  "perplexity": (-3.1, -3.9, -2.4), "rep4": (-0.012, -0.041, 0.018),
+                  "loops": (-0.125, -0.208, -0.042), "distinct2": (-0.031, -0.055, -0.004)}
+
+
+def _half_width(metric: str, width: float) -> float:
+    """CI half widths in each metric's own scale (degenerate-output metrics are 0-1 shares)."""
+    return width / 30 if metric in DEGENERATION else width
 
 
 def _sentence(rng: np.random.Generator, words: int) -> str:
@@ -51,33 +58,43 @@ def make_run(tmp_path: Path, name: str = "run-a", n: int = 24, *, seed: int = 1,
     run = Path(tmp_path) / name
     run.mkdir(parents=True)
     shared, own = np.random.default_rng(0), np.random.default_rng(seed)
+    shared_loops, own_loops = np.random.default_rng(100), np.random.default_rng(100 + seed)
     rows = []
     for i in range(n):
         row = {"id": f"ex-{i:04d}", "title": f"Item {i} " + _sentence(shared, title_words),
                "reference": _sentence(shared, words), "base": _sentence(shared, max(1, words - 2)),
                "tuned": _sentence(own, words + int(own.integers(-3, 4)))}
-        base_scores = {m: float(shared.uniform(5, 45)) for m in METRICS}
+        base_scores = {m: float(shared.uniform(5, 45)) for m in METRICS if m not in DEGENERATION}
         tuned_scores = {m: v + float(own.normal(2.0, 8.0)) for m, v in base_scores.items()}
         row.update(scores={"base": base_scores, "tuned": tuned_scores},
                    base_truncated=bool(shared.random() < 0.05), tuned_truncated=bool(own.random() < 0.05))
+        for side, rng in (("base", shared_loops), ("tuned", own_loops)):
+            looping = bool(rng.random() < 0.25)
+            rep4 = float(rng.uniform(0.5, 0.9) if looping else rng.uniform(0.0, 0.2))
+            row[f"{side}_loops"], row[f"{side}_rep4"] = looping, rep4
+            row["scores"][side].update(rep4=rep4, loops=float(looping), distinct2=float(rng.uniform(0.3, 1.0)))
         row.update((texts or [])[i] if i < len(texts or []) else {})
         rows.append(row)
 
     deltas = {**DEFAULT_DELTAS, **(deltas or {})}
     base = {m: v + base_shift for m, v in BASE_VALUES.items()}
     metrics = {
-        "base": {m: {"value": v, "ci95": [v - 1.5, v + 1.5], "n": n} for m, v in base.items()},
-        "tuned": {m: {"value": base[m] + d, "ci95": [base[m] + d - 1.4, base[m] + d + 1.4], "n": n}
+        "base": {m: {"value": v, "ci95": [v - _half_width(m, 1.5), v + _half_width(m, 1.5)], "n": n}
+                 for m, v in base.items()},
+        "tuned": {m: {"value": base[m] + d, "ci95": [base[m] + d - _half_width(m, 1.4),
+                                                     base[m] + d + _half_width(m, 1.4)], "n": n}
                   for m, (d, _, _) in deltas.items()},
         "delta": {m: {"value": d, "ci95": [lo, hi], "n": n} for m, (d, lo, hi) in deltas.items()},
         "win_tie_loss": {m: {"win": n // 2, "tie": n // 6, "loss": n - n // 2 - n // 6} for m in METRICS},
-        "higher_is_better": {m: m != "perplexity" for m in METRICS},
+        "higher_is_better": dict(HIGHER_IS_BETTER),
         "settings": {"bootstrap_replicates": 1000, "bootstrap_seed": 0,
                      "sacrebleu": {"bleu": "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.5.1"}},
         "guards": {side: _guards([r[side] for r in rows], [r["reference"] for r in rows],
                                  [r[f"{side}_truncated"] for r in rows]) for side in ("base", "tuned")},
         "warnings": list(warnings),
     }
+    for side in ("base", "tuned"):
+        metrics["guards"][side]["loop_share"] = float(np.mean([r[f"{side}_loops"] for r in rows]))
     for side, values in (guards or {}).items():
         metrics["guards"][side].update(values)
 

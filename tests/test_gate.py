@@ -58,7 +58,8 @@ def _outputs(predictions, references, nll=None):
 
 
 REFS = [f"product {i} is a sturdy red widget with {i % 7} extra parts for the home" for i in range(40)]
-SHARES = {"empty_share": 0.0, "truncated_share": 0.0}
+SHARES = {"empty_share": 0.0, "truncated_share": 0.0, "loop_share": 0.0}
+LOOPING = "It is very easy to use. It is very easy to read. " * 4  # 56 tokens; its second half repeats the first
 SETTINGS = MetricSettings(bootstrap_replicates=300)
 
 
@@ -89,6 +90,24 @@ def test_small_noisy_set_warns_that_it_is_underpowered():
     results, warnings, _ = evaluate(gate, _outputs(refs, refs), _outputs(noisy, refs), SHARES, SETTINGS)
     assert len(warnings) == 1 and "too small to detect" in warnings[0] and "n=6" in warnings[0]
     assert "underpowered" in results[0].reason
+
+
+def test_a_candidate_that_loops_more_than_the_baseline_fails_the_loops_margin():
+    candidate = [LOOPING if i % 4 == 0 else r for i, r in enumerate(REFS)]  # 10 of 40 loop, none before
+    gate = GateSpec(rules=[RuleSpec("loops", 0.05)], max_loop_share=0.2)
+    results, _, metrics = evaluate(gate, _outputs(REFS, REFS), _outputs(candidate, REFS), {**SHARES, "loop_share": 0.25},
+                                   SETTINGS)
+    by_name = {r.name: r for r in results}
+    assert by_name["loops.margin"].passed is False and by_name["loops.margin"].score == pytest.approx(0.25)
+    assert "fails only if the lower end is above +0.05" in by_name["loops.margin"].reason
+    assert by_name["guard.loop_share"].passed is False and "over the limit 20%" in by_name["guard.loop_share"].reason
+    assert metrics["loops"]["delta"] == pytest.approx(0.25) and metrics["loops"]["delta_ci95"][0] > 0.05
+    # Within the margin: one looping output more (1 of 40) is not a regression.
+    slight = [LOOPING if i == 0 else r for i, r in enumerate(REFS)]
+    results, _, _ = evaluate(GateSpec(rules=[RuleSpec("loops", 0.05)]), _outputs(REFS, REFS), _outputs(slight, REFS),
+                             SHARES, SETTINGS)
+    assert [(r.name, r.passed) for r in results] == [("loops.margin", True), ("guard.empty_share", True),
+                                                     ("guard.truncated_share", True)]
 
 
 def test_subset_is_seeded_fixed_size_and_in_split_order():
@@ -208,3 +227,17 @@ def test_cannot_judge_cases_exit_2_and_say_why(gate_env, tiny_run, tmp_path, cap
     assert _verdict(tmp_path / "broken-out")["verdict"] == "cannot_judge"
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("harness: error: ") and str(broken) in err[-1]
+
+
+@slow
+def test_gate_exits_1_when_the_candidate_loops_more_than_the_baseline(gate_env, tiny_run, tmp_path):
+    baseline, sets = gate_env  # the tiny model's 8-token outputs are too short to loop
+    looping_run = tmp_path / "looping-run"
+    shutil.copytree(tiny_run, looping_run)
+    gens = looping_run / "scores" / "tuned_generations.jsonl"
+    rows = [json.loads(line) for line in gens.read_text().splitlines()]
+    gens.write_text("".join(json.dumps({**r, "text": LOOPING}) + "\n" for r in rows))  # its reused outputs loop
+    code = _check(looping_run, baseline, tmp_path / "out", sets, "--set", "gate.rules=[{metric: loops, margin: 0.05}]")
+    verdict = _verdict(tmp_path / "out")
+    assert code == 1 and verdict["verdict"] == "regression" and verdict["reason"] == "failed: loops.margin"
+    assert verdict["sources"]["candidate"].startswith("cached scores") and verdict["metrics"]["loops"]["delta"] == 1.0

@@ -103,6 +103,31 @@ def test_unchanged_adapter_is_refused(tiny_model_dir, loaded):
     assert assert_adapter_applied(peft_model, tokenizer, prompts, CPU) > 1e-4
 
 
+def test_no_repeat_ngram_size_reaches_generate(loaded, monkeypatch):
+    from harness import degeneration
+
+    model, tokenizer = loaded
+    calls = []
+    real = model.generate
+
+    def spy(**kwargs):
+        out = real(**kwargs)
+        calls.append((kwargs["no_repeat_ngram_size"], out[:, kwargs["input_ids"].shape[1]:].tolist()))
+        return out
+
+    monkeypatch.setattr(model, "generate", spy)
+    prompts = [build_prompt(tokenizer, PromptSpec(), t) for t in TITLES]
+    trigrams = lambda ids: [tuple(ids[i:i + 3]) for i in range(len(ids) - 2)]  # noqa: E731
+    # Off (the default): the random tiny model repeats one token, a loop the harness flags.
+    free = generate(model, tokenizer, prompts, GenerationSpec(max_new_tokens=30), CPU)
+    assert calls[-1][0] == 0 and all(len(set(trigrams(ids))) < len(trigrams(ids)) for ids in calls[-1][1])
+    assert all(degeneration.loops(g.text) for g in free)
+    # Size 3: no generated 3-gram of model tokens occurs twice.
+    generate(model, tokenizer, prompts, GenerationSpec(max_new_tokens=30, no_repeat_ngram_size=3), CPU)
+    size, rows = calls[-1]
+    assert size == 3 and all(len(set(trigrams(ids))) == len(trigrams(ids)) == 28 for ids in rows)
+
+
 # -- the fast scorer: batch plan, engines, determinism ----------------------------------------------
 
 LONG_TITLES = TITLES + ["Stainless Steel Water Bottle", "Wireless Mouse", "Yoga Mat",

@@ -152,10 +152,11 @@ def test_ci_contains_point_value_and_seed_is_reproducible():
     first = score_outputs(base, tuned, SETTINGS)
     assert first == score_outputs(base, tuned, SETTINGS)
     assert first != score_outputs(base, tuned, OTHER_SEED)
+    assert first["tuned"]["loops"] == {"value": 0.0, "ci95": [0.0, 0.0], "n": 200}  # nothing loops
     for block in ("base", "tuned", "delta"):
-        for entry in first[block].values():
+        for name, entry in first[block].items():
             low, high = entry["ci95"]
-            assert low <= entry["value"] <= high and low < high
+            assert low <= entry["value"] <= high and (low < high or entry == first["tuned"]["loops"]), name
 
 
 def test_paired_delta_ci_is_narrower_than_unpaired():

@@ -11,11 +11,12 @@ import pytest
 from fixtures_runs import make_run
 from harness import report
 from harness.errors import RunError
-from harness.metrics import METRICS
+from harness.metrics import DEGENERATION, METRICS
 from harness.report import MD_MAX_BYTES, significance, write_reports
 
-SECTIONS = ("Summary", "Headline metrics", "Plots", "Examples", "Guards", "Configuration",
+SECTIONS = ("Summary", "Headline metrics", "Degenerate output", "Plots", "Examples", "Guards", "Configuration",
             "Fingerprints", "Environment")
+HEADLINE = [m for m in METRICS if m not in DEGENERATION]
 SCRIPT, IMG, LINK, PIPE = ("<script>alert(1)</script>", "<img src=x onerror=alert(1)>",
                            "](javascript:alert(1))", "| col |")
 
@@ -102,7 +103,7 @@ def test_markdown_numbers_equal_metrics_json(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     _, md_path = write_reports([run], tmp_path / "out")
     rows = _headline_cells(md_path.read_text(encoding="utf-8"))
-    assert list(rows) == list(METRICS)
+    assert list(rows) == HEADLINE
     for name, (base, tuned, delta, wtl) in rows.items():
         for cell, block in ((base, metrics["base"][name]), (tuned, metrics["tuned"][name])):
             assert cell == f"{block['value']:.2f} [{block['ci95'][0]:.2f}, {block['ci95'][1]:.2f}]"
@@ -154,7 +155,7 @@ def test_markdown_falls_back_to_less_detail_rather_than_growing(tmp_path):
     _, md_path = write_reports(runs, tmp_path / "out")
     md = md_path.read_text(encoding="utf-8")
     assert len(md.encode("utf-8")) < MD_MAX_BYTES
-    assert list(_headline_cells(md)) == list(METRICS)
+    assert list(_headline_cells(md)) == HEADLINE
     assert all(len(line) < 200 for line in md.splitlines() if line.startswith("   - "))  # shorter texts
 
 
@@ -197,7 +198,8 @@ def test_injected_markup_renders_as_text(tmp_path):
     markdown_it = pytest.importorskip("markdown_it")
     rendered = markdown_it.MarkdownIt("commonmark", {"html": True}).enable("table").render(md)
     assert "<script" not in rendered and "<img" not in rendered and "<a " not in rendered
-    assert rendered.count("<tr>") == 1 + len(METRICS) + 1 + 6  # headline + guards tables, cells intact
+    # headline, degenerate-output (base, tuned, delta) and guards tables, cells intact
+    assert rendered.count("<tr>") == 1 + len(HEADLINE) + 1 + 3 + 1 + 6
 
 
 def test_rouge_gain_with_a_length_shift_is_flagged_once(tmp_path):
@@ -249,3 +251,66 @@ def test_malformed_run_files_are_named_with_the_problem(tmp_path):
     (run / "metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(RunError, match=re.escape(f"{run / 'metrics.json'}: delta.rougeL needs")):
         write_reports([run], tmp_path / "out")
+
+
+def _section(html: str, section: str) -> str:
+    return re.search(rf'<section id="{section}">(.*?)</section>', html, re.S).group(1)
+
+
+def test_degenerate_output_section_shows_cis_and_an_escaped_looping_output(tmp_path):
+    looping = f"{SCRIPT} It is very easy to use. " * 5
+    texts = [{"base": "A plain base output.", "base_loops": False, "base_rep4": 0.0},
+             {"tuned": looping, "tuned_loops": True, "tuned_rep4": 0.99, "tuned_truncated": True}]
+    run = make_run(tmp_path, texts=texts)
+    metrics = json.loads((run / "metrics.json").read_text())
+    html_path, md_path = write_reports([run], tmp_path / "out")
+    html, md = html_path.read_text(encoding="utf-8"), md_path.read_text(encoding="utf-8")
+
+    section = _section(html, "degeneration")
+    md_part = md[md.index("## Degenerate output"):md.index("## Guards")]
+    for name in DEGENERATION:
+        for side in ("base", "tuned"):
+            block = metrics[side][name]
+            value, ci = f"{block['value']:.3f}", f"[{block['ci95'][0]:.3f}, {block['ci95'][1]:.3f}]"
+            assert f'{value}<br><span class="ci">{ci}</span>' in section and f"{value} {ci}" in md_part
+        d = metrics["delta"][name]
+        assert f"{d['value']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" in md_part.replace("**", "")
+    assert "sig. better" in md_part  # fixture: tuned loops significantly less
+    assert "| Δ tuned − base |" in md_part and "Welleck" in md_part and "Li et al. 2016" in md_part
+
+    # The most repetitive looping output is shown, as text: escaped in both formats.
+    assert "<script>alert" not in html and "<script" not in md
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt; It is very easy to use."
+    assert escaped in section and escaped in md_part
+    assert "id ex-0001" in section and "rep-4 0.990" in md_part and "_(truncated)_" in md_part
+    tuned_loops = sum(json.loads(line).get("tuned_loops") is True
+                      for line in (run / "predictions.jsonl").read_text().splitlines())
+    assert f"({tuned_loops} of 24 outputs loop)" in md_part
+    assert 'value="flag:loops"' in html and 'data-flags="loops' in html
+
+
+def test_degenerate_output_for_several_runs_and_for_runs_without_it(tmp_path):
+    runs = [make_run(tmp_path, f"adapter-{k}", seed=k) for k in (1, 2)]
+    html_path, md_path = write_reports(runs, tmp_path / "out")
+    md = md_path.read_text(encoding="utf-8")
+    part = md[md.index("## Degenerate output"):md.index("## Guards")]
+    assert [line.split(" | ")[0] for line in part.splitlines() if line.startswith("| ") and "---" not in line] == [
+        "| Model", "| Base", "| adapter-1", "| Δ adapter-1 − base", "| adapter-2", "| Δ adapter-2 − base"]
+    assert part.count("outputs loop); the most repetitive") == 3  # base once, then each adapter
+    assert _section(html_path.read_text(encoding="utf-8"), "degeneration").count('<tr data-kind="delta">') == 2
+
+    old = make_run(tmp_path, "old")  # a run from before these metrics: no numbers, no flags
+    metrics = json.loads((old / "metrics.json").read_text())
+    for block in ("base", "tuned", "delta", "win_tie_loss", "higher_is_better"):
+        for name in DEGENERATION:
+            del metrics[block][name]
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    rows = [json.loads(line) for line in (old / "predictions.jsonl").read_text().splitlines()]
+    for row in rows:
+        for key in ("base_loops", "tuned_loops", "base_rep4", "tuned_rep4"):
+            del row[key]
+    (old / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    html_path, md_path = write_reports([old], tmp_path / "old-out")
+    for text in (html_path.read_text(encoding="utf-8"), md_path.read_text(encoding="utf-8")):
+        assert "Not measured: metrics.names lists none of rep4, loops, distinct2." in text
+        assert "looping not recorded in predictions.jsonl" in text

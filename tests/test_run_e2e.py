@@ -26,7 +26,12 @@ def test_run_folder_contract(tiny_run):
     heldout = (tiny_run / "data" / "heldout.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in (tiny_run / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == len(heldout) == 8
-    assert set(rows[0]) >= {"id", "title", "reference", "base", "tuned"}
+    assert set(rows[0]) >= {"id", "title", "reference", "base", "tuned", "base_loops", "tuned_loops", "base_rep4",
+                            "tuned_rep4"}
+    for row in rows:
+        for side in ("base", "tuned"):
+            assert row["scores"][side]["loops"] == float(row[f"{side}_loops"])
+            assert row["scores"][side]["rep4"] == row[f"{side}_rep4"]
     manifest = json.loads((tiny_run / "manifest.json").read_text())
     assert manifest["status"] == "completed"
     assert manifest["stages_done"] == ["prepare", "score_base", "train", "score_tuned", "metrics", "report"]
@@ -49,9 +54,13 @@ def test_second_run_hits_the_base_cache_and_changes_miss_it(tmp_path, tiny_model
     first = run_tiny(tmp_path, tiny_model_dir)
     second = run_tiny(tmp_path, tiny_model_dir)
     third = run_tiny(tmp_path, tiny_model_dir, "generation.max_new_tokens=7")
-    caches = [json.loads((r / "manifest.json").read_text())["base_cache"] for r in (first, second, third)]
-    assert [c["hit"] for c in caches] == [False, True, False]
-    assert caches[0]["key"] == caches[1]["key"] != caches[2]["key"]
+    fourth = run_tiny(tmp_path, tiny_model_dir, "generation.no_repeat_ngram_size=3")
+    manifests = [json.loads((r / "manifest.json").read_text()) for r in (first, second, third, fourth)]
+    caches = [m["base_cache"] for m in manifests]
+    assert [c["hit"] for c in caches] == [False, True, False, False]
+    assert caches[0]["key"] == caches[1]["key"] != caches[2]["key"] != caches[3]["key"] != caches[0]["key"]
+    generation = [m["fingerprints"]["generation"] for m in manifests]
+    assert generation[0] == generation[1] and generation[3] not in (generation[0], generation[2])
     same = lambda r: (r / "scores" / "base_generations.jsonl").read_text()  # noqa: E731
     assert same(first) == same(second)
 
