@@ -446,6 +446,11 @@ def bench_command(args) -> int:
                 import torch
 
                 torch.cuda.empty_cache()
+    if "serve" in parts:  # opt-in (--only serve): harness/bench_serve.py
+        from harness.bench_serve import measure_serving
+
+        results["serve"] = measure_serving(spec, tokenizer, [e.title for e in examples], device, work)
+        results["ratios"]["serve: batched / serial requests/s"] = results["serve"]["ratio"]
     if "qlora8b" in parts and device.kind == "cuda":
         results["qlora"] = qlora_peak_memory(spec, tokenizer, device, 2048, work)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -503,6 +508,10 @@ def format_results(results: dict) -> str:
         q = results["qlora"]
         lines += ["", f"QLoRA {q['model']} at {q['seq_len']} tokens: peak {q['peak_mem_gb']:.2f} GB "
                       f"(weights {q['weights_loaded_gb']:.2f} GB)"]
+    if "serve" in results:
+        from harness.bench_serve import format_serving
+
+        lines += format_serving(results["serve"])
     lines += [f"FAILED {f['model']}/{f['recipe']}: {f['error']}" for f in results.get("failures", [])]
     lines += ["", "ratios:"] + [f"  {k}: {v:.2f}x" for k, v in results["ratios"].items()]
     return "\n".join(lines)

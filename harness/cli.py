@@ -1,6 +1,7 @@
 """`python -m harness` / `harness`: the command line.
 
-Exit codes: 0 success; 1 a regression found by `check`; 2 bad input or a result that cannot
+Exit codes: 0 success; 1 a regression found by `check`, or input lines `generate` could not
+describe (named on stderr; the rest were described); 2 bad input or a result that cannot
 be judged (one line on stderr, no traceback); 3 an unexpected crash (traceback);
 130 interrupted (the run folder says where to resume).
 """
@@ -70,8 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="write descriptions with a run's tuned model")
     p.add_argument("run", type=Path)
-    p.add_argument("--title", help="a product title (default: read titles from stdin)")
-    p.add_argument("--compare", action="store_true", help="also print the base model's description")
+    p.add_argument("--title", help="a product title (default: --input, titles piped on stdin, or a prompt)")
+    p.add_argument("--input", type=Path, metavar="FILE",
+                   help="titles to describe in batches: .txt (one a line) or .jsonl (objects with a title field)")
+    p.add_argument("--output", type=Path, metavar="FILE",
+                   help="JSON Lines output, written as titles finish (default: stdout, in input order)")
+    p.add_argument("--resume", action="store_true", help="continue --output: skip the input lines it describes")
+    p.add_argument("--title-field", metavar="NAME", help="the .jsonl field holding the title (default: title)")
+    p.add_argument("--progress", action="store_true", help="progress bar on stderr even when it is not a terminal")
+    p.add_argument("--compare", action="store_true", help="also write the base model's description")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
@@ -80,12 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    # 10 ms is little next to one generation (hundreds of ms) and enough for a burst to gather.
+    p.add_argument("--batch-window-ms", type=float, default=10.0,
+                   help="how long a batch gathers requests once the model is free (default %(default)g; 0: no wait)")
+    p.add_argument("--max-batch", type=int, default=64,
+                   help="most requests generated together (default %(default)s; 1: one at a time)")
 
     p = sub.add_parser("bench", help="GPU benchmark: seed recipe vs harness (training and scoring)")
     p.add_argument("task")
     p.add_argument("--out", type=Path, default=Path("bench/results.json"))
     p.add_argument("--quick", action="store_true", help="allow a CPU smoke test (numbers mean nothing there)")
-    p.add_argument("--only", help="comma-separated parts: smollm2,tinyllama,qlora8b,generate (default: all)")
+    p.add_argument("--only", help="comma-separated parts: smollm2,tinyllama,qlora8b,generate (default: all); "
+                                  "serve (HTTP micro-batching) runs only when named")
     p.add_argument("--recipes", default="seed,trl_tuned,harness",
                    help="comma-separated training recipes: seed,trl_tuned,harness_sdpa,harness "
                         "(default: all but harness_sdpa)")
@@ -177,7 +191,7 @@ def _cmd_baseline(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from harness.serve import generate_command
+    from harness.generate_cli import generate_command
 
     return generate_command(args)
 

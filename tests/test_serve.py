@@ -1,12 +1,11 @@
-"""`harness generate` and `harness serve` on the tiny run: same prompt path as scoring, a real
-HTTP server in a subprocess, input validation, no cross-talk under concurrent requests."""
+"""`harness serve` on the tiny run: a real HTTP server in a subprocess (loopback, every wait
+bounded), the same prompt path as scoring, input validation, and micro-batching: 64 concurrent
+requests generated in shared calls, each answered with its own description."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,28 +18,18 @@ import pytest
 
 from harness.cli import main
 from harness.data import read_prepared
-from harness.serve import LoadedRun, is_loopback
-from tests.conftest import REPO
+from harness.serve import is_loopback
+from tests.conftest import DEMO_DATA, REPO
+from tests.fixtures_loaded import loaded  # noqa: F401  (a fixture)
 
 TITLES = ["Garlic Press", "Kids' Rain Boots , Dinosaur Print", "Aquarium Starter Kit", "Mug"]
 SERVER_START_S = 90
 REQUEST_TIMEOUT_S = 60
+WINDOW_MS, MAX_BATCH = 50, 16
+CONCURRENT = 64
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_run):
-    with pytest.MonkeyPatch.context() as mp:  # module fixtures run before the autouse env fixture
-        mp.setenv("HARNESS_DEVICE", "cpu")
-        return LoadedRun.load(tiny_run)
-
-
-def one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-# -- LoadedRun and `harness generate` -------------------------------------------------------------
-
-def test_served_descriptions_are_the_scored_ones(tiny_run, loaded):
+def test_served_descriptions_are_the_scored_ones(tiny_run, loaded):  # noqa: F811
     """Greedy output for a held-out title equals what scoring wrote, for tuned and base."""
     heldout = read_prepared(tiny_run / "data").heldout[:2]
     for side, use_adapter in (("tuned", True), ("base", False)):
@@ -50,58 +39,11 @@ def test_served_descriptions_are_the_scored_ones(tiny_run, loaded):
             assert loaded.describe(example.title, use_adapter=use_adapter).text == scored[example.id], side
 
 
-def test_generate_title_prints_the_loaded_run_description(tiny_run, loaded, capsys):
-    assert main(["generate", str(tiny_run), "--title", TITLES[0]]) == 0
-    out = capsys.readouterr().out
-    assert out.strip()
-    assert out == loaded.describe(TITLES[0]).text + "\n"
-
-
-def test_generate_reads_titles_from_stdin_one_line_each(tiny_run, loaded, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{TITLES[0]}\n\n   \n{TITLES[1]}\n"))
-    assert main(["generate", str(tiny_run), "--max-new-tokens", "4"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines == [one_line(loaded.describe(t, max_new_tokens=4).text) for t in TITLES[:2]]
-
-
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-def test_generate_on_a_terminal_prompts_and_streams(tiny_run, loaded, monkeypatch):
-    """Typed titles at `title> ` until an empty line; tokens streamed to the terminal."""
-    terminal = _Terminal()
-    monkeypatch.setattr(sys, "stdin", _Terminal(f"{TITLES[3]}\n\n{TITLES[0]}\n"))
-    monkeypatch.setattr(sys, "stdout", terminal)
-    assert main(["generate", str(tiny_run), "--max-new-tokens", "3"]) == 0
-    prompts = terminal.getvalue().split("title> ")
-    assert len(prompts) == 3 and prompts[0] == "" and prompts[2] == ""  # stopped at the empty line
-    assert one_line(prompts[1]) == loaded.describe(TITLES[3], max_new_tokens=3).text
-
-
-def test_generate_compare_labels_tuned_and_base(tiny_run, loaded, capsys):
-    assert main(["generate", str(tiny_run), "--title", TITLES[2], "--compare"]) == 0
-    tuned, base = capsys.readouterr().out.splitlines()
-    assert tuned.startswith("tuned:") and base.startswith("base:")
-    assert tuned.split(":", 1)[1].strip() == loaded.describe(TITLES[2]).text
-    assert base.split(":", 1)[1].strip() == loaded.describe(TITLES[2], use_adapter=False).text
-
-
-def test_generate_refuses_missing_or_unfinished_runs_and_bad_options(tiny_run, tmp_path, capsys):
-    assert main(["generate", str(tmp_path / "nope"), "--title", "x"]) == 2
-    assert main(["generate", str(tmp_path), "--title", "x"]) == 2  # a folder without spec.yaml
-    unfinished = tmp_path / "unfinished"
-    unfinished.mkdir()
-    shutil.copy(tiny_run / "spec.yaml", unfinished / "spec.yaml")
-    assert main(["generate", str(unfinished), "--title", "x"]) == 2
-    assert main(["generate", str(tiny_run), "--title", "x", "--temperature", "-1"]) == 2
-    assert main(["generate", str(tiny_run), "--title", "   "]) == 2
-    errors = capsys.readouterr().err.splitlines()
-    messages = [line for line in errors if line.startswith("harness: error:")]
-    assert len(messages) == 5
-    assert "no such run folder" in messages[0] and "spec.yaml" in messages[1] and "adapter" in messages[2]
-    assert "temperature" in messages[3] and "empty" in messages[4]
+@pytest.mark.parametrize("flags, message", [(["--max-batch", "0"], "--max-batch must be at least 1"),
+                                            (["--batch-window-ms", "-1"], "--batch-window-ms must be between 0")])
+def test_bad_batching_options_fail_before_the_model_loads(tmp_path, capsys, flags, message):
+    assert main(["serve", str(tmp_path / "no-run"), *flags]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_loopback_detection():
@@ -124,7 +66,8 @@ def server(tiny_run, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
     env = dict(os.environ, HARNESS_DEVICE="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "harness", "serve", str(tiny_run), "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "harness", "serve", str(tiny_run), "--port", str(port),
+                                 "--batch-window-ms", str(WINDOW_MS), "--max-batch", str(MAX_BATCH)],
                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -149,20 +92,21 @@ def post(url: str, body: dict) -> httpx.Response:
     return httpx.post(f"{url}/generate", json=body, timeout=REQUEST_TIMEOUT_S)
 
 
-def test_health_names_model_adapter_and_device(server, tiny_run, loaded):
+def test_health_names_model_adapter_device_and_batching(server, tiny_run, loaded):  # noqa: F811
     _, url, _ = server
     body = httpx.get(f"{url}/health", timeout=REQUEST_TIMEOUT_S).json()
     assert body == {"status": "ok", "model": loaded.spec.model.base, "adapter": str(tiny_run / "adapter"),
-                    "device": body["device"]}
+                    "device": body["device"], "batching": {"window_ms": WINDOW_MS, "max_batch": MAX_BATCH}}
     assert body["device"].startswith("cpu")
 
 
-def test_generate_endpoint_matches_the_cli(server, tiny_run, loaded, capsys):
+def test_generate_endpoint_matches_the_cli(server, tiny_run, loaded, capsys):  # noqa: F811
     _, url, _ = server
     response = post(url, {"title": TITLES[1]})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"description", "model", "adapter", "tokens", "latency_ms"}
+    assert set(body) == {"description", "model", "adapter", "tokens", "latency_ms", "batch_size"}
+    assert body["batch_size"] == 1 and body["latency_ms"] >= WINDOW_MS  # alone: it waited the window out
     assert body["model"] == loaded.spec.model.base and body["adapter"] == str(tiny_run / "adapter")
     assert body["tokens"] == loaded.describe(TITLES[1]).n_tokens and body["latency_ms"] > 0
     assert main(["generate", str(tiny_run), "--title", TITLES[1]]) == 0
@@ -181,22 +125,35 @@ def test_bad_requests_are_422(server, body):
     assert response.status_code == 422, response.text
 
 
-def test_concurrent_requests_do_not_cross_talk(server):
-    """20 requests at once over (title, length) pairs: each answer equals its request served alone."""
+def load_titles() -> list[str]:
+    """64 distinct titles from the shipped demo set (written for this project)."""
+    titles = [json.loads(line)["title"] for line in DEMO_DATA.read_text(encoding="utf-8").splitlines()]
+    distinct = list(dict.fromkeys(titles))[:CONCURRENT]
+    assert len(distinct) == CONCURRENT
+    return distinct
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_description(server, loaded):  # noqa: F811
+    """64 requests at once, two lengths: generated in shared calls (batch size > 1, at most
+    --max-batch), and each answer equals its title generated alone, so none was mixed up."""
     _, url, _ = server
-    jobs = [{"title": TITLES[i % 4], "max_new_tokens": 2 + 3 * (i // 4 % 2)} for i in range(20)]
-    alone = {}
-    for job in jobs:
-        key = (job["title"], job["max_new_tokens"])
-        if key not in alone:
-            alone[key] = post(url, job).json()
-    with ThreadPoolExecutor(max_workers=20) as pool:
+    jobs = [{"title": title, "max_new_tokens": 4 + 4 * (i % 2)} for i, title in enumerate(load_titles())]
+    before = httpx.get(f"{url}/stats", timeout=REQUEST_TIMEOUT_S).json()
+    with ThreadPoolExecutor(max_workers=CONCURRENT) as pool:
         responses = list(pool.map(lambda job: post(url, job), jobs))
-    assert [r.status_code for r in responses] == [200] * 20
-    for job, response in zip(jobs, responses):
-        expected = alone[(job["title"], job["max_new_tokens"])]
+    after = httpx.get(f"{url}/stats", timeout=REQUEST_TIMEOUT_S).json()
+    assert [r.status_code for r in responses] == [200] * CONCURRENT, [r.text for r in responses if r.status_code != 200]
+    for job, response in zip(jobs, responses, strict=True):
+        alone = loaded.describe(job["title"], max_new_tokens=job["max_new_tokens"])
         got = response.json()
-        assert (got["description"], got["tokens"]) == (expected["description"], expected["tokens"])
+        assert (got["description"], got["tokens"]) == (alone.text, alone.n_tokens), job
+    sizes = [r.json()["batch_size"] for r in responses]
+    assert max(sizes) > 1 and max(sizes) <= MAX_BATCH
+    assert after["requests"] - before["requests"] == CONCURRENT
+    assert 1 < after["largest_batch"] <= MAX_BATCH
+    new_calls = {size: n - before["batch_sizes"].get(size, 0) for size, n in after["batch_sizes"].items()}
+    assert sum(int(size) * n for size, n in new_calls.items()) == CONCURRENT
+    assert sum(n for size, n in new_calls.items() if int(size) > 1) >= CONCURRENT // MAX_BATCH
 
 
 def test_openapi_docs_are_served(server):
