@@ -1,16 +1,27 @@
-"""`python -m harness bench TASK`: the harness fast path against the seeds' recipe, measured.
+"""`python -m harness bench TASK`: the harness fast path against the seeds' recipe and Unsloth, measured.
 
-Everything runs in one process on one device, on the same examples, and every figure is a
-ratio against a baseline measured in the same run. Recipes:
+Every recipe trains on the same examples on one device, and every figure is a ratio against a
+baseline measured in the same run. Recipes:
 
 - seed:      trl SFTTrainer on prompt/completion strings, batch 2, grad-accum 4, no packing,
              LoRA r=16 on q/k/v/o/gate/up/down (what the notebooks this project replaces do);
-- trl_tuned: the same with packing (padding-free) and batch 16: a well-tuned plain trl baseline;
+- trl_tuned: the same with packing (padding-free) at each --batch: a well-tuned plain trl baseline;
 - harness:   harness' own CUDA default (pre-tokenized, padding-free packing, FlashAttention varlen
              kernel, Liger layer kernels, bf16, LoRA inputs kept in bf16) at each --batch size;
 - harness_sdpa: the same with sdpa attention (a dense block-diagonal mask over the packed row),
-             to show what the varlen kernel is worth (only when asked for with --recipes).
-All three get trl 1.16's chunked LM head, which computes the loss without full-vocabulary logits.
+             to show what the varlen kernel is worth (only when asked for with --recipes);
+- harness_eager: harness with `train.compile: off`, to show what compiling the layers is worth when
+             the harness recipe runs with `--set train.compile=on` (only when asked for with --recipes);
+- unsloth:   Unsloth's FastLanguageModel and its patched trl SFTTrainer on the same pre-tokenized
+             examples, LoRA config, packing, batch, sequence length and SFTConfig fields, in its own
+             process with its own packages (harness/bench_unsloth.py: Unsloth pins older trl/datasets).
+The trl recipes get trl 1.16's chunked LM head, which computes the loss without full-vocabulary logits.
+
+Counted the same way for every recipe: tokens are the non-pad tokens of each micro-batch as it
+reaches the trainer's training step (the attention mask's sum, or the packed row's length: what
+trl itself counts). Steady-state tokens/s covers the optimizer steps after the first --warmup
+(warm-up and compilation), with the device synchronised at both ends; the job time runs from
+loading the model to the end of training (tokenizing, packing, compiling and all).
 
 FLOPs (stated, since MFU depends on them): PaLM's model FLOPs per trained token
 6*N + 12*L*d*T (N parameters without the input embedding, L layers, d hidden size, T the
@@ -26,7 +37,8 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from harness.errors import HarnessError
@@ -37,7 +49,8 @@ TINYLLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=
                     num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
-RECIPES = ("seed", "trl_tuned", "harness_sdpa", "harness")
+RECIPES = ("seed", "trl_tuned", "harness_sdpa", "harness_eager", "harness", "unsloth")
+BATCHED_RECIPES = ("trl_tuned", "harness_sdpa", "harness_eager", "harness", "unsloth")  # run at each --batch
 SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -47,13 +60,18 @@ class TrainMeasure:
     recipe: str
     batch: int  # sequences (packed rows, or examples) per optimizer step
     attention: str
-    tokens_per_s: float
+    tokens_per_s: float  # steady state: the timed steps after the warm-up
     step_time_s: float
+    job_s: float  # loading the model to the end of training
     peak_mem_gb: float
     mfu_palm: float | None
     mfu_lora: float | None
     optimizer_steps: int
-    tokens: int
+    warmup_steps: int
+    tokens: int  # every step's, counted from the batches
+    timed_tokens: int
+    losses: dict[str, float] = field(default_factory=dict)  # logged training loss at fixed steps
+    notes: str = ""
 
 
 def _peak_flops(device) -> float | None:
@@ -74,36 +92,79 @@ def _flops_per_token(model, mean_len: float) -> tuple[float, float]:
     return 6 * n + 12 * attn, 4 * n + 8 * attn
 
 
-class _StepTimer:
-    """Times optimizer steps after `warmup` of them, with the device synchronised."""
+def batch_tokens(inputs: dict):
+    """Non-pad tokens of one micro-batch, as trl counts them (a device tensor stays one: no sync)."""
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        return mask.sum()
+    ids = inputs.get("position_ids", inputs["input_ids"])
+    return ids.numel()
 
-    def __init__(self, device, warmup: int):
-        self.device, self.warmup = device, warmup
-        self.steps = 0
-        self.started = None
-        self.elapsed = 0.0
+
+class StepClock:
+    """Times the optimizer steps after `warmup` and counts the tokens each step trained.
+
+    The device is synchronised only where the timed span starts and ends, so the clock adds no
+    stall inside it; tokens are read from every micro-batch `training_step` receives (shared by
+    every recipe, Unsloth's subprocess included)."""
+
+    def __init__(self, device_kind: str, warmup: int):
+        self.device_kind, self.warmup = device_kind, warmup
+        self.started = self.elapsed = None
+        self.steps = self.timed_steps = 0
+        self.tokens = self.timed_tokens = 0
+        self._step_tokens = 0
+        self.losses: dict[str, float] = {}
 
     def _sync(self):
         import torch
 
-        if self.device.kind == "cuda":
-            torch.cuda.synchronize(self.device.index)
+        if self.device_kind == "cuda":
+            torch.cuda.synchronize()
 
-    def callback(self):
+    def attach(self, trainer) -> None:
         from transformers import TrainerCallback
+        from transformers.trainer_callback import PrinterCallback
 
+        step = trainer.training_step
         outer = self
+
+        def counted_training_step(model, inputs, *args, **kwargs):
+            outer._step_tokens = outer._step_tokens + batch_tokens(inputs)
+            return step(model, inputs, *args, **kwargs)
 
         class Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                outer._sync()
+                outer.steps = state.global_step
+                outer.tokens = outer.tokens + outer._step_tokens
+                if state.global_step > outer.warmup:
+                    outer.timed_tokens = outer.timed_tokens + outer._step_tokens
+                outer._step_tokens = 0
                 if state.global_step == outer.warmup:
+                    outer._sync()
                     outer.started = time.perf_counter()
-                elif state.global_step > outer.warmup:
-                    outer.steps += 1
+                elif state.global_step == state.max_steps and outer.started is not None:
+                    outer._sync()
                     outer.elapsed = time.perf_counter() - outer.started
+                    outer.timed_steps = state.global_step - outer.warmup
 
-        return Callback()
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    outer.losses[str(state.global_step)] = float(logs["loss"])
+
+        trainer.training_step = counted_training_step
+        trainer.remove_callback(PrinterCallback)  # the bench prints its own table
+        trainer.add_callback(Callback())
+
+    def measure(self, label: str, recipe: str) -> dict:
+        """The clock's figures (plain numbers); fails closed when too few steps were timed."""
+        if self.elapsed is None or self.timed_steps < 3:
+            raise HarnessError(f"bench: {label}/{recipe} ran {self.steps} optimizer steps, {self.warmup} of them "
+                               f"warm-up: too few to time; use more --examples or a smaller --warmup")
+        tokens, timed = int(self.tokens), int(self.timed_tokens)
+        return {"tokens_per_s": timed / self.elapsed, "step_time_s": self.elapsed / self.timed_steps,
+                "optimizer_steps": self.steps, "warmup_steps": self.warmup, "tokens": tokens,
+                "timed_tokens": timed, "losses": dict(self.losses)}
 
 
 def _examples(spec, n: int):
@@ -126,68 +187,104 @@ def _string_dataset(spec, tokenizer, examples):
                               for e in examples])
 
 
-def _recipe_overrides(recipe: str, batch: int, device, seed_steps: int = -1) -> dict:
-    common = dict(num_train_epochs=1, max_steps=-1, logging_steps=10_000, save_strategy="no", eval_strategy="no",
+def _recipe_overrides(recipe: str, batch: int, device, seed_steps: int = -1, loss_every: int = 10_000) -> dict:
+    common = dict(num_train_epochs=1, max_steps=-1, logging_steps=loss_every, save_strategy="no", eval_strategy="no",
                   disable_tqdm=True, warmup_steps=0)
     if recipe == "seed":
         return {**common, "max_steps": seed_steps,
                 "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "packing": False,
                 "padding_free": False, "use_liger_kernel": False}
     if recipe == "trl_tuned":
-        return {**common, "per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "packing": True,
+        return {**common, "per_device_train_batch_size": batch, "gradient_accumulation_steps": 1, "packing": True,
                 "padding_free": True, "use_liger_kernel": False}
-    if recipe in ("harness", "harness_sdpa"):
+    if recipe.startswith("harness"):
         return {**common, "per_device_train_batch_size": batch, "gradient_accumulation_steps": 1}
     raise HarnessError(f"bench: unknown recipe '{recipe}'")
 
 
+def _peak_mem_gb(device) -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated(device.index) / 2**30 if device.kind == "cuda" else 0.0
+
+
+def _with_mfu(figures: dict, flops: tuple[float, float], device) -> dict:
+    peak = _peak_flops(device)
+    tps = figures["tokens_per_s"]
+    return {**figures, "mfu_palm": tps * flops[0] / peak if peak else None,
+            "mfu_lora": tps * flops[1] / peak if peak else None}
+
+
 def measure_training(spec, model_factory, tokenizer, examples, recipe: str, device, label: str,
-                     batch: int | None, out_dir: Path, seed_steps: int = -1) -> TrainMeasure:
-    """Train one epoch over `examples` with `recipe`; time the steps after the first three.
+                     batch: int | None, out_dir: Path, seed_steps: int = -1, warmup: int = 3,
+                     loss_every: int = 10) -> TrainMeasure:
+    """Train one epoch over `examples` with `recipe`; time the steps after the first `warmup`.
 
     The seed recipe may stop after `seed_steps` optimizer steps (its rate is steady long before
-    an epoch ends, and an epoch of it takes many minutes); its tokens are then the ones it saw.
+    an epoch ends, and an epoch of it takes many minutes).
     """
     import torch
 
     from harness.train import build_trainer, fast_path_options, tokenized_dataset
 
-    harness_spec = replace(spec, train=replace(spec.train, packing="on", liger_kernels="auto"))
-    attention = fast_path_options(harness_spec, device)["attention"] if recipe == "harness" else "sdpa"
+    harness_spec = replace(spec, train=replace(spec.train, packing="on", liger_kernels="auto",
+                                               compile=spec.train.compile if recipe == "harness" else "off"))
+    fast = fast_path_options(harness_spec, device)
+    attention = fast["attention"] if recipe in ("harness", "harness_eager") else "sdpa"
     log.info("bench: %s/%s on %d examples (attention %s)", label, recipe, len(examples), attention)
-    model = model_factory(attention)
-    tokenized = tokenized_dataset(spec, tokenizer, examples)
-    n_tokens = sum(len(ids) for ids in tokenized["input_ids"])
-    data = tokenized if recipe.startswith("harness") else _string_dataset(spec, tokenizer, examples)
-    trainer = build_trainer(harness_spec, model, tokenizer, data, None, out_dir / f"{label}-{recipe}-{batch}",
-                            device, plain_peft=not recipe.startswith("harness"),
-                            **_recipe_overrides(recipe, batch, device, seed_steps))
-    timer = _StepTimer(device, warmup=3)
-    trainer.add_callback(timer.callback())
     if device.kind == "cuda":
         torch.cuda.reset_peak_memory_stats(device.index)
-    trainer.train()
-    total_steps = trainer.state.global_step
-    if recipe == "seed" and seed_steps > 0:  # shuffled order: the mean example length times examples seen
-        n_tokens = round(n_tokens / len(examples) * min(len(examples), total_steps * 8))
-    if timer.steps < 3:
-        raise HarnessError(f"bench: {label}/{recipe} ran only {total_steps} optimizer steps; use more examples")
-    timed_tokens = n_tokens * timer.steps / total_steps
-    palm, lora = _flops_per_token(trainer.model.get_base_model(), n_tokens / len(examples))
-    peak = _peak_flops(device)
-    tps = timed_tokens / timer.elapsed
+    started = time.perf_counter()
+    model = model_factory(attention)
+    tokenized = tokenized_dataset(spec, tokenizer, examples)
+    mean_len = sum(len(ids) for ids in tokenized["input_ids"]) / len(examples)
+    data = tokenized if recipe.startswith("harness") else _string_dataset(spec, tokenizer, examples)
+    with _module_globals_restored(sys.modules[type(model).__module__]):
+        trainer = build_trainer(harness_spec, model, tokenizer, data, None, out_dir / f"{label}-{recipe}-{batch}",
+                                device, plain_peft=not recipe.startswith("harness"),
+                                **_recipe_overrides(recipe, batch, device, seed_steps, loss_every))
+        clock = StepClock(device.kind, warmup)
+        clock.attach(trainer)
+        trainer.train()
+    job_s = time.perf_counter() - started
+    figures = _with_mfu(clock.measure(label, recipe), _flops_per_token(trainer.model.get_base_model(), mean_len),
+                        device)
     per_step = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
-    result = TrainMeasure(
-        model=label, recipe=recipe, batch=per_step, attention=attention, tokens_per_s=tps,
-        step_time_s=timer.elapsed / timer.steps,
-        peak_mem_gb=torch.cuda.max_memory_allocated(device.index) / 2**30 if device.kind == "cuda" else 0.0,
-        mfu_palm=tps * palm / peak if peak else None, mfu_lora=tps * lora / peak if peak else None,
-        optimizer_steps=total_steps, tokens=n_tokens)
+    notes = (f"compile {fast['compile']}, "
+             f"Liger {'on' if trainer.args.use_liger_kernel else 'off'}, "
+             f"LoRA dropout {spec.lora.dropout}, {getattr(trainer.args.optim, 'value', trainer.args.optim)}")
+    result = TrainMeasure(model=label, recipe=recipe, batch=per_step, attention=attention, job_s=job_s,
+                          peak_mem_gb=_peak_mem_gb(device), notes=notes, **figures)
     log.info("bench %s", result)
     del trainer, model
     if device.kind == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+@contextmanager
+def _module_globals_restored(module):
+    """Undo what a recipe patched into the model's modeling module (Liger swaps transformers' Llama
+    RoPE function module-wide), so recipes sharing the bench's process do not leak into each other:
+    a compiled harness layer must not meet the Liger kernels an eager recipe left behind."""
+    saved = dict(vars(module))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)
+
+
+def _model_folder(label: str, factory, tokenizer, work: Path) -> Path:
+    """A saved copy of a bench-built model (with its tokenizer), for recipes that load from a folder."""
+    folder = work / "models" / label.split(" ")[0]
+    if not (folder / "config.json").is_file():
+        model = factory("sdpa")
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        del model
+    return folder
 
 
 def _random_model_factory(arch: dict, tokenizer, device):
@@ -371,13 +468,14 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def _training_ratios(label: str, rows: list[TrainMeasure]) -> dict[str, float]:
-    """Each harness row against the seed and trl_tuned rows, and against harness_sdpa at the same batch."""
+    """Each harness row against the seed row, and against every other recipe at the same batch."""
     ratios = {}
     for h in (r for r in rows if r.recipe == "harness"):
         for base in rows:
-            if base.recipe in ("seed", "trl_tuned") or (base.recipe == "harness_sdpa" and base.batch == h.batch):
-                name = base.recipe if base.recipe != "harness_sdpa" else f"harness_sdpa (batch {base.batch})"
-                ratios[f"{label}: harness (batch {h.batch}) / {name} tokens/s"] = h.tokens_per_s / base.tokens_per_s
+            if base.recipe != "seed" and (base.recipe == "harness" or base.batch != h.batch):
+                continue
+            name = "seed" if base.recipe == "seed" else f"{base.recipe} (batch {base.batch})"
+            ratios[f"{label}: harness (batch {h.batch}) / {name} tokens/s"] = h.tokens_per_s / base.tokens_per_s
     return ratios
 
 
@@ -385,6 +483,7 @@ def bench_command(args) -> int:
     import platform
 
     from harness import models
+    from harness.bench_unsloth import UnslothUnavailable, measure_unsloth
     from harness.runfolder import package_versions
     from harness.spec import load_spec
 
@@ -406,25 +505,40 @@ def bench_command(args) -> int:
     results = {"command": "python -m harness " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py")
                else " ".join(sys.argv), "device": device.describe(), "platform": platform.platform(),
                "packages": package_versions(), "examples": len(examples), "flops": __doc__.split("FLOPs")[1].strip(),
-               "training": [], "ratios": {}}
+               "warmup_steps": args.warmup, "training": [], "ratios": {}}
     def real(attention: str = "sdpa"):
         return models.load_model(model_ref, spec.model, tokenizer, device, attn_implementation=attention)
 
     base_label = "smollm2-135m" if spec.model.base.startswith("embedded:") else Path(spec.model.base).name
     arches = {"smollm2": (base_label, real),
               "tinyllama": ("tinyllama-1.1b-arch (random)", _random_model_factory(TINYLLAMA_1B, tokenizer, device))}
+    unsloth_unavailable = None
     for key, (label, factory) in arches.items():
         if key not in parts:
             continue
         recipes = [r for r in RECIPES if r in wanted
                    and (key == "smollm2" or r != "trl_tuned")]
         rows = []
-        for r, batch in ((r, b) for r in recipes for b in (batches if r.startswith("harness") else [None])):
+        for r, batch in ((r, b) for r in recipes for b in (batches if r in BATCHED_RECIPES else [None])):
             try:
-                rows.append(measure_training(spec, factory, tokenizer, examples, r, device, label, batch, work,
-                                             seed_steps=args.seed_steps))
+                if r == "unsloth":
+                    if unsloth_unavailable:
+                        continue
+                    folder = Path(model_ref) if key == "smollm2" else _model_folder(label, factory, tokenizer, work)
+                    row, results["unsloth_versions"] = measure_unsloth(
+                        spec, tokenizer, examples, device, label, batch, folder, work, args.unsloth_site,
+                        args.warmup, args.loss_every)
+                    rows.append(row)
+                else:
+                    rows.append(measure_training(spec, factory, tokenizer, examples, r, device, label, batch, work,
+                                                 seed_steps=args.seed_steps, warmup=args.warmup,
+                                                 loss_every=args.loss_every))
+            except UnslothUnavailable as exc:  # one line, then the other recipes go on
+                unsloth_unavailable = f"unsloth: not run ({exc})"
+                log.warning("bench: %s", unsloth_unavailable)
+                results.setdefault("skipped", []).append(unsloth_unavailable)
             except Exception as exc:  # recorded and shown next to the table, never hidden
-                log.error("bench: %s/%s failed: %s: %s", label, r, type(exc).__name__, exc)
+                log.error("bench: %s/%s failed: %s: %s", label, r, type(exc).__name__, exc, exc_info=exc)
                 results.setdefault("failures", []).append({"model": label, "recipe": r, "batch": batch,
                                                            "error": f"{type(exc).__name__}: {exc}"[:500]})
         results["training"].extend(asdict(r) for r in rows)
@@ -494,14 +608,24 @@ def format_generation(label: str, g: dict) -> list[str]:
 
 
 def format_results(results: dict) -> str:
-    lines = [f"device: {results['device']}", f"command: {results['command']}", "",
-             "| model | recipe | batch | attention | tokens/s | step s | peak GB | MFU (6N) | MFU (4N, LoRA) | steps |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"device: {results['device']}", f"command: {results['command']}",
+             "harness process: " + ", ".join(f"{k} {v}" for k, v in results["packages"].items() if v),
+             *(["unsloth process: " + ", ".join(f"{k} {v}" for k, v in results["unsloth_versions"].items() if v)]
+               if "unsloth_versions" in results else []),
+             f"tokens/s: steady state, after {results['warmup_steps']} warm-up optimizer steps; "
+             "job s: model load to end of training", "",
+             "| model | recipe | batch | attention | tokens/s | step s | job s | peak GB | MFU (6N) | MFU (4N, LoRA) "
+             "| steps |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     pct = lambda v: "n/a" if v is None or math.isnan(v) else f"{v:.1%}"  # noqa: E731
     for r in results["training"]:
         lines.append(f"| {r['model']} | {r['recipe']} | {r['batch']} | {r['attention']} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['step_time_s']:.3f} | {r['peak_mem_gb']:.2f} | {pct(r['mfu_palm'])} | "
+                     f"{r['step_time_s']:.3f} | {r['job_s']:.1f} | {r['peak_mem_gb']:.2f} | {pct(r['mfu_palm'])} | "
                      f"{pct(r['mfu_lora'])} | {r['optimizer_steps']} |")
+    lines += _loss_lines(results["training"])
+    lines += [f"note {r['model']}/{r['recipe']} (batch {r['batch']}): {r['notes']}" for r in results["training"]
+              if r.get("notes")]
+    lines += results.get("skipped", [])
     for label, g in results.get("generation", {}).items():
         lines += format_generation(label, g)
     if "qlora" in results:
@@ -515,3 +639,16 @@ def format_results(results: dict) -> str:
     lines += [f"FAILED {f['model']}/{f['recipe']}: {f['error']}" for f in results.get("failures", [])]
     lines += ["", "ratios:"] + [f"  {k}: {v:.2f}x" for k, v in results["ratios"].items()]
     return "\n".join(lines)
+
+
+def _loss_lines(rows: list[dict]) -> list[str]:
+    """Training loss of each recipe at the steps all logged, per model and batch (same steps, same data)."""
+    lines = []
+    for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows if r["recipe"] != "seed"):
+        mine = [r for r in rows if (r["model"], r["batch"]) == (model, batch) and r["recipe"] != "seed"
+                and r["losses"]]
+        steps = sorted(set.intersection(*(set(r["losses"]) for r in mine)), key=int) if mine else []
+        if steps:
+            lines += ["", f"{model}, batch {batch}: training loss at step " + ", ".join(steps)]
+            lines += [f"  {r['recipe']}: " + ", ".join(f"{r['losses'][k]:.4f}" for k in steps) for r in mine]
+    return lines

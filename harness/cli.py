@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from harness.errors import HarnessError
@@ -42,6 +43,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", nargs="?", help="task name in tasks/ or a spec path")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run folder")
     p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    _add_overrides(p)
+
+    p = sub.add_parser("eval", help="score adapters made elsewhere (or merged models) against the base; no training")
+    p.add_argument("task", help="task name in tasks/ or a spec path")
+    p.add_argument("--adapter", dest="adapters", action="append", required=True, type=Path, metavar="DIR",
+                   help="a PEFT adapter folder, a run folder or a merged model folder (repeatable: compared)")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    _add_overrides(p)
+
+    p = sub.add_parser("sweep", help="choose settings on a validation slice of train; "
+                                     "score the winner once on held-out")
+    p.add_argument("task", nargs="?", help="task name in tasks/ or a spec path")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="values to try for one train.*/lora.*/generation.* key, e.g. --grid train.lr=1e-4,3e-4 "
+                        "(repeatable; a grid runs every combination)")
+    p.add_argument("--storage", metavar="URL", help="optuna storage that several machines share, e.g. "
+                   "postgresql://user@host/db (default: a SQLite file in the sweep folder)")
+    p.add_argument("--resume", type=Path, metavar="SWEEP_DIR", help="continue an interrupted sweep folder")
+    p.add_argument("--sweeps-dir", type=Path, default=Path("sweeps"))
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where the winner's run folder goes")
     _add_overrides(p)
 
     p = sub.add_parser("validate", help="check a task spec without running it")
@@ -101,14 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", help="comma-separated parts: smollm2,tinyllama,qlora8b,generate (default: all); "
                                   "serve (HTTP micro-batching) runs only when named")
     p.add_argument("--recipes", default="seed,trl_tuned,harness",
-                   help="comma-separated training recipes: seed,trl_tuned,harness_sdpa,harness "
-                        "(default: all but harness_sdpa)")
+                   help="comma-separated training recipes: seed,trl_tuned,harness_sdpa,harness,unsloth "
+                        "(default: seed,trl_tuned,harness)")
     p.add_argument("--examples", type=int, default=2048, help="training examples per recipe (default 2048)")
     p.add_argument("--max-length", type=int, default=512, help="token length of a (packed) sequence (default 512)")
     p.add_argument("--seed-steps", type=int, default=40, help="optimizer steps timed for the seed recipe (default 40)")
     p.add_argument("--batch", default="16,32",
-                   help="harness recipes: packed sequences per step, comma-separated (default 16,32: 16 is "
-                        "trl_tuned's batch, for an equal-batch ratio)")
+                   help="packed sequences per step for trl_tuned, harness and unsloth, comma-separated (default 16,32)")
+    p.add_argument("--warmup", type=int, default=5,
+                   help="optimizer steps left out of the steady-state rate (warm-up, compilation; default 5)")
+    p.add_argument("--loss-every", type=int, default=10, help="log the training loss every N steps (default 10)")
+    p.add_argument("--unsloth-site", help="folder holding Unsloth and its pinned trl/datasets (pip install --target): "
+                                          "put first on the unsloth recipe's path")
     p.add_argument("--gen-examples", type=int, default=512, help="prompts for the batched scorers (default 512)")
     p.add_argument("--loop-examples", type=int, default=32, help="prompts for the one-at-a-time loop (default 32)")
     p.add_argument("--work", default="/tmp/harness-bench", help="scratch folder (checkpoints, random 8B weights)")
@@ -123,17 +148,48 @@ def _cmd_run(args) -> int:
 
     if bool(args.task) == bool(args.resume):
         raise HarnessError("run: give a TASK, or --resume RUN (not both)")
-    # SIGTERM outside training (which saves a checkpoint first) acts like Ctrl-C: run marked interrupted, exit 130.
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if _main_thread() else None
-    try:
+    with _sigterm_interrupts():
         run_dir = run_task(args.task, args.overrides, args.runs_dir, resume=args.resume)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     print(f"run folder: {run_dir}")
     print(summary_line(run_dir))
     print(f"reports: {run_dir / 'report.html'}  {run_dir / 'report.md'}")
     return 0
+
+
+def _cmd_eval(args) -> int:
+    from harness.eval import eval_task, summary_lines
+
+    with _sigterm_interrupts():
+        run_dir = eval_task(args.task, args.adapters, args.overrides, args.runs_dir)
+    print(f"run folder: {run_dir}")
+    print("\n".join(summary_lines(run_dir)))
+    print(f"reports: {run_dir / 'report.html'}  {run_dir / 'report.md'}")
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from harness.sweep import summary_lines, sweep_task
+
+    if bool(args.task) == bool(args.resume):
+        raise HarnessError("sweep: give a TASK, or --resume SWEEP_DIR (not both)")
+    if args.resume and (args.grid or args.overrides):
+        raise HarnessError("sweep --resume: the grid and --set values are recorded in the sweep folder; give neither")
+    with _sigterm_interrupts():
+        sweep_dir = sweep_task(args.task, args.grid, args.overrides, args.sweeps_dir, args.runs_dir,
+                               storage=args.storage, resume=args.resume)
+    print("\n".join(summary_lines(sweep_dir)))
+    return 0
+
+
+@contextmanager
+def _sigterm_interrupts():
+    """SIGTERM outside training (which saves a checkpoint first) acts like Ctrl-C: run marked interrupted, exit 130."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if _main_thread() else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _main_thread() -> bool:
@@ -216,9 +272,10 @@ def _cmd_fetch_model(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "prepare": _cmd_prepare, "report": _cmd_report,
-            "check": _cmd_check, "baseline": _cmd_baseline, "generate": _cmd_generate, "serve": _cmd_serve,
-            "bench": _cmd_bench, "fetch-model": _cmd_fetch_model}
+COMMANDS = {"run": _cmd_run, "eval": _cmd_eval, "validate": _cmd_validate, "prepare": _cmd_prepare,
+            "report": _cmd_report, "check": _cmd_check, "baseline": _cmd_baseline, "generate": _cmd_generate,
+            "serve": _cmd_serve, "bench": _cmd_bench, "fetch-model": _cmd_fetch_model,
+            "sweep": _cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

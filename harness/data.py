@@ -2,8 +2,9 @@
 
 The input is AmazonTitles-1.3MM `trn.json`: JSON lines `{"uid", "title", "content", ...}`,
 2.2M lines / 1.9 GB, ~38% with empty content, HTML entities everywhere, and the odd broken
-line. Everything here streams: memory grows with the examples kept plus one 64-bit hash per
-kept title, never with the size of a file or of a single line.
+line. Everything here streams: memory grows with one 64-bit hash per kept title (the kept
+examples wait in temporary files), never with the size of a file or of a single line. Big
+inputs are cleaned by worker processes, with results identical to one process.
 
 Decisions (each deliberate, see the functions for why):
 
@@ -14,6 +15,8 @@ Decisions (each deliberate, see the functions for why):
   then are titles de-duplicated: a title's first *usable* record is kept.
 * The split is a pure function of the normalized title and `split_salt` (sha256), so the same
   title never lands on both sides and adding rows never moves an existing row across it.
+  With `heldout_path` (a test file) every `path` row is train and every test-file row held out;
+  each side is de-duplicated on its own, so a title in both stays visible to the leakage check.
 * Caps keep the rows with the smallest split hash (stable as rows are added).
 * Output order is file order for both train and held-out (`source` ascending).
 * `read` counts every non-blank line (good or bad) plus one per cut-short/corrupt gzip stream,
@@ -23,6 +26,7 @@ Decisions (each deliberate, see the functions for why):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import gzip
@@ -30,22 +34,35 @@ import hashlib
 import heapq
 import html
 import json
+import multiprocessing
+import os
 import re
+import signal
+import tempfile
 import unicodedata
+import weakref
 import zlib
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from array import array
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from harness.errors import DataError, RunError
 from harness.io import atomic_write_json, atomic_writer
-from harness.spec import TaskSpec
+from harness.spec import DataSpec, TaskSpec
 
 MAX_LINE_BYTES = 1 << 20  # 1 MiB: the longest real record is ~30 KB; anything longer is junk.
 _SKIP_CHUNK = 1 << 16  # how much of an over-long line is read (and discarded) at a time
 _MAX_UNESCAPE_ROUNDS = 4  # `&amp;amp;#8217;` needs 3; more rounds would only eat literal text
 _MAX_FIRST = 5  # locations kept per bad-line reason
+_BATCH_BYTES = 1 << 18  # lines handed to a worker at a time: enough to amortise the hand-over
+_PARALLEL_MIN_BYTES = 64 << 20  # below this, starting worker processes costs more than it saves
+_MAX_WORKERS = 8  # beyond this the main process (reading, de-duplicating) is the bottleneck
+_READ_BLOCK = 1 << 20  # how much of a spilled side is read back at a time
 
 # Bad-line reasons (the keys of `bad_lines_by_reason`); field reasons add the field name.
 R_INVALID_JSON = "invalid JSON"
@@ -373,6 +390,23 @@ def _parse_line(line: bytes, title_field: str, content_field: str) -> dict | str
     return obj
 
 
+def _nonblank_lines(path: Path) -> Iterator[tuple[int, bytes | None, str | None]]:
+    """_read_lines of one file without its blank lines (a trailing newline is not an error) and
+    without a UTF-8 BOM at its start (an editor artifact, not an error)."""
+    reader, raw = _open_binary(path)
+    try:
+        for line_no, line, reason in _read_lines(reader, path):
+            if line is not None:
+                if line_no == 1 and line.startswith(b"\xef\xbb\xbf"):
+                    line = line[3:]
+                if not line.strip():
+                    continue
+            yield line_no, line, reason
+    finally:
+        reader.close()
+        raw.close()
+
+
 def iter_records(
     paths: list[Path],
     strict: bool = False,
@@ -389,28 +423,17 @@ def iter_records(
     """
     stats = stats if stats is not None else ReadStats()
     for path in expand_paths(paths):
-        name = path.name
-        reader, raw = _open_binary(path)
-        try:
-            for line_no, line, reason in _read_lines(reader, path):
-                if line is not None:
-                    if line_no == 1 and line.startswith(b"\xef\xbb\xbf"):
-                        line = line[3:]  # a UTF-8 BOM at file start is an editor artifact, not an error
-                    if not line.strip():
-                        continue
-                stats.read += 1
-                if reason is None:
-                    parsed = _parse_line(line, title_field, content_field)
-                    if isinstance(parsed, dict):
-                        yield RawRecord(name, line_no, parsed)
-                        continue
-                    reason = parsed
-                if strict:
-                    raise DataError(f"{path}:{line_no}: {reason}")
-                stats.add_bad(reason, f"{name}:{line_no}")
-        finally:
-            reader.close()
-            raw.close()
+        for line_no, line, reason in _nonblank_lines(path):
+            stats.read += 1
+            if reason is None:
+                parsed = _parse_line(line, title_field, content_field)
+                if isinstance(parsed, dict):
+                    yield RawRecord(path.name, line_no, parsed)
+                    continue
+                reason = parsed
+            if strict:
+                raise DataError(f"{path}:{line_no}: {reason}")
+            stats.add_bad(reason, f"{path.name}:{line_no}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,17 +451,91 @@ class Example:
     source: str
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # Spelled out: dataclasses.asdict deep-copies each field, 4x slower on a million examples.
+        return {"id": self.id, "title": self.title, "content": self.content, "source": self.source}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Example":
         return cls(id=str(d["id"]), title=str(d["title"]), content=str(d["content"]), source=str(d["source"]))
 
 
+def _example_line(ex: Example) -> str:
+    """The example as one line of train.jsonl / heldout.jsonl."""
+    return json.dumps(ex.to_dict(), ensure_ascii=False) + "\n"
+
+
+def _example_from_line(line: bytes | str) -> Example:
+    return Example.from_dict(json.loads(line))
+
+
+class SpilledExamples(Sequence):
+    """Examples kept in a temporary file, one train.jsonl line each, read back on demand.
+
+    `prepare` returns these rather than lists so that a 2.2M-line file costs 16 bytes of memory
+    per kept example; indexing, slicing, iteration, len, == and + work as on the list they stand
+    for, and write_prepared copies the lines without decoding them. The file goes with the object.
+    """
+
+    def __init__(self, spill: BinaryIO, offsets: array, lengths: array):
+        self._spill, self._offsets, self._lengths = spill, offsets, lengths
+        weakref.finalize(self, spill.close)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return _example_from_line(os.pread(self._spill.fileno(), self._lengths[index], self._offsets[index]))
+
+    def __iter__(self) -> Iterator[Example]:
+        for block, lengths in self._blocks():
+            start = 0
+            for n in lengths:
+                yield _example_from_line(block[start:start + n])
+                start += n
+
+    def write_to(self, out: BinaryIO) -> None:
+        """Copy the examples' lines, in order, to a binary stream."""
+        for block, _ in self._blocks():
+            out.write(block)
+
+    def _blocks(self) -> Iterator[tuple[bytes, array]]:
+        """Rows that lie next to each other in the file, read together (about 1 MiB at a time)."""
+        offsets, lengths, n, fd = self._offsets, self._lengths, len(self), self._spill.fileno()
+        i = 0
+        while i < n:
+            start = end = offsets[i]
+            j = i
+            while j < n and offsets[j] == end and end - start < _READ_BLOCK:
+                end += lengths[j]
+                j += 1
+            yield os.pread(fd, end - start, start), lengths[i:j]
+            i = j
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]  # compared by content, like a list
+
+    def __add__(self, other) -> list[Example]:
+        return [*self, *other]
+
+    def __radd__(self, other) -> list[Example]:
+        return [*other, *self]
+
+    def __repr__(self) -> str:
+        return f"SpilledExamples({len(self)} examples)"
+
+
 @dataclass
 class PreparedData:
-    train: list[Example]
-    heldout: list[Example]
+    """`prepare` gives SpilledExamples, `read_prepared` lists: either way sequences of Example."""
+
+    train: Sequence[Example]
+    heldout: Sequence[Example]
     counts: dict
 
 
@@ -459,65 +556,209 @@ def _record_id(rec: RawRecord, id_field: str) -> str:
     return str(value).strip()
 
 
+@dataclass(frozen=True)
+class _LineRules:
+    """What judging one line needs from the spec: small and picklable (it goes to worker processes)."""
+
+    title_field: str
+    content_field: str
+    id_field: str
+    min_content_chars: int
+    max_content_chars: int
+    split_salt: str
+
+    @classmethod
+    def of(cls, d: DataSpec) -> "_LineRules":
+        return cls(d.title_field, d.content_field, d.id_field, d.min_content_chars, d.max_content_chars,
+                   d.split_salt)
+
+
+@dataclass(slots=True)
+class _Examined:
+    """What prepare makes of one batch of lines, short of de-duplication (which needs file order).
+
+    Only kept rows and bad lines are listed, in file order; dropped records are just counted.
+    A kept row is (title hash, the example's train.jsonl line as UTF-8): all the dedupe, the
+    split and the writer need.
+    """
+
+    path: Path
+    read: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # "empty" / "too_short" / "empty_title" -> n
+    bad: list[tuple[int, str]] = field(default_factory=list)  # (line_no, reason)
+    kept: list[tuple[int, bytes]] = field(default_factory=list)
+
+
+def _examine_batch(rules: _LineRules, batch: tuple[Path, list]) -> _Examined:
+    path, lines = batch
+    out = _Examined(path, read=len(lines))
+    for line_no, line, reason in lines:
+        parsed = _parse_line(line, rules.title_field, rules.content_field) if reason is None else reason
+        if isinstance(parsed, str):
+            out.bad.append((line_no, parsed))
+            continue
+        row = _examine_record(rules, RawRecord(path.name, line_no, parsed))
+        if isinstance(row, str):
+            out.dropped[row] = out.dropped.get(row, 0) + 1
+        else:
+            out.kept.append(row)
+    return out
+
+
+def _examine_record(rules: _LineRules, rec: RawRecord) -> str | tuple[int, bytes]:
+    """The count key a record is dropped under, or its kept row (title hash, train.jsonl line)."""
+    content = clean_text(rec.obj[rules.content_field])
+    if not content:
+        return "empty"
+    if len(content) < rules.min_content_chars:
+        return "too_short"
+    title = clean_text(rec.obj[rules.title_field])
+    key = _title_key(title)
+    if not key:
+        return "empty_title"
+    ex = Example(_record_id(rec, rules.id_field), title, truncate_words(content, rules.max_content_chars),
+                 rec.source)
+    return title_hash(key, rules.split_salt), _example_line(ex).encode("utf-8")
+
+
+def _line_batches(paths: list[Path]) -> Iterator[tuple[Path, list]]:
+    """The non-blank lines of each file, about _BATCH_BYTES at a time (one worker's portion)."""
+    for path in paths:
+        batch: list = []
+        size = 0
+        for item in _nonblank_lines(path):
+            batch.append(item)
+            size += len(item[1] or b"")
+            if size >= _BATCH_BYTES:
+                yield path, batch
+                batch, size = [], 0
+        if batch:
+            yield path, batch
+
+
+def _worker_count(paths: list[Path], requested: int | None) -> int:
+    """`data.workers`, else one process per CPU core (up to _MAX_WORKERS) for big inputs."""
+    if requested is not None:
+        return requested
+    if sum(p.stat().st_size for p in paths) < _PARALLEL_MIN_BYTES:
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cpus, _MAX_WORKERS)
+
+
+def _examined_batches(paths: list[Path], rules: _LineRules, workers: int | None) -> Iterator[_Examined]:
+    """The non-blank lines of `paths`, examined a batch at a time, in file order."""
+    paths = expand_paths(paths)
+    n = _worker_count(paths, workers)
+    examine = functools.partial(_examine_batch, rules)
+    batches = _line_batches(paths)
+    yield from map(examine, batches) if n == 1 else _in_order_parallel(examine, batches, n, paths)
+
+
+def _in_order_parallel(fn, items: Iterator, workers: int, paths: list[Path]) -> Iterator:
+    """fn over items in `workers` processes, results in input order.
+
+    At most 2 x workers items are in flight, so memory stays bounded on any file size
+    (multiprocessing.Pool.imap reads its input ahead without limit). Workers are spawned, not
+    forked: `run` prepares after torch is loaded, and a fork would copy its threads' locks. As
+    with any spawned worker, a script calling this must guard its body with `if __name__ ==
+    "__main__":` (the worker imports the script; `python -m harness` and notebooks are fine).
+    """
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    except BrokenProcessPool as exc:
+        names = ", ".join(str(p) for p in paths)
+        raise DataError(f"{names}: a prepare worker process died ({exc}); a script that calls prepare needs "
+                        f"`if __name__ == '__main__':`, or set data.workers: 1") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_init() -> None:
+    """Ctrl-C is the main process's to handle (it stops the pool), not a traceback from each worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class _Side:
-    """The rows of one split side; with a cap, only the `cap` smallest hashes (a max-heap)."""
+    """One split side: rows spilled to a temporary file as they come (16 bytes of memory a row).
+
+    With a cap, only the `cap` smallest hashes stay (a max-heap of (-hash, offset, length)); rows
+    it pushes out stay in the file unused. Offsets grow in file order, so sorting the kept rows by
+    offset restores it.
+    """
 
     def __init__(self, cap: int | None):
         self.cap = cap
         self.total = 0
-        self._rows: list[tuple[int, int, Example]] = []  # (-hash, seq, example) when capped
+        self._spill = tempfile.TemporaryFile()
+        self._closer = weakref.finalize(self, self._spill.close)  # until examples() hands the file on
+        self._size = 0
+        self._heap: list[tuple[int, int, int]] = []
+        self._offsets, self._lengths = array("Q"), array("Q")
 
-    def add(self, h: int, seq: int, ex: Example) -> None:
+    def add(self, h: int, line: bytes) -> None:
         self.total += 1
         if self.cap is None:
-            self._rows.append((-h, seq, ex))
-        elif len(self._rows) < self.cap:
-            heapq.heappush(self._rows, (-h, seq, ex))
-        elif self.cap > 0 and -self._rows[0][0] > h:
-            heapq.heapreplace(self._rows, (-h, seq, ex))
+            self._offsets.append(self._write(line))
+            self._lengths.append(len(line))
+        elif len(self._heap) < self.cap:
+            heapq.heappush(self._heap, (-h, self._write(line), len(line)))
+        elif self.cap > 0 and -self._heap[0][0] > h:
+            heapq.heapreplace(self._heap, (-h, self._write(line), len(line)))
 
-    def examples(self) -> list[Example]:
-        """File order (seq ascending), whatever the cap kept."""
-        return [ex for _, _, ex in sorted(self._rows, key=lambda r: r[1])]
+    def _write(self, line: bytes) -> int:
+        offset = self._size
+        self._spill.write(line)
+        self._size += len(line)
+        return offset
+
+    def examples(self) -> SpilledExamples:
+        """File order (offset ascending), whatever the cap kept."""
+        for _, offset, length in sorted(self._heap, key=lambda row: row[1]):
+            self._offsets.append(offset)
+            self._lengths.append(length)
+        self._spill.flush()
+        self._closer.detach()
+        return SpilledExamples(self._spill, self._offsets, self._lengths)
 
 
 def prepare(spec: TaskSpec) -> PreparedData:
     """Read, clean, filter, de-duplicate and split the spec's data files (streaming).
 
-    Raises DataError when a path is missing, in strict mode at the first bad line, and when no
-    example at all survives (the counts say why).
+    Memory: one 64-bit hash per kept title plus 16 bytes per kept example (the examples themselves
+    wait in temporary files). Raises DataError when a path is missing, in strict mode at the first
+    bad line, and when no example at all survives (the counts say why).
     """
     d = spec.data
     stats = ReadStats()
     counts = {k: 0 for k in COUNT_KEYS}
-    seen: set[int] = set()
+    seen: dict[bool, set[int]] = {False: set(), True: set()}  # by source: training file(s), test file(s)
     train, heldout = _Side(d.max_train), _Side(d.max_heldout)
     threshold = d.heldout_fraction
-    seq = 0
-    records = iter_records(spec.data_paths(), d.strict, title_field=d.title_field,
-                           content_field=d.content_field, stats=stats)
-    for rec in records:
-        content = clean_text(rec.obj[d.content_field])
-        if not content:
-            counts["empty"] += 1
-            continue
-        if len(content) < d.min_content_chars:
-            counts["too_short"] += 1
-            continue
-        title = clean_text(rec.obj[d.title_field])
-        key = _title_key(title)
-        if not key:
-            counts["empty_title"] += 1
-            continue
-        h = title_hash(key, d.split_salt)  # split_value(key, salt) == _unit(h), without hashing twice
-        if h in seen:
-            counts["duplicate"] += 1
-            continue
-        seen.add(h)
-        ex = Example(_record_id(rec, d.id_field), title, truncate_words(content, d.max_content_chars), rec.source)
-        side = heldout if _unit(h) < threshold else train
-        side.add(h, seq, ex)
-        seq += 1
+    with contextlib.closing(_sources(spec)) as batches:
+        for batch, from_test_file in batches:
+            stats.read += batch.read
+            for line_no, reason in batch.bad:
+                if d.strict:
+                    raise DataError(f"{batch.path}:{line_no}: {reason}")
+                stats.add_bad(reason, f"{batch.path.name}:{line_no}")
+            for key, n in batch.dropped.items():
+                counts[key] += n
+            for h, line in batch.kept:
+                if h in seen[from_test_file]:
+                    counts["duplicate"] += 1
+                    continue
+                seen[from_test_file].add(h)
+                held = from_test_file if d.heldout_path else _unit(h) < threshold  # _unit(h) == split_value
+                side = heldout if held else train
+                side.add(h, line)
     counts["read"] = stats.read
     counts["malformed"] = stats.malformed
     train_rows, heldout_rows = train.examples(), heldout.examples()
@@ -529,6 +770,15 @@ def prepare(spec: TaskSpec) -> PreparedData:
         names = ", ".join(str(p) for p in spec.data_paths())
         raise DataError(f"{names}: no usable records ({_one_line(counts)})")
     return PreparedData(train_rows, heldout_rows, counts)
+
+
+def _sources(spec: TaskSpec) -> Iterator[tuple[_Examined, bool]]:
+    """Every examined batch with whether it comes from `data.heldout_path`: the training file(s), then the test file(s)."""
+    d = spec.data
+    rules = _LineRules.of(d)
+    for paths, from_test_file in ((spec.data_paths(), False), (spec.heldout_paths(), True)):
+        with contextlib.closing(_examined_batches(paths, rules, d.workers)) as batches:
+            yield from ((batch, from_test_file) for batch in batches)
 
 
 def _one_line(counts: dict) -> str:
@@ -554,11 +804,14 @@ def format_counts(counts: dict) -> str:
 TRAIN_FILE, HELDOUT_FILE, COUNTS_FILE = "train.jsonl", "heldout.jsonl", "data_counts.json"
 
 
-def _write_examples(path: Path, examples: list[Example]) -> None:
+def _write_examples(path: Path, examples: Sequence[Example]) -> None:
     with atomic_writer(path) as fh:
+        if isinstance(examples, SpilledExamples):  # already train.jsonl lines: copy the bytes
+            fh.flush()
+            examples.write_to(fh.buffer)
+            return
         for ex in examples:
-            fh.write(json.dumps(ex.to_dict(), ensure_ascii=False))
-            fh.write("\n")
+            fh.write(_example_line(ex))
 
 
 def write_prepared(data: PreparedData, folder: Path) -> None:

@@ -9,7 +9,8 @@ The gate fails closed. Anything that makes the comparison meaningless (another t
 tokenizer or base model, a NaN, an unreadable adapter or baseline) raises `CannotJudge`
 (exit 2) and is never a pass. Outputs already computed are reused only when their
 fingerprints show they come from the same computation: a baseline file's predictions, or a
-run folder's scores/.
+run folder's scores/. The folder of a one-candidate `eval` (or `candidates/<name>/` of a larger
+one) is read like a run's; a merged model's scores are reused but never re-scored here.
 """
 
 from __future__ import annotations
@@ -244,6 +245,20 @@ def _device_kind(description: str | None) -> str:
     return (description or "unknown").split(":")[0].split(" ")[0]
 
 
+def scored_weights(run_dir: Path, manifest: dict) -> tuple[Path, str]:
+    """The folder a run folder's tuned scores come from, and its kind: a run's adapter/, or the one
+    candidate an `eval` folder scored (an adapter folder, a run's adapter/ or a merged model)."""
+    candidates = manifest.get("candidates")
+    if candidates is None:
+        return run_dir / "adapter", "adapter"
+    if not isinstance(candidates, list) or len(candidates) != 1:
+        from harness.eval import CANDIDATES_DIR
+
+        names = ", ".join(str(run_dir / CANDIDATES_DIR / str(c.get("name"))) for c in candidates or [])
+        raise CannotJudge(f"{run_dir}: an eval folder of {len(candidates or [])} candidates; name one: {names}")
+    return Path(candidates[0]["weights"]), candidates[0]["kind"]
+
+
 def from_run(run_dir: Path, ctx: Context) -> Side:
     """A run folder's tuned outputs: its scores/ when fingerprints prove them reusable, else its adapter/."""
     manifest = read_manifest(run_dir)
@@ -253,13 +268,17 @@ def from_run(run_dir: Path, ctx: Context) -> Side:
     for key in ("base_model", "tokenizer"):  # the adapter itself belongs to that model
         if key in prints and prints[key] != ctx.prints[key]:
             raise _mismatch(run_dir / "manifest.json", key)
-    adapter_dir = run_dir / "adapter"
+    adapter_dir, kind = scored_weights(run_dir, manifest)
     adapter = fingerprint.hash_folder(adapter_dir)
     if all(prints.get(k) == ctx.prints[k] for k in SAME_COMPUTATION) and prints.get("adapter") == adapter:
         cached = read_run_scores(run_dir, [e.id for e in ctx.examples])
         if cached is not None:
             log.info("%s: reusing its scores/ (fingerprints match)", run_dir)
             return _side(ctx, *cached, adapter, f"cached scores of {run_dir}", _device_kind(manifest.get("device")))
+    if kind == "merged":
+        raise CannotJudge(f"{run_dir}: its scores do not fit this evaluation (other split, settings or changed "
+                          f"model) and the gate scores adapters only, not the merged model {adapter_dir}; "
+                          "score it again with `harness eval` under these settings")
     log.info("%s: scores/ not reusable for this evaluation; scoring its adapter", run_dir)
     return score_adapter(adapter_dir, ctx)
 
@@ -452,8 +471,9 @@ def write_baseline(run_dir: Path, out: Path) -> Path:
             raise RunError(f"{run_dir / 'manifest.json'}: fingerprints.{key} missing")
     if prints["heldout_split"] != fingerprint.split_fingerprint(heldout):
         raise RunError(f"{run_dir / 'data'}: held-out split changed since the run scored it")
-    if prints["adapter"] != fingerprint.hash_folder(run_dir / "adapter"):
-        raise RunError(f"{run_dir / 'adapter'}: adapter changed since the run scored it")
+    adapter_dir, _kind = scored_weights(run_dir, manifest)
+    if prints["adapter"] != fingerprint.hash_folder(adapter_dir):
+        raise RunError(f"{adapter_dir}: adapter changed since the run scored it")
     scored = read_run_scores(run_dir, [e.id for e in heldout])
     if scored is None:
         raise RunError(f"{run_dir / 'scores'}: tuned scores missing or do not cover the held-out split")

@@ -185,6 +185,19 @@ class ScoringSession:
             model = model.merge_and_unload()
         self._score_side("tuned", model)
 
+    def score_merged(self, model_dir: Path) -> None:
+        """A merged model (adapter folded into the weights, made elsewhere) as the tuned side."""
+        prints = dict(self.fingerprints(), adapter=fingerprint.hash_folder(model_dir))
+        if prints["adapter"] == prints["base_model"]:
+            raise ModelError(f"{model_dir}: this is the base model itself; refusing to report base numbers twice")
+        model = models.load_model(str(model_dir), self.spec.model, self.tokenizer, self.device)
+        self.manifest.update(fingerprints=prints)
+        self._score_side("tuned", model)
+
+    def outputs(self, side: str) -> ModelOutputs:
+        """One side's scored outputs, e.g. to compare candidates of an `eval` with each other."""
+        return self._side(side)[0]
+
     # -- one side ---------------------------------------------------------------------------
     def _score_side(self, side: str, model) -> None:
         gens_path = self.scores_dir / f"{side}_generations.jsonl"

@@ -1,5 +1,8 @@
 """Reports people want to read: one run (base vs tuned) or several adapters against one base.
 
+An `eval` folder of several candidates is read as its candidates side by side, plus a table of
+the candidates against each other (paired deltas with 95% CIs).
+
 `write_reports` renders two files from finished run folders:
 
 * `report.html` -- one self-contained page: inline CSS, matplotlib plots as PNG data URIs and
@@ -81,13 +84,15 @@ def write_reports(run_dirs: list[Path], out_dir: Path) -> tuple[Path, Path]:
     """
     if not run_dirs:
         raise RunError("no run folders given to report on")
-    runs = [load_run(Path(d)) for d in run_dirs]
-    labels = [str(r.manifest.get("run_id") or r.path.name) for r in runs]
+    loaded = [load_runs(Path(d)) for d in run_dirs]
+    runs = [run for folder_runs, _ in loaded for run in folder_runs]
+    comparisons = [pair for _, pairs in loaded for pair in pairs]
+    labels = [r.label or str(r.manifest.get("run_id") or r.path.name) for r in runs]
     if len(set(labels)) < len(labels):
         labels = [f"{i}. {label}" for i, label in enumerate(labels, 1)]
     for run, label in zip(runs, labels):
         run.label = label
-    context = build_context(runs)
+    context = build_context(runs, comparisons)
     html = render_html(context)
     markdown = render_markdown(context)
     out_dir = Path(out_dir)
@@ -98,6 +103,37 @@ def write_reports(run_dirs: list[Path], out_dir: Path) -> tuple[Path, Path]:
 
 
 # --- reading run folders -------------------------------------------------------------------
+
+
+def load_runs(path: Path) -> tuple[list[Run], list[dict]]:
+    """A run folder (one Run, no comparisons), or an `eval` folder of several candidates: one Run
+    per candidate folder (labelled with its name) and the paired comparisons between them."""
+    metrics_path = path / "metrics.json"
+    if not metrics_path.is_file():
+        return [load_run(path)], []
+    metrics = _read_json_object(metrics_path)
+    if "candidates" not in metrics:
+        return [load_run(path)], []
+    candidates, comparisons = metrics["candidates"], metrics.get("comparisons")
+    if not isinstance(candidates, dict) or len(candidates) < 2 or not isinstance(comparisons, list):
+        raise RunError(f"{metrics_path}: an eval needs two or more candidates and a list of comparisons")
+    runs = []
+    for name, entry in candidates.items():
+        folder = Path(str(_dict(entry).get("folder", "")))
+        if not folder.parts or folder.is_absolute() or ".." in folder.parts:
+            raise RunError(f"{metrics_path}: candidates.{name}.folder must be a folder inside the eval folder")
+        run = load_run(path / folder)
+        run.label = str(name)
+        runs.append(run)
+    for i, pair in enumerate(comparisons):
+        delta = _dict(_dict(pair).get("delta"))
+        if _dict(pair).get("a") not in candidates or pair.get("b") not in candidates or not delta:
+            raise RunError(f"{metrics_path}: comparisons[{i}] needs candidates a and b and a delta block")
+        for name, stat in delta.items():
+            if not _is_estimate(stat):
+                raise RunError(f"{metrics_path}: comparisons[{i}].delta.{name} needs a numeric value and ci95 "
+                               "[low, high]")
+    return runs, comparisons
 
 
 def load_run(path: Path) -> Run:
@@ -161,13 +197,15 @@ def _check_metrics(path: Path, metrics: dict) -> None:
     for side in ("base", "tuned", "delta"):
         block = metrics.get(side)
         for name in names:
-            stat = block.get(name) if isinstance(block, dict) else None
-            ci = stat.get("ci95") if isinstance(stat, dict) else None
-            if not (
-                _is_num(stat.get("value") if isinstance(stat, dict) else None)
-                and isinstance(ci, list) and len(ci) == 2 and all(_is_num(x) for x in ci)
-            ):
+            if not _is_estimate(block.get(name) if isinstance(block, dict) else None):
                 raise RunError(f"{path}: {side}.{name} needs a numeric value and ci95 [low, high]")
+
+
+def _is_estimate(stat) -> bool:
+    """{"value": number, "ci95": [low, high]} with finite numbers."""
+    ci = stat.get("ci95") if isinstance(stat, dict) else None
+    return (_is_num(stat.get("value") if isinstance(stat, dict) else None)
+            and isinstance(ci, list) and len(ci) == 2 and all(_is_num(x) for x in ci))
 
 
 def _read_predictions(path: Path) -> list[dict]:
@@ -262,6 +300,20 @@ def _headline(runs: list[Run]) -> list[dict]:
                           "delta": _delta(m["delta"][name], _higher(run, name)), "wtl": _wtl(run, name)})
         rows.append({"name": name, "arrow": "↑" if higher else "↓", "runs": cells})
     return rows
+
+
+def _pairwise(runs: list[Run], comparisons: list[dict]) -> dict:
+    """An eval's candidates against each other: per metric and pair, b − a with its paired 95% CI
+    and win/tie/loss (b beats / equals / trails a)."""
+    names = _ordered(dict.fromkeys(m for pair in comparisons for m in pair["delta"]))
+    rows = []
+    for name in names:
+        higher = _higher(runs[0], name)
+        cells = [{"delta": _delta(pair["delta"][name], higher),
+                  "wtl": _dict(pair.get("win_tie_loss")).get(name)} if name in pair["delta"] else None
+                 for pair in comparisons]
+        rows.append({"name": name, "arrow": "↑" if higher else "↓", "cells": cells})
+    return {"pairs": [{"a": str(p["a"]), "b": str(p["b"])} for p in comparisons], "rows": rows}
 
 
 def _verdict(run: Run) -> dict:
@@ -481,6 +533,8 @@ def _environment(runs: list[Run]) -> dict:
         ("Device", lambda m: m.get("device")), ("Git commit", lambda m: m.get("git_commit")),
         ("Python", lambda m: m.get("python")), ("Platform", lambda m: m.get("platform")),
         ("Base-score cache", _base_cache),
+        ("Scored candidates", lambda m: ", ".join(str(_dict(c).get("path")) for c in m.get("candidates") or [])
+         or None),
         ("Train steps", lambda m: _dict(m.get("train")).get("steps")),
         ("Train tokens", lambda m: _dict(m.get("train")).get("train_tokens")),
         ("Train seconds", lambda m: _dict(m.get("train")).get("seconds")),
@@ -512,8 +566,9 @@ def _spec_differences(runs: list[Run]) -> list[dict]:
     return [row for row in rows if len(set(row["values"])) > 1]
 
 
-def build_context(runs: list[Run]) -> dict:
-    """Everything both templates show, as pre-formatted strings (templates only lay out)."""
+def build_context(runs: list[Run], comparisons: list[dict] = ()) -> dict:
+    """Everything both templates show, as pre-formatted strings (templates only lay out);
+    `comparisons` are an eval's candidates against each other (metrics.json `comparisons`)."""
     problems, shared_base = _comparability(runs)
     tasks = {str(r.manifest.get("task") or r.spec.get("name") or "") for r in runs}
     first = runs[0]
@@ -540,6 +595,7 @@ def build_context(runs: list[Run]) -> dict:
         "plots": _plots(runs, shared_base),
         "spec_differences": _spec_differences(runs) if len(runs) > 1 else [],
         "environment": _environment(runs),
+        "pairwise": _pairwise(runs, list(comparisons)) if comparisons else None,
     }
 
 

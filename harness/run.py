@@ -53,9 +53,11 @@ def load_run_spec(run_dir: Path) -> TaskSpec:
     return spec
 
 
-def start_run(task: str, overrides: list[str], runs_root: Path) -> tuple[TaskSpec, Manifest]:
+def start_run(task: str, overrides: list[str], runs_root: Path,
+              label: str | None = None) -> tuple[TaskSpec, Manifest]:
+    """A new run folder `<runs_root>/<label or task name>-<time>-<rand>` with its resolved spec."""
     spec = load_spec(task, overrides)
-    run_dir = new_run_dir(runs_root, spec.name)
+    run_dir = new_run_dir(runs_root, label or spec.name)
     atomic_write_text(run_dir / SPEC_FILE, yaml.safe_dump(spec_to_dict(spec), sort_keys=False))
     manifest = Manifest.create(run_dir, spec.name)
     manifest.update(overrides=list(overrides))
@@ -79,12 +81,13 @@ def resume_run(run_dir: Path) -> tuple[TaskSpec, Manifest]:
     return spec, manifest
 
 
-def execute(spec: TaskSpec, manifest: Manifest) -> Path:
-    """Run every unfinished stage; mark the manifest `completed`, `interrupted` or `failed`."""
+def execute(spec: TaskSpec, manifest: Manifest, stages=None) -> Path:
+    """Run every unfinished stage (`stages(spec, manifest)`: this recipe's by default); mark the
+    manifest `completed`, `interrupted` or `failed`."""
     from harness.train import TrainingInterrupted
 
     try:
-        _stages(spec, manifest)
+        (stages or _stages)(spec, manifest)
     except (TrainingInterrupted, KeyboardInterrupt):
         manifest.update(status="interrupted", last_checkpoint=_last_checkpoint(manifest.run_dir))
         raise
@@ -195,7 +198,8 @@ def train_stage(spec: TaskSpec, manifest: Manifest, train_examples, model_ref: s
     resume_from = latest_checkpoint(run_dir / "checkpoints")
     result = train(spec, model, tokenizer, train_examples, run_dir, device, resume_from=resume_from)
     manifest.update(train={"steps": result.steps, "train_tokens": result.train_tokens,
-                           "seconds": round(result.seconds, 2), "resumed_from": str(resume_from or "")})
+                           "seconds": round(result.seconds, 2), "resumed_from": str(resume_from or ""),
+                           **({"best": result.best} if result.best else {})})
 
 
 def results_stage(session, run_dir: Path) -> None:

@@ -22,6 +22,8 @@ from harness.errors import SpecError
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 # Equal to harness.metrics.METRICS (a test holds them together); spec loading stays free of the scorers.
 METRIC_NAMES = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf", "perplexity", "rep4", "loops", "distinct2")
+# Named prompt formats of the fine-tuning notebooks (texts in harness/prompts.py PRESETS).
+PROMPT_PRESETS = ("alpaca", "llama2_inst")
 
 
 @dataclass
@@ -39,11 +41,15 @@ class DataSpec:
     max_train: int | None = None
     max_heldout: int | None = None
     strict: bool = False
+    # A test file (or globs) to score on instead of a hash split of `path`; `path` is then all training data.
+    heldout_path: list[str] | None = None
+    workers: int | None = None
 
 
 @dataclass
 class PromptSpec:
-    """How a title becomes a prompt. `template=None` uses the model's chat template."""
+    """How a title becomes a prompt: `template=None` uses the model's chat template, `alpaca` or
+    `llama2_inst` a notebook format, anything else is a format string with {title} (and {instruction})."""
 
     instruction: str = "Write a product description for the following product title."
     system: str | None = None
@@ -57,6 +63,10 @@ class ModelSpec:
     base: str = EMBEDDED_MODEL
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    # Other names of the base model: an adapter whose base_model_name_or_path is one of them fits.
+    base_aliases: list[str] = field(default_factory=list)
+    # Score with the tokenizer saved next to an adapter (`eval`) when it differs from the base's.
+    adapter_tokenizer: bool = False
 
 
 @dataclass
@@ -87,8 +97,10 @@ class TrainSpec:
     packing: Literal["auto", "on", "off"] = "auto"
     liger_kernels: Literal["auto", "on", "off"] = "auto"
     attention: Literal["auto", "sdpa", "varlen", "flex_attention", "eager"] = "auto"
-    compile: bool = False
+    compile: Literal["off", "on"] = "off"
     save_steps: int = 20
+    # Keep the checkpoint with the lowest eval loss (on the train.eval_fraction slice), not the last.
+    keep_best: bool = False
 
 
 @dataclass
@@ -142,6 +154,20 @@ class GateSpec:
 
 
 @dataclass
+class SweepSpec:
+    """How `harness sweep` chooses settings: on a validation slice carved from train, never held-out."""
+
+    select: str = "rougeL"  # the validation metric that picks the winner (direction follows the metric)
+    validation_fraction: float = 0.1
+    validation_salt: str = "harness-validation-v1"  # must differ from data.split_salt
+    max_validation: int | None = 64
+    max_loop_share: float = 0.1  # tuned outputs looping more often than this, or than base, are infeasible
+    sampler: Literal["grid", "tpe"] = "grid"
+    n_trials: int | None = None  # tpe only: how many trials to complete
+    seed: int = 0
+
+
+@dataclass
 class TaskSpec:
     name: str
     description: str = ""
@@ -153,11 +179,19 @@ class TaskSpec:
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     metrics: MetricsSpec = field(default_factory=MetricsSpec)
     gate: GateSpec = field(default_factory=GateSpec)
+    sweep: SweepSpec = field(default_factory=SweepSpec)
     # Folder that relative data paths in the YAML are resolved against; not a YAML key.
     base_dir: str = field(default=".", metadata={"internal": True})
 
     def data_paths(self) -> list[Path]:
-        return [Path(p) if Path(p).is_absolute() else Path(self.base_dir) / p for p in self.data.path]
+        return self._resolve(self.data.path)
+
+    def heldout_paths(self) -> list[Path]:
+        """`data.heldout_path` resolved like `data.path` (empty when held-out rows come from a split)."""
+        return self._resolve(self.data.heldout_path or [])
+
+    def _resolve(self, paths: list[str]) -> list[Path]:
+        return [Path(p) if Path(p).is_absolute() else Path(self.base_dir) / p for p in paths]
 
 
 def _did_you_mean(key: str, choices: list[str]) -> str:
@@ -282,13 +316,11 @@ def load_spec(name_or_path: str, overrides: list[str] = (), tasks_dir: Path = Pa
         raise SpecError(f"{path}: cannot read spec ({exc})") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a spec must be a mapping of sections")
-    cli_paths: list[str] | None = None
     for text in overrides:
         keys, value = parse_override(text)
-        if keys == ["data", "path"]:
+        if keys in (["data", "path"], ["data", "heldout_path"]) and value is not None:
             # Paths typed on the command line are relative to the shell's folder, not the spec's.
-            cli_paths = [str(Path(p).resolve()) for p in (value if isinstance(value, list) else [value])]
-            value = cli_paths
+            value = [str(Path(p).resolve()) for p in (value if isinstance(value, list) else [value])]
         _apply_override(raw, keys, value, text)
     try:
         spec = build(TaskSpec, raw, "")
@@ -307,6 +339,9 @@ def _check_values(spec: TaskSpec, path: Path) -> None:
         (spec.data.max_content_chars > spec.data.min_content_chars, "data.max_content_chars",
          "must be greater than data.min_content_chars"),
         (bool(spec.data.path), "data.path", "must name at least one file"),
+        (spec.data.heldout_path is None or bool(spec.data.heldout_path), "data.heldout_path",
+         "must name at least one file, or be null"),
+        (spec.data.workers is None or spec.data.workers >= 1, "data.workers", "must be >= 1 or null"),
         (spec.lora.r > 0, "lora.r", "must be > 0"),
         (0.0 <= spec.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)"),
         (spec.train.lr > 0, "train.lr", "must be > 0"),
@@ -316,6 +351,8 @@ def _check_values(spec: TaskSpec, path: Path) -> None:
         (spec.train.grad_accum > 0, "train.grad_accum", "must be > 0"),
         (spec.train.max_length >= 16, "train.max_length", "must be >= 16"),
         (0.0 <= spec.train.eval_fraction < 0.5, "train.eval_fraction", "must be in [0, 0.5)"),
+        (not spec.train.keep_best or spec.train.eval_fraction > 0, "train.keep_best",
+         "needs train.eval_fraction > 0 (the eval set that picks the best checkpoint)"),
         (spec.generation.max_new_tokens > 0, "generation.max_new_tokens", "must be > 0"),
         (spec.generation.batch_size > 0, "generation.batch_size", "must be > 0"),
         (spec.generation.temperature > 0, "generation.temperature", "must be > 0"),
@@ -334,6 +371,16 @@ def _check_values(spec: TaskSpec, path: Path) -> None:
         (0.0 <= spec.gate.max_truncated_share <= 1.0, "gate.max_truncated_share", "must be in [0, 1]"),
         (spec.gate.max_loop_share is None or 0.0 <= spec.gate.max_loop_share <= 1.0, "gate.max_loop_share",
          "must be in [0, 1] or null"),
+        (0.0 < spec.sweep.validation_fraction < 1.0, "sweep.validation_fraction", "must be between 0 and 1"),
+        (spec.sweep.validation_salt != spec.data.split_salt, "sweep.validation_salt",
+         "must differ from data.split_salt (the same salt would carve the slice along the held-out boundary)"),
+        (spec.sweep.max_validation is None or spec.sweep.max_validation >= 1, "sweep.max_validation",
+         "must be >= 1 or null"),
+        (0.0 <= spec.sweep.max_loop_share <= 1.0, "sweep.max_loop_share", "must be in [0, 1]"),
+        (spec.sweep.sampler != "tpe" or (spec.sweep.n_trials or 0) >= 1, "sweep.n_trials",
+         "must be >= 1 with sampler tpe"),
+        (spec.sweep.sampler != "grid" or spec.sweep.n_trials is None, "sweep.n_trials",
+         "only for sampler tpe (a grid runs every combination); leave it null"),
     ]
     for ok, key, msg in checks:
         if not ok:
@@ -345,8 +392,16 @@ def _check_values(spec: TaskSpec, path: Path) -> None:
         if rule.metric not in METRIC_NAMES:
             raise SpecError(f"{path}: gate.rules[{i}].metric: unknown metric '{rule.metric}'"
                             f"{_did_you_mean(rule.metric, list(METRIC_NAMES))}")
-    if spec.prompt.template is not None and "{title}" not in spec.prompt.template:
-        raise SpecError(f"{path}: prompt.template: must contain {{title}}")
+    if spec.sweep.select not in METRIC_NAMES:
+        raise SpecError(f"{path}: sweep.select: unknown metric '{spec.sweep.select}'"
+                        f"{_did_you_mean(spec.sweep.select, list(METRIC_NAMES))}")
+    if spec.sweep.select not in spec.metrics.names:
+        raise SpecError(f"{path}: sweep.select: '{spec.sweep.select}' is not among metrics.names")
+    template = spec.prompt.template
+    if template is not None and template not in PROMPT_PRESETS and "{title}" not in template:
+        close = difflib.get_close_matches(template, PROMPT_PRESETS, n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" ({', '.join(PROMPT_PRESETS)})"
+        raise SpecError(f"{path}: prompt.template: must contain {{title}} or name a preset{hint}")
 
 
 def spec_to_dict(spec: TaskSpec) -> dict:
@@ -354,4 +409,6 @@ def spec_to_dict(spec: TaskSpec) -> dict:
     out = dataclasses.asdict(spec)
     out.pop("base_dir")
     out["data"]["path"] = [str(p) for p in spec.data_paths()]
+    if spec.data.heldout_path is not None:
+        out["data"]["heldout_path"] = [str(p) for p in spec.heldout_paths()]
     return out

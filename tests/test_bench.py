@@ -14,24 +14,61 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def test_bench_quick_runs_every_recipe_and_generation(tmp_path, tiny_model_dir):
+FAKE_UNSLOTH = '''"""Stand-in with Unsloth's API on plain transformers + PEFT (CPU test of the bench's subprocess wiring)."""
+import peft
+import transformers
+
+
+class FastLanguageModel:
+    @staticmethod
+    def from_pretrained(model_name, max_seq_length, dtype, load_in_4bit, load_in_16bit, use_gradient_checkpointing,
+                        fix_tokenizer, use_exact_model_name):
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
+        return model, transformers.AutoTokenizer.from_pretrained(model_name)
+
+    @staticmethod
+    def get_peft_model(model, r, lora_alpha, lora_dropout, target_modules, bias, use_gradient_checkpointing,
+                       random_state):
+        return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                                          target_modules=target_modules, bias=bias,
+                                                          task_type="CAUSAL_LM"))
+'''
+
+
+def _site(tmp_path, source: str):
+    (tmp_path / "site" / "unsloth").mkdir(parents=True)
+    (tmp_path / "site" / "unsloth" / "__init__.py").write_text(source)
+    return str(tmp_path / "site")
+
+
+def test_bench_quick_runs_every_recipe_and_generation(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "bench.json"
     code = main(["-q", "bench", str(REPO / "tasks" / "amazon_desc.yaml"), "--quick", "--only", "smollm2,generate",
-                 "--examples", "200", "--max-length", "128", "--batch", "4,8", "--seed-steps", "6", "--gen-examples", "6",
+                 "--recipes", "seed,trl_tuned,harness,unsloth", "--examples", "200", "--max-length", "128",
+                 "--batch", "8", "--seed-steps", "6", "--warmup", "2", "--loss-every", "2", "--gen-examples", "6",
                  "--loop-examples", "3", "--work", str(tmp_path / "work"), "--out", str(out),
+                 "--unsloth-site", _site(tmp_path, FAKE_UNSLOTH),
                  "--set", f"model.base={tiny_model_dir}", "--set", "generation.max_new_tokens=4",
                  "--set", "generation.static_batch_size=4"])
     assert code == 0
     results = json.loads(out.read_text())
     assert [(r["recipe"], r["batch"]) for r in results["training"]] == \
-        [("seed", 8), ("trl_tuned", 16), ("harness", 4), ("harness", 8)] and "failures" not in results
-    rows = {r["recipe"]: r for r in results["training"]}  # harness: the batch-8 row
+        [("seed", 8), ("trl_tuned", 8), ("harness", 8), ("unsloth", 8)] and "failures" not in results
+    rows = {r["recipe"]: r for r in results["training"]}
     assert rows["seed"]["optimizer_steps"] == 6  # stopped by --seed-steps
-    assert rows["harness"]["tokens"] == rows["trl_tuned"]["tokens"] > rows["seed"]["tokens"] > 0
-    assert all(r["tokens_per_s"] > 0 and r["mfu_palm"] is None for r in rows.values())  # no peak FLOPs on CPU
-    ratio = results["ratios"][f"{tiny_model_dir.name}: harness (batch 8) / seed tokens/s"]
-    assert f"{tiny_model_dir.name}: harness (batch 4) / trl_tuned tokens/s" in results["ratios"]
-    assert ratio == pytest.approx(rows["harness"]["tokens_per_s"] / rows["seed"]["tokens_per_s"])
+    # Tokens are counted from the batches: harness and unsloth train the very same token ids.
+    assert rows["harness"]["tokens"] == rows["unsloth"]["tokens"] > rows["seed"]["tokens"] > 0
+    assert rows["harness"]["tokens"] == pytest.approx(rows["trl_tuned"]["tokens"], rel=0.1)  # trl tokenizes itself
+    for r in rows.values():
+        assert r["warmup_steps"] == 2 and 0 < r["timed_tokens"] < r["tokens"] and r["job_s"] > 0
+        assert r["tokens_per_s"] == pytest.approx(r["timed_tokens"] / (r["step_time_s"] * (r["optimizer_steps"] - 2)))
+        assert r["mfu_palm"] is None  # no peak FLOPs on CPU
+    label = tiny_model_dir.name
+    assert set(rows["harness"]["losses"]) == set(rows["unsloth"]["losses"]) >= {"2", "4"}
+    ratio = results["ratios"][f"{label}: harness (batch 8) / unsloth (batch 8) tokens/s"]
+    assert ratio == pytest.approx(rows["harness"]["tokens_per_s"] / rows["unsloth"]["tokens_per_s"])
+    assert f"{label}: harness (batch 8) / trl_tuned (batch 8) tokens/s" in results["ratios"]
+    assert results["unsloth_versions"]["trl"]  # the subprocess reports its own packages
     assert list(results["generation"]) == [tiny_model_dir.name]  # no 1.1B-architecture generation on CPU
     gen = results["generation"][tiny_model_dir.name]
     scorers = gen["scorers"]
@@ -51,6 +88,20 @@ def test_bench_quick_runs_every_recipe_and_generation(tmp_path, tiny_model_dir):
     assert bound["weight_bytes"] > 0 and bound["weights_only_tokens_per_s"] is None  # no HBM figure for a CPU
     assert f"{tiny_model_dir.name} generation: fast / dynamic tokens/s" in results["ratios"]
     assert results["device"].startswith("cpu")
+    printed = capsys.readouterr().out
+    assert "unsloth process: " in printed and f"{label}, batch 8: training loss at step 2, 4" in printed
+
+
+def test_bench_says_in_one_line_why_unsloth_cannot_run(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "bench.json"
+    site = _site(tmp_path, "raise NotImplementedError('Unsloth cannot find any torch accelerator')\n")
+    code = main(["-q", "bench", "amazon_desc", "--quick", "--only", "smollm2", "--recipes", "unsloth",
+                 "--batch", "8,16", "--work", str(tmp_path / "work"), "--out", str(out), "--unsloth-site", site,
+                 "--set", f"model.base={tiny_model_dir}"])
+    assert code == 0
+    expected = "unsloth: not run (NotImplementedError: Unsloth cannot find any torch accelerator)"
+    assert json.loads(out.read_text())["skipped"] == [expected]  # asked once, not once per batch
+    assert capsys.readouterr().out.count(expected) == 1
 
 
 def test_bench_refuses_cpu_without_quick(tiny_model_dir, capsys):

@@ -44,7 +44,8 @@ def test_fast_paths_are_cuda_only_by_default(tiny_model_dir):
     spec = TaskSpec(name="t")
     spec.model.base = str(tiny_model_dir)
     assert fast_path_options(spec, models.Device("cpu")) == {"quantize": False, "packing": False,
-                                                              "liger_kernels": False, "attention": "sdpa"}
+                                                              "liger_kernels": False, "attention": "sdpa",
+                                                              "compile": "off"}
     spec.train.packing = "on"
     assert fast_path_options(spec, models.Device("cpu"))["packing"] is True
 
@@ -105,7 +106,8 @@ def test_varlen_attention_matches_examples_run_alone(tiny_model_dir, monkeypatch
 @pytest.mark.parametrize("key, value, message", [
     ("attention", "varlen", "train.attention: 'varlen' needs a CUDA device"),
     ("quantization", "nf4", "train.quantization: 'nf4' needs a CUDA device and bitsandbytes"),
-    ("liger_kernels", "on", "train.liger_kernels: 'on' needs a CUDA device and liger-kernel")])
+    ("liger_kernels", "on", "train.liger_kernels: 'on' needs a CUDA device and liger-kernel"),
+    ("compile", "on", "train.compile: 'on' needs a CUDA device")])
 def test_forced_gpu_switches_are_refused_on_cpu(key, value, message):
     spec = TaskSpec(name="t")
     setattr(spec.train, key, value)
@@ -193,3 +195,55 @@ def test_lora_inputs_stay_in_the_compute_dtype(tiny_model_dir):
     torch.testing.assert_close(fast, default, rtol=2e-2, atol=2e-2)
     with pytest.raises(RuntimeError, match="dtype"), torch.no_grad():
         peft_model(input_ids=ids)
+
+
+def test_compile_leaves_liger_out_and_refuses_forced_liger(tiny_model_dir, monkeypatch):
+    """Compiled layers get their fusions from the compiler: `auto` Liger stays off with `compile: on`,
+    and a forced Liger (opaque to the compiler) is refused up front."""
+    from harness import train
+
+    monkeypatch.setattr(train, "_has_liger", lambda: True)
+    spec = TaskSpec(name="t")
+    spec.model.base = str(tiny_model_dir)
+    cuda = models.Device("cuda")  # only read, never used: the decision is pure
+    assert fast_path_options(spec, cuda)["liger_kernels"] is True
+    spec.train.compile = "on"
+    assert fast_path_options(spec, cuda)["liger_kernels"] is False
+    spec.train.liger_kernels = "on"
+    with pytest.raises(HarnessError, match="cannot compile Liger's kernels"):
+        fast_path_options(spec, cuda)
+
+
+def test_compiled_layers_train_like_eager_layers(tiny_model_dir, tmp_path):
+    """compile_layers wraps every decoder layer in place, traces PEFT's LoRA layers as one graph each
+    (fullgraph: a break would fail here), and a training step gives the eager loss and gradients. The
+    CPU check uses the `eager` backend: it tests the wiring and tracing, not inductor's code."""
+    from peft import LoraConfig, get_peft_model
+
+    from harness.train import compile_layers, decoder_layers
+
+    def lora_model():
+        torch.manual_seed(0)
+        base = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, models.Device("cpu"))
+        return get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                               lora_dropout=0.0, init_lora_weights=False))
+
+    tokenizer = models.load_tokenizer(str(tiny_model_dir), ModelSpec(), uses_chat_template=True)
+    ids = torch.tensor([[5, 9, 14, 3, 22, 7, 8, 30]])
+    eager, compiled = lora_model(), lora_model()
+    assert compile_layers(compiled, backend="eager") == len(decoder_layers(compiled))
+    assert all(layer._compiled_call_impl is not None for layer in decoder_layers(compiled))
+    losses = []
+    for model in (eager, compiled):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append((loss.detach(), next(p.grad for n, p in model.named_parameters() if "lora_A" in n)))
+    torch.testing.assert_close(losses[1][0], losses[0][0])
+    torch.testing.assert_close(losses[1][1], losses[0][1])
+
+
+def test_compile_refuses_a_model_without_decoder_layers():
+    from harness.train import decoder_layers
+
+    with pytest.raises(HarnessError, match="no `model.layers` to compile"):
+        decoder_layers(torch.nn.Linear(2, 2))

@@ -36,7 +36,8 @@ def test_run_folder_contract(tiny_run):
     assert manifest["status"] == "completed"
     assert manifest["stages_done"] == ["prepare", "score_base", "train", "score_tuned", "metrics", "report"]
     assert manifest["packages"]["torch"] and manifest["device"].startswith("cpu")
-    assert manifest["fast_path"] == {"quantize": False, "packing": False, "liger_kernels": False, "attention": "sdpa"}
+    assert manifest["fast_path"] == {"quantize": False, "packing": False, "liger_kernels": False, "attention": "sdpa",
+                                     "compile": "off"}
     assert manifest["data_counts"]["heldout"] == 8 and manifest["train"]["steps"] == 4
     assert set(manifest["fingerprints"]) >= {"base_model", "tokenizer", "heldout_split", "generation", "adapter"}
 
