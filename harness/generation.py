@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -58,6 +59,23 @@ class GenerationStats:
     batches: int = 0
     shapes: list[list[int]] = field(default_factory=list)  # [rows, prompt width] of each static shape used
     warmup_s: float = 0.0  # compiled engine: the warm-up of each shape (compilation and CUDA-graph capture)
+
+
+@contextmanager
+def deterministic_kernels():
+    """Scoring with PyTorch's deterministic kernels: the same command gives the same outputs.
+
+    The same greedy decoding on one H100 gave different texts in two processes (base ROUGE-L 11.98
+    vs 11.96) with fixed batches; bf16 greedy flips on the last bit. cuBLAS also needs
+    `CUBLAS_WORKSPACE_CONFIG` before its first call, which `harness.cli` sets at start-up."""
+    import torch
+
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def transformers_model(model):
@@ -151,6 +169,34 @@ def batch_rows(gen: GenerationSpec, engine: str) -> int:
     return gen.batch_size if engine == "dynamic" else gen.static_batch_size
 
 
+class _OnOutput:
+    """Apply a transformers logits processor to the generated tokens only.
+
+    transformers' `repetition_penalty` and `no_repeat_ngram_size` look at the whole sequence of a
+    decoder-only model: the prompt, and in a batch its left padding, which is the end-of-turn token.
+    So a penalty also punished repeating the product's own title and, in rows with padding only,
+    stopping; outputs then depended on which prompts shared a batch. Slicing off the `width` prompt
+    columns makes both count the description written so far, the same in every batch."""
+
+    def __init__(self, processor, width: int):
+        self.processor, self.width = processor, width
+
+    def __call__(self, input_ids, scores):
+        return self.processor(input_ids[:, self.width:], scores)
+
+
+def output_penalties(gen: GenerationSpec, width: int):
+    """The spec's repetition penalties as logits processors over the output (prompt width `width`)."""
+    from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    processors = LogitsProcessorList()
+    if gen.repetition_penalty != 1.0:
+        processors.append(_OnOutput(RepetitionPenaltyLogitsProcessor(gen.repetition_penalty), width))
+    if gen.no_repeat_ngram_size > 0:
+        processors.append(_OnOutput(NoRepeatNGramLogitsProcessor(gen.no_repeat_ngram_size), width))
+    return processors
+
+
 class _Decoder:
     """Runs transformers' `generate` on one padded batch with the engine's cache and compile settings.
 
@@ -163,7 +209,6 @@ class _Decoder:
         sampling = {"do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p} if gen.do_sample \
             else {"do_sample": False}
         self.kwargs = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                           repetition_penalty=gen.repetition_penalty, no_repeat_ngram_size=gen.no_repeat_ngram_size,
                            **sampling)
         if engine == "compiled":
             self.kwargs["compile_config"] = _compile_config()
@@ -175,7 +220,7 @@ class _Decoder:
 
     def __call__(self, ids, mask, streamer=None) -> list[list[int]]:
         ids, mask = ids.to(self.device.torch_device), mask.to(self.device.torch_device)
-        kwargs = dict(self.kwargs, streamer=streamer)
+        kwargs = dict(self.kwargs, streamer=streamer, logits_processor=output_penalties(self.gen, ids.shape[1]))
         if self.engine != "dynamic":
             kwargs["past_key_values"] = self._static_cache(tuple(ids.shape), ids, mask)
         out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.gen.max_new_tokens,
@@ -207,7 +252,8 @@ class _Decoder:
         steps = min(WARMUP_TOKENS, self.gen.max_new_tokens)
         try:
             self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
-                                past_key_values=self.cache, **self.kwargs)
+                                past_key_values=self.cache, logits_processor=output_penalties(self.gen, ids.shape[1]),
+                                **self.kwargs)
             if self.device.kind == "cuda":
                 torch.cuda.synchronize(self.device.index)
         except torch.OutOfMemoryError:
@@ -251,7 +297,8 @@ def generate(model, tokenizer, prompts: Sequence[str], gen: GenerationSpec, devi
     model.eval()
     decode = _Decoder(model, tokenizer, gen, device, stats.engine, stats)
     # no_grad, not inference_mode: the context transformers' own `generate` (and its compiled decoding) runs in.
-    with torch.random.fork_rng(devices=[device.index] if device.kind == "cuda" else []), torch.no_grad():
+    with torch.random.fork_rng(devices=[device.index] if device.kind == "cuda" else []), torch.no_grad(), \
+            deterministic_kernels():
         for batch in plan:
             rows = [encoded[i] for i in batch.indices]
             rows += [rows[-1]] * (batch.rows - len(rows))  # filler rows: the batch keeps its compiled shape

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from harness.generation import length_sorted_batches, transformers_model
+from harness.generation import deterministic_kernels, length_sorted_batches, transformers_model
 from harness.prompts import EncodedExample
 
 HEAD_CHUNK = 8192  # positions per LM-head call: 8192 x 49k vocabulary x fp32 is 1.6 GB of logits
@@ -42,7 +42,7 @@ def reference_nll(model, examples: Sequence[EncodedExample], batch_size: int, de
             labels[row, :n] = torch.tensor(examples[i].labels)
             mask[row, :n] = 1
         ids, labels, mask = (t.to(device.torch_device) for t in (ids, labels, mask))
-        with torch.inference_mode():
+        with torch.inference_mode(), deterministic_kernels():
             hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
             targets = labels[:, 1:]
             rows, cols = torch.nonzero(targets != -100, as_tuple=True)

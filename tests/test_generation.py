@@ -112,7 +112,8 @@ def test_no_repeat_ngram_size_reaches_generate(loaded, monkeypatch):
 
     def spy(**kwargs):
         out = real(**kwargs)
-        calls.append((kwargs["no_repeat_ngram_size"], out[:, kwargs["input_ids"].shape[1]:].tolist()))
+        sizes = [p.processor.ngram_size for p in kwargs["logits_processor"] if hasattr(p.processor, "ngram_size")]
+        calls.append((sizes, out[:, kwargs["input_ids"].shape[1]:].tolist()))
         return out
 
     monkeypatch.setattr(model, "generate", spy)
@@ -120,12 +121,30 @@ def test_no_repeat_ngram_size_reaches_generate(loaded, monkeypatch):
     trigrams = lambda ids: [tuple(ids[i:i + 3]) for i in range(len(ids) - 2)]  # noqa: E731
     # Off (the default): the random tiny model repeats one token, a loop the harness flags.
     free = generate(model, tokenizer, prompts, GenerationSpec(max_new_tokens=30), CPU)
-    assert calls[-1][0] == 0 and all(len(set(trigrams(ids))) < len(trigrams(ids)) for ids in calls[-1][1])
+    assert calls[-1][0] == [] and all(len(set(trigrams(ids))) < len(trigrams(ids)) for ids in calls[-1][1])
     assert all(degeneration.loops(g.text) for g in free)
     # Size 3: no generated 3-gram of model tokens occurs twice.
     generate(model, tokenizer, prompts, GenerationSpec(max_new_tokens=30, no_repeat_ngram_size=3), CPU)
-    size, rows = calls[-1]
-    assert size == 3 and all(len(set(trigrams(ids))) == len(trigrams(ids)) == 28 for ids in rows)
+    sizes, rows = calls[-1]
+    assert sizes == [3] and all(len(set(trigrams(ids))) == len(trigrams(ids)) == 28 for ids in rows)
+
+
+def test_repetition_penalties_count_the_output_only(talkative):
+    """transformers' processors see the prompt and its left padding (the end-of-turn token). Applied to
+    the output only, a batched row with padding decodes exactly as it does alone, and the output may
+    repeat n-grams of its prompt."""
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    model, tokenizer, prompts = talkative
+    gen = GenerationSpec(max_new_tokens=20, batch_size=len(prompts), repetition_penalty=1.3, no_repeat_ngram_size=2)
+    batched = generate(model, tokenizer, prompts, gen, CPU)
+    assert [g.text for g in batched] == [g.text for g in one_at_a_time(model, tokenizer, prompts, gen)]
+    width = 3
+    prompt_and_output = torch.tensor([[5, 6, 7, 5]])  # the prompt holds the bigram (5, 6); the output is (5)
+    scores = torch.zeros(1, 10)
+    library = NoRepeatNGramLogitsProcessor(2)(prompt_and_output, scores.clone())
+    ours = generation.output_penalties(gen, width)[1](prompt_and_output, scores.clone())
+    assert library[0, 6] == -float("inf") and ours[0, 6] == 0.0  # only the library bans copying the prompt
 
 
 # -- the fast scorer: batch plan, engines, determinism ----------------------------------------------
