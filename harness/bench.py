@@ -342,36 +342,119 @@ def qlora_peak_memory(spec, tokenizer, device, seq_len: int, work: Path) -> dict
             "weights_loaded_gb": loaded / 2**30, "seconds": time.perf_counter() - started}
 
 
-def measure_generation(spec, model, tokenizer, examples, device, loop_n: int) -> dict:
-    """Greedy generation: one example at a time (the seeds' loop) vs harness' batched scorer."""
+# -- generation (held-out scoring) ---------------------------------------------------------------
+
+GENERATION_DOC = """Generation scorers, each over the same prompts, greedy, in one process:
+loop = the seeds' loop (dynamic engine, one prompt at a time, first --loop-examples prompts);
+dynamic = transformers' dynamic cache in length-sorted batches of generation.static_batch_size;
+static = the static engine uncompiled (same batches and cache as fast: the eager reference);
+fast = the scorer a CUDA run uses (generation.engine auto: static cache, decoding compiled into CUDA
+graphs), called twice: the first call compiles (cold), the second reuses the compiled code (warm).
+Compile cost c = cold seconds - warm seconds. Amortised over a held-out set of N = 1,000 examples:
+tokens/s = (N * tokens/n) / (N * warm seconds/n + c), n = prompts measured.
+Memory-bandwidth bound (a decode step reads every weight once): tokens/s <= rows * HBM bandwidth /
+weight bytes; with the static KV cache read too: rows * bandwidth / (weight bytes + rows * cache
+length * KV bytes per token), at the narrowest compiled shape."""
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "L4": 0.3e12}
+AMORTISE_EXAMPLES = 1000
+
+
+def _hbm_bandwidth(device) -> float | None:
     import torch
 
-    from harness.prompts import build_prompt, encode_prompt
+    if device.kind != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device.index)
+    return next((v for k, v in HBM_BYTES_PER_S.items() if k in name), None)
+
+
+def _bandwidth_bounds(model, device, rows: int, width: int, max_new_tokens: int) -> dict:
+    """Generated tokens/s no decoder can beat at `rows` sequences per step (see GENERATION_DOC)."""
+    cfg = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    itemsize = next(model.parameters()).element_size()
+    kv_per_token = 2 * cfg.num_hidden_layers * (cfg.num_key_value_heads or cfg.num_attention_heads) * head_dim * itemsize
+    kv_bytes = rows * (width + max_new_tokens) * kv_per_token
+    bandwidth = _hbm_bandwidth(device)
+    return {"weight_bytes": weight_bytes, "kv_cache_bytes": kv_bytes, "hbm_bytes_per_s": bandwidth, "rows": rows,
+            "weights_only_tokens_per_s": rows * bandwidth / weight_bytes if bandwidth else None,
+            "with_kv_tokens_per_s": rows * bandwidth / (weight_bytes + kv_bytes) if bandwidth else None}
+
+
+def _time_generation(model, tokenizer, prompts, gen, device) -> tuple[list, dict]:
+    import torch
+
+    from harness.generation import GenerationStats, generate
+
+    stats = GenerationStats()
+    if device.kind == "cuda":
+        torch.cuda.synchronize(device.index)
+    started = time.perf_counter()
+    out = generate(model, tokenizer, prompts, gen, device, stats=stats)
+    if device.kind == "cuda":
+        torch.cuda.synchronize(device.index)
+    seconds = time.perf_counter() - started
+    tokens = sum(g.n_tokens for g in out)
+    return out, {"engine": stats.engine, "rows": max((s[0] for s in stats.shapes), default=gen.batch_size),
+                 "examples": len(prompts), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                 "warmup_s": stats.warmup_s, "shapes": stats.shapes}
+
+
+def _identical(a: list, b: list) -> float:
+    n = min(len(a), len(b))
+    return sum(x.text == y.text for x, y in zip(a[:n], b[:n])) / n
+
+
+def measure_generation(spec, model, tokenizer, examples, device, loop_n: int) -> dict:
+    """Every scorer of GENERATION_DOC on the same prompts; a scorer that fails is recorded, the others still run."""
     from harness.generation import generate
+    from harness.prompts import build_prompt
 
     prompts = [build_prompt(tokenizer, spec.prompt, e.title) for e in examples]
     gen = spec.generation
-
-    def sync():
-        if device.kind == "cuda":
-            torch.cuda.synchronize(device.index)
-
-    generate(model, tokenizer, prompts[:4], gen, device, batch_size=1)  # warm-up
-    sync()
-    started = time.perf_counter()
-    loop = [generate(model, tokenizer, [p], gen, device, batch_size=1)[0] for p in prompts[:loop_n]]
-    sync()
-    loop_s = time.perf_counter() - started
-    started = time.perf_counter()
-    batched = generate(model, tokenizer, prompts, gen, device)
-    sync()
-    batched_s = time.perf_counter() - started
-    loop_tps = sum(g.n_tokens for g in loop) / loop_s
-    batched_tps = sum(g.n_tokens for g in batched) / batched_s
-    same = sum(a.text == b.text for a, b in zip(loop, batched)) / len(loop)
-    return {"loop_examples": loop_n, "batched_examples": len(prompts), "loop_tokens_per_s": loop_tps,
-            "batched_tokens_per_s": batched_tps, "ratio": batched_tps / loop_tps,
-            "identical_outputs_share": same, "max_new_tokens": gen.max_new_tokens}
+    fast = "compiled" if device.kind == "cuda" else "static"  # CPU (--quick): the same path, uncompiled
+    scorers = [("loop", prompts[:loop_n], replace(gen, engine="dynamic", batch_size=1)),
+               ("dynamic", prompts, replace(gen, engine="dynamic", batch_size=gen.static_batch_size)),
+               ("static", prompts, replace(gen, engine="static")),
+               ("fast_cold", prompts, replace(gen, engine=fast)),
+               ("fast", prompts, replace(gen, engine=fast))]
+    generate(model, tokenizer, prompts[:4], scorers[0][2], device)  # warm-up: CUDA context, eager kernels
+    rows, outputs, failures = {}, {}, []
+    for name, subset, engine_gen in scorers:
+        try:
+            outputs[name], rows[name] = _time_generation(model, tokenizer, subset, engine_gen, device)
+        except Exception as exc:  # recorded and printed next to the table, never hidden
+            log.error("bench: generation %s failed: %s: %s", name, type(exc).__name__, exc)
+            failures.append({"scorer": name, "error": f"{type(exc).__name__}: {exc}"[:500]})
+    result = {"max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample, "scorers": rows, "failures": failures, "ratios": {},
+              "identical_outputs_share": {}}
+    for name in ("dynamic", "static", "fast"):
+        if name in rows and "loop" in rows:
+            result["ratios"][f"{name} / loop"] = rows[name]["tokens_per_s"] / rows["loop"]["tokens_per_s"]
+    if "fast" in rows and "fast_cold" in rows:
+        warm, cold = rows["fast"], rows["fast_cold"]
+        compile_s = max(cold["seconds"] - warm["seconds"], 0.0)
+        scale = AMORTISE_EXAMPLES / warm["examples"]
+        amortised = scale * warm["tokens"] / (scale * warm["seconds"] + compile_s)
+        result["compile_s"] = compile_s
+        result["amortised_tokens_per_s"] = amortised
+        if "dynamic" in rows:
+            result["ratios"]["fast / dynamic"] = warm["tokens_per_s"] / rows["dynamic"]["tokens_per_s"]
+        for base in ("loop", "dynamic"):
+            if base in rows:
+                result["ratios"][f"fast, compile amortised over {AMORTISE_EXAMPLES:,} / {base}"] = \
+                    amortised / rows[base]["tokens_per_s"]
+        narrowest = warm["shapes"][-1] if warm["shapes"] else [warm["rows"], 0]
+        bounds = _bandwidth_bounds(model, device, narrowest[0], narrowest[1], gen.max_new_tokens)
+        for key in ("weights_only", "with_kv"):
+            bound = bounds[f"{key}_tokens_per_s"]
+            bounds[f"fast_share_of_{key}_bound"] = warm["tokens_per_s"] / bound if bound else None
+        result["bandwidth_bound"] = bounds
+    for other in ("static", "dynamic", "loop", "fast_cold"):
+        if "fast" in outputs and other in outputs:
+            result["identical_outputs_share"][f"fast vs {other}"] = _identical(outputs["fast"], outputs[other])
+    return result
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -461,11 +544,22 @@ def bench_command(args) -> int:
         results["training"].extend(asdict(r) for r in rows)
         results["ratios"].update(_training_ratios(label, rows))
     if "generate" in parts:
-        model = real()
-        results["generation"] = measure_generation(spec, model, tokenizer, examples[: args.gen_examples], device,
-                                                   loop_n=min(args.loop_examples, args.gen_examples))
-        results["ratios"]["generation: batched / one-at-a-time tokens/s"] = results["generation"]["ratio"]
-        del model
+        results["generation_method"] = GENERATION_DOC
+        results["generation"] = {}
+        for key, (label, factory) in arches.items():
+            if key == "tinyllama" and device.kind != "cuda":
+                log.info("bench: TinyLlama-architecture generation skipped on CPU (1.1B parameters)")
+                continue
+            model = factory()
+            measured = measure_generation(spec, model, tokenizer, examples[: args.gen_examples], device,
+                                          loop_n=min(args.loop_examples, args.gen_examples))
+            results["generation"][label] = measured
+            results["ratios"].update({f"{label} generation: {k} tokens/s": v for k, v in measured["ratios"].items()})
+            del model
+            if device.kind == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()
     if "serve" in parts:  # opt-in (--only serve): harness/bench_serve.py
         from harness.bench_serve import measure_serving
 
@@ -479,6 +573,38 @@ def bench_command(args) -> int:
     atomic_write_json(args.out, results)
     print(format_results(results))
     return 0
+
+
+SCORER_NAMES = {"loop": "one at a time (seeds' loop)", "dynamic": "dynamic cache, batched",
+                "static": "static cache, eager", "fast_cold": "fast, first call (compiles)", "fast": "fast, warm"}
+
+
+def format_generation(label: str, g: dict) -> list[str]:
+    decoding = "sampled" if g["do_sample"] else "greedy"
+    lines = ["", f"generation, {label} ({decoding}, max_new_tokens {g['max_new_tokens']}):",
+             "| scorer | engine | rows | examples | tokens | seconds | tokens/s | warm-up s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in g["scorers"].items():
+        lines.append(f"| {SCORER_NAMES[name]} | {r['engine']} | {r['rows']} | {r['examples']} | {r['tokens']:,} | "
+                     f"{r['seconds']:.2f} | {r['tokens_per_s']:,.0f} | {r['warmup_s']:.1f} |")
+    if "compile_s" in g:
+        lines.append(f"compile cost c = cold - warm seconds = {g['compile_s']:.1f} s; fast with compile amortised over "
+                     f"N = {AMORTISE_EXAMPLES:,} examples, (N * tokens/n) / (N * warm s/n + c): "
+                     f"{g['amortised_tokens_per_s']:,.0f} tokens/s")
+        b = g["bandwidth_bound"]
+        if b["hbm_bytes_per_s"]:
+            lines.append(f"bandwidth bound, rows x {b['hbm_bytes_per_s'] / 1e12:.2f} TB/s / bytes read per step, at "
+                         f"{b['rows']} rows: weights only ({b['weight_bytes'] / 1e9:.2f} GB) "
+                         f"{b['weights_only_tokens_per_s']:,.0f} tokens/s, fast reaches "
+                         f"{b['fast_share_of_weights_only_bound']:.1%}; weights + static KV cache "
+                         f"({b['kv_cache_bytes'] / 1e9:.2f} GB) {b['with_kv_tokens_per_s']:,.0f} tokens/s, fast reaches "
+                         f"{b['fast_share_of_with_kv_bound']:.1%}")
+        else:
+            lines.append("bandwidth bound: n/a (no known HBM bandwidth for this device)")
+    lines += [f"ratio {k}: {v:.2f}x" for k, v in g["ratios"].items()]
+    lines += [f"identical outputs {k}: {v:.0%}" for k, v in g["identical_outputs_share"].items()]
+    lines += [f"FAILED generation {f['scorer']}: {f['error']}" for f in g["failures"]]
+    return lines
 
 
 def format_results(results: dict) -> str:
@@ -500,11 +626,8 @@ def format_results(results: dict) -> str:
     lines += [f"note {r['model']}/{r['recipe']} (batch {r['batch']}): {r['notes']}" for r in results["training"]
               if r.get("notes")]
     lines += results.get("skipped", [])
-    if "generation" in results:
-        g = results["generation"]
-        lines += ["", f"generation: one-at-a-time {g['loop_tokens_per_s']:,.0f} tok/s ({g['loop_examples']} examples), "
-                      f"batched {g['batched_tokens_per_s']:,.0f} tok/s ({g['batched_examples']} examples), "
-                      f"identical outputs {g['identical_outputs_share']:.0%}"]
+    for label, g in results.get("generation", {}).items():
+        lines += format_generation(label, g)
     if "qlora" in results:
         q = results["qlora"]
         lines += ["", f"QLoRA {q['model']} at {q['seq_len']} tokens: peak {q['peak_mem_gb']:.2f} GB "

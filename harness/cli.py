@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-every", type=int, default=10, help="log the training loss every N steps (default 10)")
     p.add_argument("--unsloth-site", help="folder holding Unsloth and its pinned trl/datasets (pip install --target): "
                                           "put first on the unsloth recipe's path")
-    p.add_argument("--gen-examples", type=int, default=256, help="prompts for the batched scorer (default 256)")
+    p.add_argument("--gen-examples", type=int, default=512, help="prompts for the batched scorers (default 512)")
     p.add_argument("--loop-examples", type=int, default=32, help="prompts for the one-at-a-time loop (default 32)")
     p.add_argument("--work", default="/tmp/harness-bench", help="scratch folder (checkpoints, random 8B weights)")
     _add_overrides(p)
@@ -304,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="harness: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score says "Using default tokenizer." per call
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # cuBLAS is deterministic only with a fixed workspace, read at its first call (generation.deterministic_kernels).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     try:
         if distributed.world_size() > 1:
             if args.command not in DISTRIBUTED:

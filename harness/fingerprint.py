@@ -43,8 +43,14 @@ def split_fingerprint(examples) -> str:
     return hash_json([[e.id, e.title, e.content] for e in examples])
 
 
+# Bumped when the same generation settings decode differently (v2: repetition penalties count the output
+# only, harness.generation.output_penalties), so base scores cached by older code are not reused.
+GENERATION_SEMANTICS = 2
+
+
 def settings_fingerprints(spec, metric_settings_record: dict) -> dict[str, str]:
     from dataclasses import asdict
 
-    return {"prompt": hash_json(asdict(spec.prompt)), "generation": hash_json(asdict(spec.generation)),
+    generation = {**asdict(spec.generation), "semantics": GENERATION_SEMANTICS}
+    return {"prompt": hash_json(asdict(spec.prompt)), "generation": hash_json(generation),
             "metrics": hash_json(metric_settings_record)}

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ from harness.errors import ModelError
 from harness.io import atomic_write_json
 from harness.metrics import MetricSettings, ModelOutputs, per_example_scores, score_outputs, settings_record
 from harness.prompts import build_prompt, encode_example, encode_prompt
-from harness.generation import Generation, auto_batch_size, generate, left_pad, length_sorted_batches
+from harness.generation import (Generation, GenerationStats, batch_rows, generate, left_pad, length_sorted_batches,
+                                plan_batches, resolve_engine)
 from harness.likelihood import reference_nll
 
 log = logging.getLogger(__name__)
@@ -82,16 +84,18 @@ def fold_rank_parts(path: Path) -> None:
             part.unlink()  # after its rows are written: a kill in between leaves duplicates, read once by id
 
 
-def generate_sharded(model, tokenizer, prompts: list[str], gen, device, on_done=None) -> list[Generation]:
-    """`generate` spread over the processes: each decodes whole batches of the one-process batch plan,
-    so every output is the one a single process gives on this device; all processes get all results."""
+def generate_sharded(model, tokenizer, prompts: list[str], gen, device, on_done=None,
+                     stats: GenerationStats | None = None) -> list[Generation]:
+    """`generate` spread over the processes: each decodes whole batches of the one-process batch plan
+    (`generation.plan_batches`), so every output is the one a single process gives on this device; all
+    processes get all results. `stats` receives this process's share."""
     if distributed.world_size() == 1:
-        return generate(model, tokenizer, prompts, gen, device, on_done=on_done)
+        return generate(model, tokenizer, prompts, gen, device, on_done=on_done, stats=stats)
+    engine = resolve_engine(gen, device, model)
     lengths = [len(encode_prompt(tokenizer, p)) for p in prompts]
-    rows = main_only(auto_batch_size)(model, device, max(lengths, default=1), gen.max_new_tokens, len(prompts),
-                                      gen.batch_size)  # one batch size for every process's plan
-    mine = distributed.shard_batches(length_sorted_batches(lengths, rows))
-    results = generate(model, tokenizer, [prompts[i] for i in mine], gen, device, batch_size=rows,
+    plan = plan_batches(lengths, batch_rows(gen, engine), gen.prompt_buckets if engine != "dynamic" else None)
+    mine = distributed.shard_batches(batch.indices for batch in plan)
+    results = generate(model, tokenizer, [prompts[i] for i in mine], gen, device, stats=stats,
                        on_done=None if on_done is None else lambda j, result: on_done(mine[j], result))
     return distributed.unshard(mine, results, len(prompts))
 
@@ -176,6 +180,7 @@ class ScoringSession:
         self.prompts = [build_prompt(tokenizer, spec.prompt, e.title) for e in heldout]
         self.encoded = [encode_example(tokenizer, p, e.content, None) for p, e in zip(self.prompts, heldout)]
         self.settings = metric_settings(spec)
+        resolve_engine(spec.generation, device)  # a forced engine this device cannot run fails before any work
 
     # -- fingerprints and the base cache ---------------------------------------------------
     def fingerprints(self) -> dict[str, str]:
@@ -273,15 +278,17 @@ class ScoringSession:
                     sink.write(json.dumps(row, ensure_ascii=False) + "\n")
                     sink.flush()
 
+                stats = GenerationStats()
                 generate_sharded(model, self.tokenizer, [self.prompts[i] for i in todo], self.spec.generation,
-                                 self.device, on_done=persist)
+                                 self.device, on_done=persist, stats=stats)
             fold_rank_parts(gens_path)
+            self.manifest.update(scoring_engine={**self.manifest.data.get("scoring_engine", {}),
+                                                 side: {**asdict(stats), "seed": self.spec.generation.seed}})
         nll_path = self.scores_dir / f"{side}_nll.json"
         if not nll_path.is_file():
-            # Only description positions reach the LM head, so CUDA affords large batches here.
-            batch = 64 if self.device.kind == "cuda" else self.spec.generation.batch_size
-            nll, counts = reference_nll_sharded(model, self.encoded, batch, self.device,
-                                                self.tokenizer.pad_token_id)
+            # Only description positions reach the LM head (in chunks), so the engine's batches fit here too.
+            rows = batch_rows(self.spec.generation, resolve_engine(self.spec.generation, self.device, model))
+            nll, counts = reference_nll_sharded(model, self.encoded, rows, self.device, self.tokenizer.pad_token_id)
             main_only(atomic_write_json)(nll_path, {"ids": [e.id for e in self.heldout], "nll_sum": nll.tolist(),
                                                     "n_tokens": counts.tolist()})
 

@@ -1,7 +1,8 @@
 """Reference perplexity: how likely a model finds the reference description given its prompt.
 
 Runs in length-sorted batches like generation and never materialises full-vocabulary logits
-for the whole batch: only positions that predict a description token go through the LM head.
+for the whole batch: only positions that predict a description token go through the LM head,
+`HEAD_CHUNK` positions at a time, so the large batches of the static engines fit in memory.
 """
 
 from __future__ import annotations
@@ -10,14 +11,10 @@ from typing import Sequence
 
 import numpy as np
 
-from harness.generation import length_sorted_batches
+from harness.generation import deterministic_kernels, length_sorted_batches, transformers_model
 from harness.prompts import EncodedExample
 
-
-def _decoder_and_head(model):
-    """The transformer body and LM head, through a PEFT wrapper if there is one."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings()
+HEAD_CHUNK = 8192  # positions per LM-head call: 8192 x 49k vocabulary x fp32 is 1.6 GB of logits
 
 
 def reference_nll(model, examples: Sequence[EncodedExample], batch_size: int, device,
@@ -31,7 +28,8 @@ def reference_nll(model, examples: Sequence[EncodedExample], batch_size: int, de
 
     nll = np.zeros(len(examples), dtype=np.float64)
     counts = np.zeros(len(examples), dtype=np.int64)
-    decoder, head = _decoder_and_head(model)
+    base = transformers_model(model)
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
     model.eval()
     for batch in length_sorted_batches([len(e.input_ids) for e in examples], batch_size):
         width = max(len(examples[i].input_ids) for i in batch)
@@ -44,16 +42,16 @@ def reference_nll(model, examples: Sequence[EncodedExample], batch_size: int, de
             labels[row, :n] = torch.tensor(examples[i].labels)
             mask[row, :n] = 1
         ids, labels, mask = (t.to(device.torch_device) for t in (ids, labels, mask))
-        with torch.inference_mode():
+        with torch.inference_mode(), deterministic_kernels():
             hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
             targets = labels[:, 1:]
             rows, cols = torch.nonzero(targets != -100, as_tuple=True)
-            logits = head(hidden[:, :-1][rows, cols]).float()
-            token_nll = torch.nn.functional.cross_entropy(logits, targets[rows, cols], reduction="none")
+            token_nll = torch.cat([
+                torch.nn.functional.cross_entropy(head(hidden[:, :-1][r, c]).float(), targets[r, c], reduction="none")
+                for r, c in zip(rows.split(HEAD_CHUNK), cols.split(HEAD_CHUNK))])
             per_row = torch.zeros(len(batch), dtype=torch.float64, device=token_nll.device)
             per_row.index_add_(0, rows, token_nll.double())
             n_per_row = torch.bincount(rows, minlength=len(batch))
-        for row, i in enumerate(batch):
-            nll[i] = per_row[row].item()
-            counts[i] = n_per_row[row].item()
+        nll[batch] = per_row.cpu().numpy()
+        counts[batch] = n_per_row.cpu().numpy()
     return nll, counts

@@ -69,9 +69,13 @@ class LoadedRun:
             raise SpecError(f"top_p must be in (0, 1] (got {top_p})")
         base = self.spec.generation
         sample = bool(temperature)
+        # The dynamic engine: nothing to compile before the first answer, and it streams. On CUDA its
+        # batches are as large as the scorer's (a fixed size from the spec, never from free memory).
+        rows = base.static_batch_size if self.device.kind == "cuda" else base.batch_size
         return replace(base, max_new_tokens=max_new_tokens or base.max_new_tokens, do_sample=sample,
                        temperature=temperature if sample else base.temperature,
-                       top_p=top_p if sample and top_p is not None else 1.0)  # greedy ignores it: one value batches
+                       top_p=top_p if sample and top_p is not None else 1.0,  # greedy ignores it: one value batches
+                       engine="dynamic", batch_size=rows)
 
     def prompt(self, title: str) -> str:
         """The prompt for a raw title, cleaned as training titles were; DataError if it cannot be one."""

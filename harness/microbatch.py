@@ -26,7 +26,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 from harness.generation import Generation
@@ -144,7 +144,11 @@ class MicroBatcher:
 
 def _equal_settings(requests: list[_Request]) -> list[list[_Request]]:
     """Requests grouped by generation settings, groups in the order their first request arrived."""
-    groups: dict[tuple, list[_Request]] = {}
+    groups: list[list[_Request]] = []  # by equality, not hashing: a GenerationSpec holds lists
     for request in requests:
-        groups.setdefault(astuple(request.settings), []).append(request)
-    return list(groups.values())
+        group = next((g for g in groups if g[0].settings == request.settings), None)
+        if group is None:
+            groups.append([request])
+        else:
+            group.append(request)
+    return groups

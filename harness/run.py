@@ -121,8 +121,9 @@ def _user_error(exc: BaseException, run_dir: Path) -> RunError | None:
     if isinstance(exc, OSError) and exc.errno in _USER_ERRNOS:
         return RunError(os_error_message(exc.filename or run_dir, exc))
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch's CUDA OOM too
-        return RunError(f"out of memory in {run_dir.name}; lower train.batch_size, train.max_length or "
-                        f"generation.batch_size, then resume with --resume {run_dir}")
+        return RunError(f"out of memory in {run_dir.name}; lower train.batch_size, train.max_length, "
+                        f"generation.batch_size or (CUDA scoring) generation.static_batch_size, then resume "
+                        f"with --resume {run_dir}")
     return None
 
 

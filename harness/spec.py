@@ -112,6 +112,11 @@ class GenerationSpec:
     batch_size: int = 16
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0  # > 0: never repeat an n-gram of this many model tokens (0 = off)
+    # -- fast scorer (harness/generation.py): engine, fixed batch shapes, sampling seed --
+    engine: Literal["auto", "compiled", "static", "dynamic"] = "auto"
+    static_batch_size: int = 512
+    prompt_buckets: list[int] = field(default_factory=lambda: [128, 256, 512, 1024, 2048])
+    seed: int = 0
 
 
 @dataclass
@@ -353,6 +358,10 @@ def _check_values(spec: TaskSpec, path: Path) -> None:
         (spec.generation.temperature > 0, "generation.temperature", "must be > 0"),
         (0.0 < spec.generation.top_p <= 1.0, "generation.top_p", "must be in (0, 1]"),
         (spec.generation.no_repeat_ngram_size >= 0, "generation.no_repeat_ngram_size", "must be >= 0 (0 = off)"),
+        (spec.generation.static_batch_size > 0, "generation.static_batch_size", "must be > 0"),
+        (bool(spec.generation.prompt_buckets) and min(spec.generation.prompt_buckets) > 0
+         and spec.generation.prompt_buckets == sorted(set(spec.generation.prompt_buckets)),
+         "generation.prompt_buckets", "must list positive widths in increasing order"),
         (spec.metrics.bootstrap_replicates >= 100, "metrics.bootstrap_replicates", "must be >= 100"),
         (0.0 <= spec.metrics.loop_warning <= 1.0, "metrics.loop_warning", "must be in [0, 1]"),
         (spec.gate.subset is None or spec.gate.subset >= 1, "gate.subset", "must be >= 1 or null"),

@@ -48,7 +48,8 @@ def test_bench_quick_runs_every_recipe_and_generation(tmp_path, tiny_model_dir, 
                  "--batch", "8", "--seed-steps", "6", "--warmup", "2", "--loss-every", "2", "--gen-examples", "6",
                  "--loop-examples", "3", "--work", str(tmp_path / "work"), "--out", str(out),
                  "--unsloth-site", _site(tmp_path, FAKE_UNSLOTH),
-                 "--set", f"model.base={tiny_model_dir}", "--set", "generation.max_new_tokens=4"])
+                 "--set", f"model.base={tiny_model_dir}", "--set", "generation.max_new_tokens=4",
+                 "--set", "generation.static_batch_size=4"])
     assert code == 0
     results = json.loads(out.read_text())
     assert [(r["recipe"], r["batch"]) for r in results["training"]] == \
@@ -68,8 +69,24 @@ def test_bench_quick_runs_every_recipe_and_generation(tmp_path, tiny_model_dir, 
     assert ratio == pytest.approx(rows["harness"]["tokens_per_s"] / rows["unsloth"]["tokens_per_s"])
     assert f"{label}: harness (batch 8) / trl_tuned (batch 8) tokens/s" in results["ratios"]
     assert results["unsloth_versions"]["trl"]  # the subprocess reports its own packages
-    gen = results["generation"]
-    assert gen["loop_examples"] == 3 and gen["batched_examples"] == 6 and gen["ratio"] > 0
+    assert list(results["generation"]) == [tiny_model_dir.name]  # no 1.1B-architecture generation on CPU
+    gen = results["generation"][tiny_model_dir.name]
+    scorers = gen["scorers"]
+    assert list(scorers) == ["loop", "dynamic", "static", "fast_cold", "fast"] and gen["failures"] == []
+    assert scorers["loop"]["examples"] == 3 and scorers["loop"]["rows"] == 1
+    assert scorers["fast"]["examples"] == 6 and scorers["fast"]["engine"] == "static"  # CPU: the fast path uncompiled
+    assert scorers["fast"]["rows"] == scorers["dynamic"]["rows"] == 4
+    assert all(r["tokens"] > 0 and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
+               for r in scorers.values())
+    assert gen["ratios"]["fast / loop"] == pytest.approx(scorers["fast"]["tokens_per_s"] / scorers["loop"]["tokens_per_s"])
+    warm, cold = scorers["fast"], scorers["fast_cold"]
+    compile_s = max(cold["seconds"] - warm["seconds"], 0.0)
+    assert gen["amortised_tokens_per_s"] == pytest.approx(
+        1000 / 6 * warm["tokens"] / (1000 / 6 * warm["seconds"] + compile_s))
+    assert gen["identical_outputs_share"]["fast vs static"] == 1.0  # same engine, same batches
+    bound = gen["bandwidth_bound"]
+    assert bound["weight_bytes"] > 0 and bound["weights_only_tokens_per_s"] is None  # no HBM figure for a CPU
+    assert f"{tiny_model_dir.name} generation: fast / dynamic tokens/s" in results["ratios"]
     assert results["device"].startswith("cpu")
     printed = capsys.readouterr().out
     assert "unsloth process: " in printed and f"{label}, batch 8: training loss at step 2, 4" in printed

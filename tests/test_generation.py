@@ -1,6 +1,8 @@
-"""Model-side scoring on the tiny model: perplexity by hand, batch invariance, EOS stops."""
+"""Model-side scoring on the tiny model: perplexity by hand, batch invariance, EOS stops, and the
+fast scorer's engines giving the one-at-a-time loop's text."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,10 +11,13 @@ import torch
 from harness import models
 from harness.errors import ModelError
 from harness.prompts import build_prompt, encode_example
-from harness.generation import generate
+from harness import generation
+from harness.errors import SpecError
+from harness.generation import Batch, GenerationStats, bucket_width, generate, plan_batches
 from harness.likelihood import reference_nll
 from harness.heldout_scoring import assert_adapter_applied
-from harness.spec import GenerationSpec, ModelSpec, PromptSpec
+from harness.spec import GenerationSpec, ModelSpec, PromptSpec, load_spec
+from tests.conftest import REPO, run_tiny
 
 CPU = models.Device("cpu")
 TITLES = ["Garlic Press", "Kids' Rain Boots , Dinosaur Print", "Aquarium Starter Kit", "Mug"]
@@ -55,9 +60,9 @@ def test_batch_size_does_not_change_perplexity_or_generations(loaded):
     np.testing.assert_allclose(one[0], four[0], rtol=1e-5)
     assert (one[1] == four[1]).all()
     prompts = [build_prompt(tokenizer, PromptSpec(), t) for t in TITLES]
-    gen = GenerationSpec(max_new_tokens=6)
-    singles = generate(model, tokenizer, prompts, gen, CPU, batch_size=1)
-    batched = generate(model, tokenizer, prompts, gen, CPU, batch_size=4)
+    gen = GenerationSpec(max_new_tokens=6, engine="dynamic")
+    singles = generate(model, tokenizer, prompts, replace(gen, batch_size=1), CPU)
+    batched = generate(model, tokenizer, prompts, replace(gen, batch_size=4), CPU)
     assert [g.text for g in singles] == [g.text for g in batched]
 
 
@@ -107,7 +112,8 @@ def test_no_repeat_ngram_size_reaches_generate(loaded, monkeypatch):
 
     def spy(**kwargs):
         out = real(**kwargs)
-        calls.append((kwargs["no_repeat_ngram_size"], out[:, kwargs["input_ids"].shape[1]:].tolist()))
+        sizes = [p.processor.ngram_size for p in kwargs["logits_processor"] if hasattr(p.processor, "ngram_size")]
+        calls.append((sizes, out[:, kwargs["input_ids"].shape[1]:].tolist()))
         return out
 
     monkeypatch.setattr(model, "generate", spy)
@@ -115,9 +121,173 @@ def test_no_repeat_ngram_size_reaches_generate(loaded, monkeypatch):
     trigrams = lambda ids: [tuple(ids[i:i + 3]) for i in range(len(ids) - 2)]  # noqa: E731
     # Off (the default): the random tiny model repeats one token, a loop the harness flags.
     free = generate(model, tokenizer, prompts, GenerationSpec(max_new_tokens=30), CPU)
-    assert calls[-1][0] == 0 and all(len(set(trigrams(ids))) < len(trigrams(ids)) for ids in calls[-1][1])
+    assert calls[-1][0] == [] and all(len(set(trigrams(ids))) < len(trigrams(ids)) for ids in calls[-1][1])
     assert all(degeneration.loops(g.text) for g in free)
     # Size 3: no generated 3-gram of model tokens occurs twice.
     generate(model, tokenizer, prompts, GenerationSpec(max_new_tokens=30, no_repeat_ngram_size=3), CPU)
-    size, rows = calls[-1]
-    assert size == 3 and all(len(set(trigrams(ids))) == len(trigrams(ids)) == 28 for ids in rows)
+    sizes, rows = calls[-1]
+    assert sizes == [3] and all(len(set(trigrams(ids))) == len(trigrams(ids)) == 28 for ids in rows)
+
+
+def test_repetition_penalties_count_the_output_only(talkative):
+    """transformers' processors see the prompt and its left padding (the end-of-turn token). Applied to
+    the output only, a batched row with padding decodes exactly as it does alone, and the output may
+    repeat n-grams of its prompt."""
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    model, tokenizer, prompts = talkative
+    gen = GenerationSpec(max_new_tokens=20, batch_size=len(prompts), repetition_penalty=1.3, no_repeat_ngram_size=2)
+    batched = generate(model, tokenizer, prompts, gen, CPU)
+    assert [g.text for g in batched] == [g.text for g in one_at_a_time(model, tokenizer, prompts, gen)]
+    width = 3
+    prompt_and_output = torch.tensor([[5, 6, 7, 5]])  # the prompt holds the bigram (5, 6); the output is (5)
+    scores = torch.zeros(1, 10)
+    library = NoRepeatNGramLogitsProcessor(2)(prompt_and_output, scores.clone())
+    ours = generation.output_penalties(gen, width)[1](prompt_and_output, scores.clone())
+    assert library[0, 6] == -float("inf") and ours[0, 6] == 0.0  # only the library bans copying the prompt
+
+
+# -- the fast scorer: batch plan, engines, determinism ----------------------------------------------
+
+LONG_TITLES = TITLES + ["Stainless Steel Water Bottle", "Wireless Mouse", "Yoga Mat",
+                        "Dinosaur Print Backpack for Kids , Waterproof School Bag with Bottle Holder and Rain Cover"]
+
+
+@pytest.fixture(scope="module")
+def talkative(tiny_model_dir, loaded):
+    """The tiny model with larger random weights: its greedy outputs differ from prompt to prompt, and a
+    boosted end-of-turn row makes some stop after a few tokens while others run to max_new_tokens."""
+    _, tokenizer = loaded
+    model = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, CPU)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        model.get_output_embeddings().weight[tokenizer.eos_token_id] *= 3
+    return model, tokenizer, [build_prompt(tokenizer, PromptSpec(), t) for t in LONG_TITLES]
+
+
+def one_at_a_time(model, tokenizer, prompts, gen):
+    loop = replace(gen, engine="dynamic", batch_size=1)
+    return [generate(model, tokenizer, [p], loop, CPU)[0] for p in prompts]
+
+
+def test_bucket_plan_groups_by_width_and_fills_every_batch():
+    lengths = [17, 22, 18, 16, 19, 17, 17, 30, 70]
+    assert [bucket_width(n, [20, 24, 32]) for n in (1, 20, 21, 32, 33, 65)] == [20, 20, 24, 32, 64, 96]
+    plan = plan_batches(lengths, 3, [20, 24, 32])
+    assert plan == [Batch([8], 96, 3), Batch([7], 32, 3), Batch([1], 24, 3),
+                    Batch([4, 2, 0], 20, 3), Batch([5, 6, 3], 20, 3)]
+    assert sorted(i for b in plan for i in b.indices) == list(range(len(lengths)))
+    # the dynamic engine's plan: length-sorted, each batch as wide as its longest prompt, no filler rows
+    assert plan_batches(lengths, 4) == [Batch([8, 7, 1, 4], 70, 4), Batch([2, 0, 5, 6], 18, 4), Batch([3], 16, 1)]
+
+
+def test_static_engine_gives_the_one_at_a_time_loop_text_exactly(talkative):
+    model, tokenizer, prompts = talkative
+    gen = GenerationSpec(max_new_tokens=20, engine="static", static_batch_size=3, prompt_buckets=[20, 24, 32])
+    loop = one_at_a_time(model, tokenizer, prompts, gen)
+    stats = GenerationStats()
+    fast = generate(model, tokenizer, prompts, gen, CPU, stats=stats)
+    assert [(g.text, g.n_tokens, g.hit_max_new_tokens) for g in fast] == \
+        [(g.text, g.n_tokens, g.hit_max_new_tokens) for g in loop]
+    assert len({g.text for g in loop}) == len(prompts)  # a meaningful comparison: every output differs
+    assert {g.hit_max_new_tokens for g in loop} == {True, False} and min(g.n_tokens for g in loop) < 5
+    assert stats.engine == "static" and stats.batches == 4 and stats.shapes == [[3, 32], [3, 24], [3, 20]]
+    assert stats.warmup_s == 0.0  # nothing is compiled on the static engine
+
+
+def test_compiled_engine_wiring_on_cpu_with_dynamo_eager_backend(talkative, tiny_model_dir, monkeypatch):
+    """The compiled path (compile config, warm-up per shape, the check that transformers compiled) run on
+    CPU through dynamo's eager backend: same text as the loop, one graph per shape, and a second model
+    object of the same architecture reuses the compiled code (the merged tuned model's case)."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    def cpu_config():
+        config = CompileConfig(backend="eager", dynamic=False)
+        config._compile_all_devices = True  # transformers compiles on CUDA only unless told otherwise
+        return config
+
+    monkeypatch.setattr(generation, "_compile_blocker", lambda model, device: None)
+    monkeypatch.setattr(generation, "_compile_config", cpu_config)
+    model, tokenizer, prompts = talkative
+    gen = GenerationSpec(max_new_tokens=12, engine="compiled", static_batch_size=4, prompt_buckets=[24, 32])
+    loop = one_at_a_time(model, tokenizer, prompts, gen)
+    torch._dynamo.reset()
+    counters.clear()
+    stats = GenerationStats()
+    fast = generate(model, tokenizer, prompts, gen, CPU, stats=stats)
+    assert [g.text for g in fast] == [g.text for g in loop]
+    assert stats.engine == "compiled" and stats.shapes == [[4, 32], [4, 24]] and stats.warmup_s > 0
+    assert counters["stats"]["unique_graphs"] == 2
+    twin = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, CPU)
+    twin.load_state_dict(model.state_dict())
+    assert [g.text for g in generate(twin, tokenizer, prompts, gen, CPU)] == [g.text for g in loop]
+    assert counters["stats"]["unique_graphs"] == 2  # nothing recompiled for the second model
+
+
+def test_engine_choice_fails_loudly_where_it_cannot_run(loaded):
+    model, tokenizer = loaded
+    prompts = [build_prompt(tokenizer, PromptSpec(), t) for t in TITLES]
+    stats = GenerationStats()
+    generate(model, tokenizer, prompts[:1], GenerationSpec(max_new_tokens=2), CPU, stats=stats)
+    assert stats.engine == "dynamic"  # auto on CPU
+    with pytest.raises(ModelError, match="generation.engine=compiled: compiled decoding needs a CUDA device"):
+        generate(model, tokenizer, prompts, GenerationSpec(engine="compiled"), CPU)
+    with pytest.raises(ModelError, match="streaming needs generation.engine=dynamic"):
+        generate(model, tokenizer, prompts[:1], GenerationSpec(engine="static"), CPU, streamer=object())
+
+
+def test_sampling_is_seeded_by_the_spec(talkative):
+    model, tokenizer, prompts = talkative
+    gen = GenerationSpec(max_new_tokens=12, do_sample=True, temperature=1.5, engine="static", static_batch_size=4,
+                         prompt_buckets=[32])
+    torch.manual_seed(123)
+    first = [g.text for g in generate(model, tokenizer, prompts, gen, CPU)]
+    caller_state = torch.random.get_rng_state()
+    again = [g.text for g in generate(model, tokenizer, prompts, gen, CPU)]
+    other = [g.text for g in generate(model, tokenizer, prompts, replace(gen, seed=1), CPU)]
+    assert first == again and first != other
+    assert torch.equal(torch.random.get_rng_state(), caller_state)  # the caller's random stream is untouched
+
+
+def test_perplexity_does_not_depend_on_the_lm_head_chunk(loaded, monkeypatch):
+    model, tokenizer = loaded
+    examples = encoded(tokenizer)
+    whole = reference_nll(model, examples, 4, CPU, tokenizer.pad_token_id)
+    monkeypatch.setattr("harness.likelihood.HEAD_CHUNK", 3)
+    chunked = reference_nll(model, examples, 4, CPU, tokenizer.pad_token_id)
+    np.testing.assert_allclose(whole[0], chunked[0], rtol=1e-6)
+    assert (whole[1] == chunked[1]).all()
+
+
+@pytest.mark.parametrize("value", ["[]", "[128, 64]", "[0, 64]"])
+def test_prompt_buckets_must_be_increasing_positive_widths(value):
+    with pytest.raises(SpecError, match="generation.prompt_buckets: must list positive widths in increasing order"):
+        load_spec(str(REPO / "tasks" / "amazon_desc.yaml"), [f"generation.prompt_buckets={value}"])
+
+
+@pytest.mark.slow
+def test_the_same_command_writes_byte_identical_predictions(tmp_path, tiny_model_dir, monkeypatch):
+    """Two runs of the same command (base scores recomputed, not read from the cache) on the static engine."""
+    monkeypatch.chdir(tmp_path)
+    outputs = []
+    for name in ("first", "second"):
+        monkeypatch.setenv("HARNESS_SCORE_CACHE", str(tmp_path / name / "score-cache"))
+        run = run_tiny(tmp_path / name, tiny_model_dir, "generation.engine=static", "generation.static_batch_size=4",
+                       "generation.prompt_buckets=[16, 32]")
+        outputs.append((run / "predictions.jsonl").read_bytes())
+    assert outputs[0] == outputs[1] and outputs[0].count(b"\n") == 8
+
+
+def test_a_run_forcing_compiled_decoding_on_cpu_stops_before_any_model_work(tmp_path, tiny_model_dir, monkeypatch):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match="generation.engine=compiled: compiled decoding needs a CUDA device"):
+        run_tiny(tmp_path, tiny_model_dir, "generation.engine=compiled")
+    (manifest,) = (tmp_path / "runs").glob("*/manifest.json")
+    data = json.loads(manifest.read_text())
+    assert data["status"] == "failed" and "score_base" not in data["stages_done"]

@@ -54,7 +54,8 @@ def _start_slow_run(tmp_path: Path, model_dir: Path, tiny_run: Path, step_delay:
     sets = [x for o in tiny_overrides(model_dir) for x in ("--set", o)]
     # tiny_run's base-score cache (conftest puts it next to its runs/): the base side is a cache hit.
     env = {"HARNESS_SCORE_CACHE": str(tiny_run.parents[1] / "score-cache"), "HARNESS_DEVICE": "cpu",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PATH": "/usr/bin:/bin"}
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PATH": "/usr/bin:/bin",
+           "PYTHONPATH": str(REPO)}  # this checkout's harness, not whichever one is installed
     log = open(tmp_path / "run.log", "wb")
     proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, str(step_delay), "run", TASK,
                              "--runs-dir", str(tmp_path / "runs"), *sets],
