@@ -225,7 +225,7 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
     """
     import torch
 
-    from harness.train import build_trainer, fast_path_options, tokenized_dataset
+    from harness.train import build_trainer, fast_path_options, modeling_module_restored, tokenized_dataset
 
     harness_spec = replace(spec, train=replace(spec.train, packing="on", liger_kernels="auto",
                                                compile=spec.train.compile if recipe == "harness" else "off"))
@@ -239,7 +239,7 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
     tokenized = tokenized_dataset(spec, tokenizer, examples)
     mean_len = sum(len(ids) for ids in tokenized["input_ids"]) / len(examples)
     data = tokenized if recipe.startswith("harness") else _string_dataset(spec, tokenizer, examples)
-    with _module_globals_restored(sys.modules[type(model).__module__]):
+    with modeling_module_restored(model):
         trainer = build_trainer(harness_spec, model, tokenizer, data, None, out_dir / f"{label}-{recipe}-{batch}",
                                 device, plain_peft=not recipe.startswith("harness"),
                                 **_recipe_overrides(recipe, batch, device, seed_steps, loss_every))
@@ -260,20 +260,6 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
     if device.kind == "cuda":
         torch.cuda.empty_cache()
     return result
-
-
-@contextmanager
-def _module_globals_restored(module):
-    """Undo what a recipe patched into the model's modeling module (Liger swaps transformers' Llama
-    RoPE function module-wide), so recipes sharing the bench's process do not leak into each other:
-    a compiled harness layer must not meet the Liger kernels an eager recipe left behind."""
-    saved = dict(vars(module))
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if vars(module).get(name) is not value:
-                setattr(module, name, value)
 
 
 def _model_folder(label: str, factory, tokenizer, work: Path) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -361,6 +362,25 @@ def lora_inputs_in_compute_dtype(model) -> int:
     return len(layers)
 
 
+@contextmanager
+def modeling_module_restored(model):
+    """Undo what training patched into the model's transformers modeling module.
+
+    Liger (through the Trainer) swaps the Llama module's RMSNorm, SwiGLU and RoPE for its kernels
+    module-wide, so every model loaded later in the process would use them: tuned outputs would be
+    scored with other kernels than base outputs, and greedy decoding in bf16 changes with them."""
+    from harness.generation import transformers_model
+
+    module = sys.modules[type(transformers_model(model)).__module__]
+    saved = dict(vars(module))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)
+
+
 def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, device: Device,
           resume_from: Path | None = None) -> TrainResult:
     """Train a LoRA adapter on `train_examples`; save it in standard PEFT format under run_dir/adapter."""
@@ -370,6 +390,12 @@ def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, devic
                            f"{len(train_examples)} examples leaves no eval example; raise it")
     train_ds = tokenized_dataset(spec, tokenizer, train_part)
     eval_ds = tokenized_dataset(spec, tokenizer, eval_part) if eval_part else None
+    with modeling_module_restored(model):
+        return _train(spec, model, tokenizer, train_ds, eval_ds, run_dir, device, resume_from)
+
+
+def _train(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, run_dir: Path, device: Device,
+           resume_from: Path | None) -> TrainResult:
     trainer = build_trainer(spec, model, tokenizer, train_ds, eval_ds, run_dir / "checkpoints", device)
     stopper = _StopOnSignal()
     trainer.add_callback(stopper.callback(trainer.accelerator))

@@ -247,3 +247,20 @@ def test_compile_refuses_a_model_without_decoder_layers():
 
     with pytest.raises(HarnessError, match="no `model.layers` to compile"):
         decoder_layers(torch.nn.Linear(2, 2))
+
+
+def test_training_patches_to_the_modeling_module_are_undone(tiny_model_dir):
+    """Liger swaps transformers' Llama classes and RoPE module-wide inside the Trainer; a model loaded
+    after training (the tuned model for scoring) must run the same kernels as the base model did."""
+    import sys
+
+    from harness.train import modeling_module_restored
+
+    tokenizer = models.load_tokenizer(str(tiny_model_dir), ModelSpec(), uses_chat_template=True)
+    model = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, models.Device("cpu"))
+    module = sys.modules[type(model).__module__]
+    original = module.LlamaRMSNorm
+    with modeling_module_restored(model):
+        module.LlamaRMSNorm = object  # what apply_liger_kernel_to_llama does with its own class
+        assert module.LlamaRMSNorm is object
+    assert module.LlamaRMSNorm is original
