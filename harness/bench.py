@@ -334,8 +334,8 @@ GENERATION_DOC = """Generation scorers, each over the same prompts, greedy, in o
 loop = the seeds' loop (dynamic engine, one prompt at a time, first --loop-examples prompts);
 dynamic = transformers' dynamic cache in length-sorted batches of generation.static_batch_size;
 static = the static engine uncompiled (same batches and cache as fast: the eager reference);
-fast = the scorer a CUDA run uses (generation.engine auto: static cache, decoding compiled into CUDA
-graphs), called twice: the first call compiles (cold), the second reuses the compiled code (warm).
+fast = the static cache with decoding compiled into CUDA graphs (generation.engine compiled; auto
+uses static since this comparison: see harness/generation.py), called twice: the first call compiles (cold), the second reuses the compiled code (warm).
 Compile cost c = cold seconds - warm seconds. Amortised over a held-out set of N = 1,000 examples:
 tokens/s = (N * tokens/n) / (N * warm seconds/n + c), n = prompts measured.
 Memory-bandwidth bound (a decode step reads every weight once): tokens/s <= rows * HBM bandwidth /
