@@ -15,6 +15,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -138,24 +139,14 @@ def _stages(spec: TaskSpec, manifest: Manifest) -> None:
     from harness.heldout_scoring import ScoringSession
 
     run_dir = manifest.run_dir
-    done = set(manifest.data.get("stages_done", []))
     device, fast = resolve_device(spec, manifest)
     prepared = prepare_stage(spec, manifest)
     model_ref, tokenizer = load_base_tokenizer(spec)
     session = ScoringSession(spec, tokenizer, prepared.heldout, run_dir, device, model_ref, manifest)
 
-    if "score_base" not in done:
-        with stage(manifest, "score_base"):
-            session.score_base()
-    if "train" not in done:
-        with stage(manifest, "train"):
-            train_stage(spec, manifest, prepared.train, model_ref, tokenizer, device, fast)
-    if "score_tuned" not in done:
-        with stage(manifest, "score_tuned"):
-            session.score_tuned(run_dir / "adapter")
-    if "metrics" not in done:
-        with stage(manifest, "metrics"):
-            results_stage(session, run_dir)
+    scoring_stages(manifest, session,
+                   train=lambda: train_stage(spec, manifest, prepared.train, model_ref, tokenizer, device, fast),
+                   results=lambda: results_stage(session, run_dir))
     report_stage(spec, manifest)
 
 
@@ -168,6 +159,18 @@ def resolve_device(spec: TaskSpec, manifest: Manifest):
     fast = fast_path_options(spec, device)
     manifest.update(device=device.describe(), world_size=distributed.world_size(), fast_path=fast)
     return device, fast
+
+
+def scoring_stages(manifest: Manifest, session, train: Callable[[], None], results: Callable[[], None]) -> None:
+    """Base scores, training, tuned scores and results, in that order; each skipped once the manifest
+    records it done (a resumed run goes on where it stopped)."""
+    done = set(manifest.data.get("stages_done", []))
+    for name, work in (("score_base", session.score_base), ("train", train),
+                       ("score_tuned", lambda: session.score_tuned(manifest.run_dir / "adapter")),
+                       ("metrics", results)):
+        if name not in done:
+            with stage(manifest, name):
+                work()
 
 
 def prepare_stage(spec: TaskSpec, manifest: Manifest) -> data_mod.PreparedData:

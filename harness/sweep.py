@@ -33,7 +33,7 @@ from harness.fingerprint import hash_json, split_fingerprint
 from harness.io import atomic_write_json, atomic_writer
 from harness.metrics import HIGHER_IS_BETTER
 from harness.run import (SPEC_FILE, execute, load_base_tokenizer, load_run_spec, prepare_stage, resolve_device,
-                         resume_run, stage, start_run, summary_line, train_stage)
+                         resume_run, scoring_stages, stage, start_run, summary_line, train_stage)
 from harness.runfolder import Manifest, pid_alive, process_start, read_manifest
 from harness.spec import SweepSpec, TaskSpec, load_spec, spec_to_dict
 
@@ -355,29 +355,23 @@ def _trial_stages(sweep: Sweep, spec: TaskSpec, manifest: Manifest) -> None:
     from harness.heldout_scoring import ScoringSession
 
     run_dir = manifest.run_dir
-    done = set(manifest.data.get("stages_done", []))
     manifest.update(recipe="sweep-trial", scored_on="validation", sweep_dir=str(sweep.dir))
     device, fast = resolve_device(spec, manifest)
     model_ref, tokenizer = load_base_tokenizer(spec)
     session = ScoringSession(spec, tokenizer, sweep.validation, run_dir, device, model_ref, manifest)
 
-    if "score_base" not in done:
-        with stage(manifest, "score_base"):
-            session.score_base()
-    if "train" not in done:
-        with stage(manifest, "train"):
-            twin = _trained_twin(sweep, train_key(spec))
-            if twin:
-                _copy_training(twin, manifest)
-            else:
-                train_stage(spec, manifest, sweep.train, model_ref, tokenizer, device, fast)
-    if "score_tuned" not in done:
-        with stage(manifest, "score_tuned"):
-            session.score_tuned(run_dir / "adapter")
-    if "metrics" not in done:
-        with stage(manifest, "metrics"):
-            atomic_write_json(run_dir / VALIDATION_METRICS, session.metrics())
-            session.write_predictions()
+    def train() -> None:
+        twin = _trained_twin(sweep, train_key(spec))
+        if twin:
+            _copy_training(twin, manifest)
+        else:
+            train_stage(spec, manifest, sweep.train, model_ref, tokenizer, device, fast)
+
+    def results() -> None:
+        atomic_write_json(run_dir / VALIDATION_METRICS, session.metrics())
+        session.write_predictions()
+
+    scoring_stages(manifest, session, train, results)
 
 
 def train_key(spec: TaskSpec) -> str:

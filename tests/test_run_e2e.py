@@ -53,6 +53,7 @@ def test_adapter_loads_with_plain_peft(tiny_run, tiny_model_dir):
 
 def test_second_run_hits_the_base_cache_and_changes_miss_it(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HARNESS_SCORE_CACHE", str(tmp_path / "score-cache"))  # empty, whatever ran before
     first = run_tiny(tmp_path, tiny_model_dir)
     second = run_tiny(tmp_path, tiny_model_dir)
     third = run_tiny(tmp_path, tiny_model_dir, "generation.max_new_tokens=7")
