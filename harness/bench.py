@@ -32,12 +32,10 @@ are reported, against the dense bf16 peak of the device.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 

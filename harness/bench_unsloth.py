@@ -25,21 +25,15 @@ VERSIONS = ("unsloth", "unsloth_zoo", "torch", "transformers", "trl", "datasets"
 
 
 def _versions() -> dict[str, str | None]:
-    from importlib import metadata
+    from harness.runfolder import package_versions  # imported after Unsloth, which must come first
 
-    found = {}
-    for name in VERSIONS:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
+    return package_versions(VERSIONS)
 
 
 def _write(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload), encoding="utf-8")
-    os.replace(tmp, path)
+    from harness.io import atomic_write_json
+
+    atomic_write_json(path, payload)
 
 
 def run_job(job: dict, import_s: float) -> dict:

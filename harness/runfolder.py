@@ -44,9 +44,10 @@ def new_run_dir(runs_root: Path, task: str) -> Path:
     raise RunError(f"cannot find a free run folder name under {runs_root}")
 
 
-def package_versions() -> dict[str, str | None]:
+def package_versions(names=PACKAGES) -> dict[str, str | None]:
+    """Installed version of each package (None when it is not installed)."""
     versions = {}
-    for name in PACKAGES:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
