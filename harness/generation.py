@@ -14,6 +14,10 @@ Three engines (`generation.engine`; `auto` is `static` on CUDA and `dynamic` els
   compilation (timed in a short warm-up); another model of the same architecture, such as the
   merged tuned model, reuses the compiled code and only captures its graphs again.
 
+- graphs: the static engine's batches decoded greedily by our own loop, each step captured once per
+  shape as a CUDA graph and replayed (harness/graph_decoding.py): no compilation, the static
+  engine's kernels. Off CUDA the same loop runs uncaptured.
+
 Why `auto` is not `compiled` (bench/RESULTS.md, one H100 run): compiled decoding reached 25,133
 tokens/s warm, 3.3x the static engine, but compiling cost 35 s, so over a 1,000-example held-out
 set it is slower than the static engine (7,503 tokens/s, no compile); and two compiled calls on
@@ -63,7 +67,7 @@ class GenerationStats:
     engine: str = ""
     batches: int = 0
     shapes: list[list[int]] = field(default_factory=list)  # [rows, prompt width] of each static shape used
-    warmup_s: float = 0.0  # compiled engine: the warm-up of each shape (compilation and CUDA-graph capture)
+    warmup_s: float = 0.0  # compiled: each shape's warm-up (compile and capture); graphs: each shape's capture
 
 
 @contextmanager
@@ -161,6 +165,10 @@ def resolve_engine(gen: GenerationSpec, device, model=None) -> str:
     if gen.engine == "compiled" and blocker:
         raise ModelError(f"generation.engine=compiled: {blocker}; set generation.engine=static (no compile) "
                          "or dynamic")
+    if gen.engine == "graphs":
+        from harness.graph_decoding import check_supported
+
+        check_supported(gen, device, model)
     return gen.engine
 
 
@@ -295,7 +303,12 @@ def generate(model, tokenizer, prompts: Sequence[str], gen: GenerationSpec, devi
     eos_id = tokenizer.eos_token_id
     results: list[Generation | None] = [None] * len(prompts)
     model.eval()
-    decode = _Decoder(model, tokenizer, gen, device, stats.engine, stats)
+    if stats.engine == "graphs":
+        from harness.graph_decoding import GraphDecoder
+
+        decode = GraphDecoder(model, tokenizer, gen, device, stats)
+    else:
+        decode = _Decoder(model, tokenizer, gen, device, stats.engine, stats)
     # no_grad, not inference_mode: the context transformers' own `generate` (and its compiled decoding) runs in.
     with torch.random.fork_rng(devices=[device.index] if device.kind == "cuda" else []), torch.no_grad(), \
             deterministic_kernels():

@@ -113,7 +113,7 @@ class GenerationSpec:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0  # > 0: never repeat an n-gram of this many model tokens (0 = off)
     # -- fast scorer (harness/generation.py): engine, fixed batch shapes, sampling seed --
-    engine: Literal["auto", "compiled", "static", "dynamic"] = "auto"
+    engine: Literal["auto", "compiled", "graphs", "static", "dynamic"] = "auto"
     static_batch_size: int = 512
     prompt_buckets: list[int] = field(default_factory=lambda: [128, 256, 512, 1024, 2048])
     seed: int = 0

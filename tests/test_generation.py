@@ -240,6 +240,106 @@ def test_engine_choice_fails_loudly_where_it_cannot_run(loaded):
         generate(model, tokenizer, prompts[:1], GenerationSpec(engine="static"), CPU, streamer=object())
 
 
+# -- the graphs engine: our own decoding loop over fixed buffers (CUDA graphs on a GPU; uncaptured here) ----------
+
+@pytest.fixture(scope="module")
+def repetitive(tiny_model_dir, loaded):
+    """Like `talkative` with smaller weights: greedy outputs repeat words (so the output penalties change them),
+    some rows end after a few tokens, others run to max_new_tokens, and every prompt's output differs."""
+    _, tokenizer = loaded
+    model = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, CPU)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+        model.get_output_embeddings().weight[tokenizer.eos_token_id] *= 3
+    return model, tokenizer, [build_prompt(tokenizer, PromptSpec(), t) for t in LONG_TITLES]
+
+
+@pytest.mark.parametrize("penalty, ngram", [(1.0, 0), (1.0, 2), (1.3, 0), (1.3, 3)])
+def test_graphs_engine_gives_the_one_at_a_time_loop_text_exactly(repetitive, penalty, ngram):
+    model, tokenizer, prompts = repetitive
+    gen = GenerationSpec(max_new_tokens=20, engine="graphs", static_batch_size=3, prompt_buckets=[20, 24, 32],
+                         repetition_penalty=penalty, no_repeat_ngram_size=ngram)
+    loop = one_at_a_time(model, tokenizer, prompts, gen)
+    stats = GenerationStats()
+    fast = generate(model, tokenizer, prompts, gen, CPU, stats=stats)
+    assert [(g.text, g.n_tokens, g.hit_max_new_tokens) for g in fast] == \
+        [(g.text, g.n_tokens, g.hit_max_new_tokens) for g in loop]
+    assert len({g.text for g in loop}) == len(prompts)  # a meaningful comparison: every output differs
+    assert {g.hit_max_new_tokens for g in loop} == {True, False}  # rows end mid-batch while others go on
+    # three prompt widths, 8 prompts in batches of 3: filler rows in the last batch of each width
+    assert stats.engine == "graphs" and stats.batches == 4 and stats.shapes == [[3, 32], [3, 24], [3, 20]]
+    assert stats.warmup_s == 0.0  # nothing is captured off CUDA
+    if (penalty, ngram) != (1.0, 0):  # the penalties are exercised: they change what the model writes
+        plain = one_at_a_time(model, tokenizer, prompts, replace(gen, repetition_penalty=1.0, no_repeat_ngram_size=0))
+        assert [g.text for g in plain] != [g.text for g in loop]
+
+
+def test_graphs_engine_decodes_the_same_text_every_time(repetitive):
+    model, tokenizer, prompts = repetitive
+    gen = GenerationSpec(max_new_tokens=20, engine="graphs", static_batch_size=4, prompt_buckets=[32],
+                         repetition_penalty=1.2, no_repeat_ngram_size=2)
+    first, again = (generate(model, tokenizer, prompts, gen, CPU) for _ in range(2))
+    assert [(g.text, g.n_tokens) for g in first] == [(g.text, g.n_tokens) for g in again]
+    assert len({g.text for g in first}) == len(prompts)
+
+
+@pytest.mark.parametrize("penalty, ngram", [(1.5, 0), (1.0, 1), (1.0, 2), (1.0, 3), (0.7, 2)])
+def test_vectorised_output_penalties_equal_transformers_processors(penalty, ngram):
+    """The graphs engine's fixed-shape penalties against transformers' processors on the output slice, at
+    every step of a random output over a small vocabulary (many repeated tokens and n-gram matches). Columns
+    past the step hold junk tokens, which must not count."""
+    from harness.graph_decoding import OutputPenalties
+
+    rows, vocab, max_new, width = 5, 7, 12, 4
+    gen = GenerationSpec(max_new_tokens=max_new, repetition_penalty=penalty, no_repeat_ngram_size=ngram)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (rows, width), generator=g)
+    out = torch.randint(0, vocab, (rows, max_new), generator=g)
+    ours = OutputPenalties(gen, torch.device("cpu"))
+    library = generation.output_penalties(gen, width)
+    changed = banned = 0
+    for step in range(max_new + 1):
+        scores = torch.randn(rows, vocab, generator=g) * 3
+        expected = library(torch.cat([prompt, out[:, :step]], dim=1), scores.clone())
+        padded = torch.cat([scores, torch.zeros(rows, 1)], dim=1)  # the sink column
+        ours(padded, out, torch.tensor([step]))
+        assert torch.equal(padded[:, :vocab], expected), f"step {step}"
+        changed += int((expected != scores).any(dim=1).sum())
+        banned += int(torch.isinf(expected).sum())
+    assert changed > rows  # the comparison is meaningful: the penalties acted on many rows and steps
+    assert (banned > 0) == (ngram > 0)
+
+
+def test_graphs_engine_refuses_what_it_cannot_decode(tiny_model_dir, loaded):
+    model, tokenizer = loaded
+    prompts = [build_prompt(tokenizer, PromptSpec(), t) for t in TITLES]
+    with pytest.raises(ModelError, match=r"generation.engine=graphs decodes greedily only \(generation.do_sample "
+                                         r"is true\); set generation.engine=static"):
+        generate(model, tokenizer, prompts, GenerationSpec(engine="graphs", do_sample=True), CPU)
+    eager = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, CPU, attn_implementation="eager")
+    with pytest.raises(ModelError, match=r"generation.engine=graphs needs sdpa attention \(the model uses eager\)"):
+        generate(eager, tokenizer, prompts, GenerationSpec(engine="graphs"), CPU)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs")
+def test_graphs_engine_on_cuda_captures_once_per_shape_and_matches_the_static_engine(tiny_model_dir, loaded):
+    """GPU only (the lead's check): captured replays give the static engine's text, one capture per shape."""
+    _, tokenizer = loaded
+    cuda = models.Device("cuda")
+    model = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, cuda)
+    prompts = [build_prompt(tokenizer, PromptSpec(), t) for t in LONG_TITLES]
+    gen = GenerationSpec(max_new_tokens=24, engine="graphs", static_batch_size=3, prompt_buckets=[20, 24, 32],
+                         repetition_penalty=1.2, no_repeat_ngram_size=3)
+    stats = GenerationStats()
+    graphs = generate(model, tokenizer, prompts, gen, cuda, stats=stats)
+    static = generate(model, tokenizer, prompts, replace(gen, engine="static"), cuda)
+    assert [g.text for g in graphs] == [g.text for g in static]
+    assert stats.shapes == [[3, 32], [3, 24], [3, 20]] and stats.warmup_s > 0
+
+
 def test_sampling_is_seeded_by_the_spec(talkative):
     model, tokenizer, prompts = talkative
     gen = GenerationSpec(max_new_tokens=12, do_sample=True, temperature=1.5, engine="static", static_batch_size=4,
@@ -270,13 +370,14 @@ def test_prompt_buckets_must_be_increasing_positive_widths(value):
 
 
 @pytest.mark.slow
-def test_the_same_command_writes_byte_identical_predictions(tmp_path, tiny_model_dir, monkeypatch):
-    """Two runs of the same command (base scores recomputed, not read from the cache) on the static engine."""
+@pytest.mark.parametrize("engine", ["static", "graphs"])
+def test_the_same_command_writes_byte_identical_predictions(tmp_path, tiny_model_dir, monkeypatch, engine):
+    """Two runs of the same command (base scores recomputed, not read from the cache) on a static-batch engine."""
     monkeypatch.chdir(tmp_path)
     outputs = []
     for name in ("first", "second"):
         monkeypatch.setenv("HARNESS_SCORE_CACHE", str(tmp_path / name / "score-cache"))
-        run = run_tiny(tmp_path / name, tiny_model_dir, "generation.engine=static", "generation.static_batch_size=4",
+        run = run_tiny(tmp_path / name, tiny_model_dir, f"generation.engine={engine}", "generation.static_batch_size=4",
                        "generation.prompt_buckets=[16, 32]")
         outputs.append((run / "predictions.jsonl").read_bytes())
     assert outputs[0] == outputs[1] and outputs[0].count(b"\n") == 8

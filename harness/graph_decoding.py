@@ -1,0 +1,243 @@
+"""The `graphs` engine: greedy decoding as our own loop over fixed buffers, each step a CUDA graph.
+
+Why not transformers' `generate` (the static engine): every step it runs Python bookkeeping, grows the
+sequence and attention mask by concatenation and reads a flag back from the GPU (stopping criteria), so
+a small model's step is bound by kernel launches and host round trips, not by the GPU. The compiled
+engine removes that but pays a torch.compile per shape (35 s on one H100, more than it saves on a
+1,000-example held-out set) and its texts differed from one call to the next. Here one decoding step
+is a pure-tensor function over buffers whose shapes and addresses never change while a batch shape is
+in use: on CUDA it is captured once per (rows, prompt width) with torch.cuda.CUDAGraph and replayed,
+so a step is one graph launch running the static engine's own eager kernels (no compilation).
+
+Same decoding as the static engine: the same batch plan and filler rows, the left-padded prefill into a
+transformers StaticCache of prompt width + max_new_tokens, positions cumsum(mask) - 1, greedy argmax on
+float32 logits after the output penalties, finished rows emit the pad token. The host only looks at
+the GPU every STOP_CHECK_EVERY steps, to stop once every row has ended.
+
+On a device that is not CUDA the very same step runs eagerly, uncaptured: that is what the CPU tests
+exercise. A model quantized by bitsandbytes is refused on CUDA (its kernels are not known to be
+capture-safe), and a capture that fails raises a ModelError naming the setting to change: never a
+silent fallback to another engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from harness.errors import ModelError
+from harness.generation import GenerationStats, transformers_model
+from harness.spec import GenerationSpec
+
+log = logging.getLogger(__name__)
+WARMUP_STEPS = 3  # eager decoding steps on a side stream before capture (PyTorch's CUDA-graph recipe)
+STOP_CHECK_EVERY = 8  # decoding steps between two "has every row ended?" reads (the loop's only host sync)
+SWITCH = "set generation.engine=static (same outputs, no CUDA graphs) or dynamic"
+
+
+def check_supported(gen: GenerationSpec, device, model=None) -> None:
+    """Fail early, in one line, where the graphs engine cannot decode (`model` None: the spec alone)."""
+    if gen.do_sample:
+        raise ModelError(f"generation.engine=graphs decodes greedily only (generation.do_sample is true); {SWITCH}")
+    if model is None:
+        return
+    inner = transformers_model(model)
+    attention = getattr(inner.config, "_attn_implementation", None)
+    if attention != "sdpa":
+        raise ModelError(f"generation.engine=graphs needs sdpa attention (the model uses {attention}); {SWITCH}")
+    quantizer = getattr(inner, "hf_quantizer", None)
+    if quantizer is not None and device.kind == "cuda":
+        raise ModelError(f"generation.engine=graphs does not capture a model quantized by {type(quantizer).__name__}; "
+                         f"{SWITCH}")
+
+
+class OutputPenalties:
+    """`repetition_penalty`, then `no_repeat_ngram_size`, over the generated tokens, as fixed-shape tensor ops.
+
+    The same semantics as transformers' RepetitionPenaltyLogitsProcessor and NoRepeatNGramLogitsProcessor
+    applied to the output only (harness.generation.output_penalties). Hand-written because those take the
+    sequence so far, one column longer every step, and return new tensors sized by it: a CUDA graph replays
+    fixed shapes. Here the output buffer keeps its full `max_new_tokens` width and a device counter
+    `n_valid` says how many columns are real; positions past it are masked, and every masked index points
+    at a sink column past the vocabulary, so each scatter writes one value per index."""
+
+    def __init__(self, gen: GenerationSpec, device):
+        import torch
+
+        self.penalty, self.n = gen.repetition_penalty, gen.no_repeat_ngram_size
+        width = gen.max_new_tokens
+        self.columns = torch.arange(width, device=device)
+        self.ngrams = self.n > 0 and width >= self.n
+        if self.ngrams:
+            self.window_ends = torch.arange(self.n, width + 1, device=device)  # window j covers columns j .. j+n-1
+            self.prefix_offsets = torch.arange(1 - self.n, 0, device=device)  # the last n-1 columns before n_valid
+
+    @property
+    def active(self) -> bool:
+        return self.penalty != 1.0 or self.ngrams
+
+    def __call__(self, scores, out, n_valid) -> None:
+        """Penalise `scores` [rows, vocab + 1] (float32, last column the sink) in place, given the first
+        `n_valid` ([1] long tensor) columns of `out` [rows, max_new_tokens]."""
+        import torch
+
+        sink = scores.shape[1] - 1
+        if self.penalty != 1.0:  # each distinct output token once: negative scores times, positive over, the penalty
+            ids = out.masked_fill(self.columns >= n_valid, sink)
+            picked = scores.gather(1, ids)
+            scores.scatter_(1, ids, torch.where(picked < 0, picked * self.penalty, picked / self.penalty))
+        if self.ngrams:  # a window whose first n-1 tokens equal the last n-1 generated bans its n-th
+            windows = out.unfold(1, self.n, 1)
+            prefix = out.gather(1, (n_valid + self.prefix_offsets).clamp(min=0).expand(out.shape[0], -1))
+            matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1) & (self.window_ends <= n_valid)
+            scores.scatter_(1, torch.where(matches, windows[..., -1], sink), float("-inf"))
+
+
+@dataclass
+class _Buffers:
+    """The decoding state of one batch shape: fixed addresses, read and written in place by the captured step."""
+
+    mask: object  # [rows, 1, 1, cache length] bool: the 4D sdpa mask transformers uses as given
+    token: object  # [rows, 1] the last generated token, the next step's input
+    position: object  # [rows, 1] its position id
+    n_out: object  # [1] tokens generated so far (the output column the next token goes to)
+    out: object  # [rows, max_new_tokens] generated tokens; pad after a row has ended
+    finished: object  # [rows] bool
+    scores: object  # [rows, vocab + 1] float32 logits being penalised; the last column is the penalties' sink
+    cache_columns: object  # [cache length] column indices, compared against n_out
+
+
+class GraphDecoder:
+    """Decodes padded batches (`generation.generate` passes the static engine's batches) with the graphs engine."""
+
+    def __init__(self, model, tokenizer, gen: GenerationSpec, device, stats: GenerationStats):
+        self.model, self.gen, self.device, self.stats = transformers_model(model), gen, device, stats
+        self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.penalties = OutputPenalties(gen, device.torch_device)
+        self.shape = self.cache = self.buffers = self.graph = None
+        self.width = 0
+
+    def __call__(self, ids, mask, streamer=None) -> list[list[int]]:
+        ids, mask = ids.to(self.device.torch_device), mask.to(self.device.torch_device)
+        if tuple(ids.shape) != self.shape:
+            self._new_shape(tuple(ids.shape))
+        else:
+            self.cache.reset()  # in place: the captured graph keeps pointing at the same cache tensors
+        self._prefill(ids, mask)
+        for step in range(1, self.gen.max_new_tokens):
+            if step % STOP_CHECK_EVERY == 0 and bool(self.buffers.finished.all()):
+                break
+            self._advance(step)
+        self.stats.batches += 1
+        return self.buffers.out.cpu().tolist()
+
+    def _new_shape(self, shape: tuple[int, int]) -> None:
+        from transformers import StaticCache
+
+        self.graph = self.buffers = self.cache = None  # free the previous shape's graph pool and cache first
+        self.cache = StaticCache(config=self.model.config, max_cache_len=shape[1] + self.gen.max_new_tokens)
+        self.shape, self.width = shape, shape[1]
+        self.stats.shapes.append(list(shape))
+
+    def _prefill(self, ids, mask) -> None:
+        """One eager forward of the whole prompt batch into the cache, then the first token (as HF generate)."""
+        import torch
+        from transformers.masking_utils import create_masks_for_generate
+
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        prompt_mask = create_masks_for_generate(  # the 4D mask generate builds for a static cache
+            config=self.model.config, attention_mask=mask, past_key_values=self.cache, position_ids=positions,
+            inputs_embeds=torch.empty((*ids.shape, 0), dtype=self.model.dtype, device=ids.device))
+        logits = self.model(input_ids=ids, attention_mask=prompt_mask, position_ids=positions,
+                            past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        if self.buffers is None:
+            self.buffers = self._allocate(ids.shape[0], logits.shape[-1])
+        b = self.buffers
+        b.mask.zero_()
+        b.mask[:, 0, 0, :self.width] = mask.bool()
+        b.position.copy_(positions[:, -1:])
+        b.n_out.zero_()
+        b.out.fill_(self.pad_id)
+        b.finished.zero_()
+        self._choose(logits)
+
+    def _allocate(self, rows: int, vocab: int) -> _Buffers:
+        import torch
+
+        dev, length = self.device.torch_device, self.width + self.gen.max_new_tokens
+        long = dict(dtype=torch.long, device=dev)
+        return _Buffers(mask=torch.zeros((rows, 1, 1, length), dtype=torch.bool, device=dev),
+                        token=torch.zeros((rows, 1), **long), position=torch.zeros((rows, 1), **long),
+                        n_out=torch.zeros(1, **long), out=torch.zeros((rows, self.gen.max_new_tokens), **long),
+                        finished=torch.zeros(rows, dtype=torch.bool, device=dev),
+                        scores=torch.zeros((rows, vocab + 1), dtype=torch.float32, device=dev),
+                        cache_columns=torch.arange(length, device=dev))
+
+    def _choose(self, logits) -> None:
+        """Penalties, argmax and end-of-turn bookkeeping for the token at column `n_out`; all in place."""
+        import torch
+
+        b = self.buffers
+        vocab = b.scores.shape[1] - 1
+        b.scores[:, :vocab].copy_(logits)  # float32, as generate upcasts the logits before its processors
+        if self.penalties.active:
+            self.penalties(b.scores, b.out, b.n_out)
+        token = b.scores[:, :vocab].argmax(dim=-1).masked_fill(b.finished, self.pad_id)
+        b.out.copy_(torch.where(self.penalties.columns == b.n_out, token.unsqueeze(1), b.out))
+        b.finished.logical_or_(token == self.eos_id)
+        b.token.copy_(token.unsqueeze(1))
+        b.n_out.add_(1)
+
+    def _step(self) -> None:
+        """One decoding step: the last token in, the next one chosen. Pure tensor work on the buffers."""
+        b = self.buffers
+        # the input token sits in cache column width + n_out - 1: attend to it from now on
+        b.mask.logical_or_(b.cache_columns == b.n_out + (self.width - 1))
+        b.position.add_(1)
+        logits = self.model(input_ids=b.token, attention_mask=b.mask, position_ids=b.position,
+                            past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        self._choose(logits)
+
+    def _advance(self, step: int) -> None:
+        """Decoding step `step` (1-based): eager off CUDA; on CUDA eager warm-up steps on a side stream, then
+        one capture, then replays."""
+        if self.device.kind != "cuda":
+            self._step()
+        elif self.graph is not None:
+            self.graph.replay()
+        elif step <= WARMUP_STEPS:
+            self._warm_up_step()
+        else:
+            self._capture()
+            self.graph.replay()  # capturing records the step without running it
+
+    def _warm_up_step(self) -> None:
+        import torch
+
+        side = torch.cuda.Stream(self.device.torch_device)
+        side.wait_stream(torch.cuda.current_stream(self.device.torch_device))
+        with torch.cuda.stream(side):
+            self._step()
+        torch.cuda.current_stream(self.device.torch_device).wait_stream(side)
+
+    def _capture(self) -> None:
+        import torch
+
+        torch.cuda.synchronize(self.device.index)
+        started = time.perf_counter()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._step()
+            torch.cuda.synchronize(self.device.index)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise ModelError(f"capturing the decoding step as a CUDA graph failed ({type(exc).__name__}: {first}); "
+                             f"{SWITCH}") from exc
+        self.graph = graph
+        seconds = time.perf_counter() - started
+        self.stats.warmup_s += seconds
+        log.info("generation: captured the decoding step for %d rows x %d prompt tokens in %.2f s", *self.shape, seconds)
