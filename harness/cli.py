@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "put first on the unsloth recipe's path")
     p.add_argument("--gen-examples", type=int, default=512, help="prompts for the batched scorers (default 512)")
     p.add_argument("--loop-examples", type=int, default=32, help="prompts for the one-at-a-time loop (default 32)")
+    p.add_argument("--gen-rows", help="rows per static batch for the generation scorers, comma-separated, each "
+                                      "measured in turn (default: the task's generation.static_batch_size)")
     p.add_argument("--work", default="/tmp/harness-bench", help="scratch folder (checkpoints, random 8B weights)")
     _add_overrides(p)
 

@@ -49,7 +49,7 @@ def test_bench_quick_runs_every_recipe_and_generation(tmp_path, tiny_model_dir, 
                  "--loop-examples", "3", "--work", str(tmp_path / "work"), "--out", str(out),
                  "--unsloth-site", _site(tmp_path, FAKE_UNSLOTH),
                  "--set", f"model.base={tiny_model_dir}", "--set", "generation.max_new_tokens=4",
-                 "--set", "generation.static_batch_size=4"])
+                 "--gen-rows", "4,2"])
     assert code == 0
     results = json.loads(out.read_text())
     assert [(r["recipe"], r["batch"]) for r in results["training"]] == \
@@ -69,10 +69,13 @@ def test_bench_quick_runs_every_recipe_and_generation(tmp_path, tiny_model_dir, 
     assert ratio == pytest.approx(rows["harness"]["tokens_per_s"] / rows["unsloth"]["tokens_per_s"])
     assert f"{label}: harness (batch 8) / trl_tuned (batch 8) tokens/s" in results["ratios"]
     assert results["unsloth_versions"]["trl"]  # the subprocess reports its own packages
-    assert list(results["generation"]) == [tiny_model_dir.name]  # no 1.1B-architecture generation on CPU
-    gen = results["generation"][tiny_model_dir.name]
+    # one generation comparison per --gen-rows value; no 1.1B-architecture generation on CPU
+    assert list(results["generation"]) == [f"{label}, 4 rows", f"{label}, 2 rows"]
+    gen, narrow = results["generation"][f"{label}, 4 rows"], results["generation"][f"{label}, 2 rows"]
+    assert narrow["scorers"]["loop"] == gen["scorers"]["loop"]  # the one-at-a-time loop is measured once
+    assert narrow["scorers"]["graphs"]["rows"] == narrow["scorers"]["static"]["rows"] == 2
     scorers = gen["scorers"]
-    assert list(scorers) == ["loop", "dynamic", "static", "fast_cold", "fast"] and gen["failures"] == []
+    assert list(scorers) == ["loop", "dynamic", "static", "fast_cold", "fast", "graphs"] and gen["failures"] == []
     assert scorers["loop"]["examples"] == 3 and scorers["loop"]["rows"] == 1
     assert scorers["fast"]["examples"] == 6 and scorers["fast"]["engine"] == "static"  # CPU: the fast path uncompiled
     assert scorers["fast"]["rows"] == scorers["dynamic"]["rows"] == 4
@@ -84,12 +87,26 @@ def test_bench_quick_runs_every_recipe_and_generation(tmp_path, tiny_model_dir, 
     assert gen["amortised_tokens_per_s"] == pytest.approx(
         1000 / 6 * warm["tokens"] / (1000 / 6 * warm["seconds"] + compile_s))
     assert gen["identical_outputs_share"]["fast vs static"] == 1.0  # same engine, same batches
+    # graphs: our own loop over the static batches (uncaptured on CPU): the static engine's texts, capture 0 s
+    graphs = gen["graphs"]
+    assert scorers["graphs"]["engine"] == "graphs" and scorers["graphs"]["rows"] == 4
+    assert gen["identical_outputs_share"]["graphs vs static"] == gen["identical_outputs_share"]["graphs vs loop"] == 1.0
+    assert graphs["capture_s"] == 0.0 and graphs["tokens_per_s_without_capture"] == pytest.approx(
+        scorers["graphs"]["tokens_per_s"])
+    assert graphs["amortised_tokens_per_s"] == pytest.approx(scorers["graphs"]["tokens_per_s"])
+    assert gen["ratios"]["graphs (capture included) / static"] == pytest.approx(
+        scorers["graphs"]["tokens_per_s"] / scorers["static"]["tokens_per_s"])
+    assert gen["ratios"]["graphs / fast, both amortised"] == pytest.approx(
+        graphs["amortised_tokens_per_s"] / gen["amortised_tokens_per_s"])
     bound = gen["bandwidth_bound"]
     assert bound["weight_bytes"] > 0 and bound["weights_only_tokens_per_s"] is None  # no HBM figure for a CPU
-    assert f"{tiny_model_dir.name} generation: fast / dynamic tokens/s" in results["ratios"]
+    assert bound["rows"] == 4 and bound["graphs_share_of_with_kv_bound"] is None
+    assert f"{label}, 4 rows generation: fast / dynamic tokens/s" in results["ratios"]
+    assert f"{label}, 2 rows generation: graphs, capture amortised over 1,000 / loop tokens/s" in results["ratios"]
     assert results["device"].startswith("cpu")
     printed = capsys.readouterr().out
     assert "unsloth process: " in printed and f"{label}, batch 8: training loss at step 2, 4" in printed
+    assert "| graphs (own loop, CUDA graphs) | graphs | 4 | 6 |" in printed and "graphs: capture c = 0.00 s" in printed
 
 
 def test_bench_says_in_one_line_why_unsloth_cannot_run(tmp_path, tiny_model_dir, capsys):
@@ -110,7 +127,8 @@ def test_bench_refuses_cpu_without_quick(tiny_model_dir, capsys):
 
 
 @pytest.mark.parametrize("flag, value, message", [("--recipes", "seed,fast", "unknown ['fast']"),
-                                                  ("--batch", "16,x", "expected positive integers")])
+                                                  ("--batch", "16,x", "expected positive integers"),
+                                                  ("--gen-rows", "256,0", "--gen-rows: expected positive integers")])
 def test_bench_rejects_bad_recipe_and_batch_lists(tiny_model_dir, capsys, flag, value, message):
     assert main(["bench", "amazon_desc", "--quick", flag, value, "--set", f"model.base={tiny_model_dir}"]) == 2
     assert message in capsys.readouterr().err
