@@ -432,7 +432,7 @@ def measure_generation(spec, model, tokenizer, examples, device, loop_n: int,
             failures.append({"scorer": name, "error": f"{type(exc).__name__}: {exc}"[:500]})
     result = {"max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample, "scorers": rows, "failures": failures,
               "ratios": {}, "identical_outputs_share": {}}
-    for name in ("dynamic", "static", "fast", "graphs"):
+    for name in ("dynamic", "static", "fast"):  # graphs: _graphs_ratios
         if name in rows and "loop" in rows:
             result["ratios"][f"{name} / loop"] = rows[name]["tokens_per_s"] / rows["loop"]["tokens_per_s"]
     rates = {}  # tokens/s without compile or capture, for the bandwidth shares
