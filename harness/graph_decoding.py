@@ -134,9 +134,14 @@ class GraphDecoder:
 
     def _new_shape(self, shape: tuple[int, int]) -> None:
         from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
 
         self.graph = self.buffers = self.cache = None  # free the previous shape's graph pool and cache first
         self.cache = StaticCache(config=self.model.config, max_cache_len=shape[1] + self.gen.max_new_tokens)
+        other = next((type(layer).__name__ for layer in self.cache.layers if type(layer) is not StaticLayer), None)
+        if other is not None:  # e.g. sliding-window layers keep a Python counter a replayed graph would not advance
+            raise ModelError(f"generation.engine=graphs decodes full-attention caches only (this model's cache has "
+                             f"{other}); {SWITCH}")
         self.shape, self.width = shape, shape[1]
         self.stats.shapes.append(list(shape))
 
@@ -240,4 +245,5 @@ class GraphDecoder:
         self.graph = graph
         seconds = time.perf_counter() - started
         self.stats.warmup_s += seconds
-        log.info("generation: captured the decoding step for %d rows x %d prompt tokens in %.2f s", *self.shape, seconds)
+        log.info("generation: captured the decoding step for %d rows x %d prompt tokens in %.2f s",
+                 *self.shape, seconds)
