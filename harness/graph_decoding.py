@@ -119,6 +119,8 @@ class GraphDecoder:
         self.width = 0
 
     def __call__(self, ids, mask, streamer=None) -> list[list[int]]:
+        """Every row's `max_new_tokens` output tokens (pad after its end). `streamer` is always None: `generate`
+        refuses streaming on any engine but dynamic."""
         ids, mask = ids.to(self.device.torch_device), mask.to(self.device.torch_device)
         if tuple(ids.shape) != self.shape:
             self._new_shape(tuple(ids.shape))
