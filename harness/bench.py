@@ -635,8 +635,8 @@ def format_results(results: dict) -> str:
     pct = lambda v: "n/a" if v is None or math.isnan(v) else f"{v:.1%}"  # noqa: E731
     for r in results["training"]:
         lines.append(f"| {r['model']} | {_run_name(r, results['train_seed'])} | {r['batch']} | {r['attention']} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['step_time_s']:.3f} | {r['job_s']:.1f} | {r['peak_mem_gb']:.2f} | {pct(r['mfu_palm'])} | "
-                     f"{pct(r['mfu_lora'])} | {r['optimizer_steps']} |")
+                     f"{r['tokens_per_s']:,.0f} | {r['step_time_s']:.3f} | {r['job_s']:.1f} | {r['peak_mem_gb']:.2f} | "
+                     f"{pct(r['mfu_palm'])} | {pct(r['mfu_lora'])} | {r['optimizer_steps']} |")
     lines += _loss_lines(results["training"], results["train_seed"])
     lines += _loss_check_lines(results["loss_check"])
     lines += [f"note {r['model']}/{_run_name(r, results['train_seed'])} (batch {r['batch']}): {r['notes']}"
