@@ -81,8 +81,10 @@ def fast_path_options(spec: TaskSpec, device: Device) -> dict:
         "varlen" if cuda and packing and varlen_available() else "sdpa",
         # A small model's step is bound by kernel launches (torch.profiler on an H100: ~7,600 kernels
         # and 58 ms of GPU work in a 475 ms SmolLM2 step at batch 16): "on" compiles each decoder layer
-        # into fewer, fused kernels. Opt-in: on SmolLM2 it also lowered the training loss by 1-2% at
-        # equal steps (dropout 0 too; not on the 1.1B architecture), a change not yet explained.
+        # into fewer, fused kernels. Opt-in, since it changes the loss curve, for two reasons
+        # (bench/RESULTS.md, "Why compile: on moves the loss curve"): LoRA dropout draws other masks
+        # (inductor's generator: noise, like another seed), and in bf16 the fused kernels keep small
+        # LoRA updates that eager bf16 rounds away, so SmolLM2's loss runs lower, nearer fp32's.
         "compile": t.compile,
     }
 
