@@ -23,6 +23,17 @@ trl itself counts). Steady-state tokens/s covers the optimizer steps after the f
 (warm-up and compilation), with the device synchronised at both ends; the job time runs from
 loading the model to the end of training (tokenizing, packing, compiling and all).
 
+Loss check (is a recipe's loss curve unchanged beyond noise?): every recipe trains on the same
+batches in the same order (one data seed), and logs its loss every --loss-every steps. The reference
+recipe (the first asked of LOSS_REFERENCES) runs again --noise-seeds times with another train.seed
+and the same data order: another LoRA initialisation and other dropout masks, the randomness no
+result may depend on. The noise band is the largest |loss - reference loss| of those re-seeded runs
+at the steps every run logged; each recipe's largest |loss - reference loss| at the same steps is
+within noise when it is <= the band. A recipe that changes nothing but the random stream (compiled
+dropout draws its masks from inductor's generator, not eager's) lands beyond a band of k re-seeded
+runs with chance 1/(k+1), so one run beyond the band is a prompt to look, more --noise-seeds a
+sharper test.
+
 FLOPs (stated, since MFU depends on them): PaLM's model FLOPs per trained token
 6*N + 12*L*d*T (N parameters without the input embedding, L layers, d hidden size, T the
 mean example length, since packed examples do not attend across each other). LoRA computes no
@@ -49,6 +60,8 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
 RECIPES = ("seed", "trl_tuned", "harness_sdpa", "harness_eager", "harness", "unsloth")
 BATCHED_RECIPES = ("trl_tuned", "harness_sdpa", "harness_eager", "harness", "unsloth")  # run at each --batch
+# The loss check's reference, the first of these asked: plain (uncompiled) harness numerics first.
+LOSS_REFERENCES = ("harness_eager", "harness", "trl_tuned", "harness_sdpa")
 SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -68,6 +81,7 @@ class TrainMeasure:
     warmup_steps: int
     tokens: int  # every step's, counted from the batches
     timed_tokens: int
+    train_seed: int  # seeds LoRA initialisation and dropout (the data order is the spec's train.seed)
     losses: dict[str, float] = field(default_factory=dict)  # logged training loss at fixed steps
     notes: str = ""
 
@@ -215,19 +229,25 @@ def _with_mfu(figures: dict, flops: tuple[float, float], device) -> dict:
 
 def measure_training(spec, model_factory, tokenizer, examples, recipe: str, device, label: str,
                      batch: int | None, out_dir: Path, seed_steps: int = -1, warmup: int = 3,
-                     loss_every: int = 10) -> TrainMeasure:
+                     loss_every: int = 10, train_seed: int | None = None) -> TrainMeasure:
     """Train one epoch over `examples` with `recipe`; time the steps after the first `warmup`.
 
     The seed recipe may stop after `seed_steps` optimizer steps (its rate is steady long before
-    an epoch ends, and an epoch of it takes many minutes).
+    an epoch ends, and an epoch of it takes many minutes). `train_seed` (the loss check's noise
+    runs) replaces the spec's seed for LoRA initialisation and dropout, not for the data order.
     """
     import torch
 
     from harness.train import build_trainer, fast_path_options, modeling_module_restored, tokenized_dataset
 
-    harness_spec = replace(spec, train=replace(spec.train, packing="on", liger_kernels="auto",
+    # The spec's liger_kernels stays (auto by default), so `--set train.liger_kernels=off` reaches
+    # harness_eager too: harness against harness_eager then differs in compiling alone.
+    harness_spec = replace(spec, train=replace(spec.train, packing="on",
                                                compile=spec.train.compile if recipe == "harness" else "off"))
     fast = fast_path_options(harness_spec, device)
+    overrides = _recipe_overrides(recipe, batch, device, seed_steps, loss_every)
+    if train_seed is not None:
+        overrides.update(seed=train_seed, data_seed=spec.train.seed)
     attention = fast["attention"] if recipe in ("harness", "harness_eager") else "sdpa"
     log.info("bench: %s/%s on %d examples (attention %s)", label, recipe, len(examples), attention)
     if device.kind == "cuda":
@@ -239,8 +259,7 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
     data = tokenized if recipe.startswith("harness") else _string_dataset(spec, tokenizer, examples)
     with modeling_module_restored(model):
         trainer = build_trainer(harness_spec, model, tokenizer, data, None, out_dir / f"{label}-{recipe}-{batch}",
-                                device, plain_peft=not recipe.startswith("harness"),
-                                **_recipe_overrides(recipe, batch, device, seed_steps, loss_every))
+                                device, plain_peft=not recipe.startswith("harness"), fast=fast, **overrides)
         clock = StepClock(device.kind, warmup)
         clock.attach(trainer)
         trainer.train()
@@ -251,8 +270,10 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
     notes = (f"compile {fast['compile']}, "
              f"Liger {'on' if trainer.args.use_liger_kernel else 'off'}, "
              f"LoRA dropout {spec.lora.dropout}, {getattr(trainer.args.optim, 'value', trainer.args.optim)}")
+    if train_seed is not None:
+        notes += f"; loss-check noise run: seed {train_seed}, data order of seed {spec.train.seed}"
     result = TrainMeasure(model=label, recipe=recipe, batch=per_step, attention=attention, job_s=job_s,
-                          peak_mem_gb=_peak_mem_gb(device), notes=notes, **figures)
+                          peak_mem_gb=_peak_mem_gb(device), notes=notes, train_seed=trainer.args.seed, **figures)
     log.info("bench %s", result)
     del trainer, model
     if device.kind == "cuda":
@@ -530,6 +551,8 @@ def bench_command(args) -> int:
     wanted = set(args.recipes.split(","))
     batches = _int_list(args.batch, "--batch")
     gen_rows = _int_list(args.gen_rows, "--gen-rows") if args.gen_rows else [spec.generation.static_batch_size]
+    if args.noise_seeds < 0:
+        raise HarnessError(f"bench --noise-seeds: expected 0 or more re-seeded reference runs, got {args.noise_seeds}")
     if wanted - set(RECIPES):
         raise HarnessError(f"bench --recipes: unknown {sorted(wanted - set(RECIPES))} (known: {', '.join(RECIPES)})")
     work = Path(args.work)
@@ -541,7 +564,8 @@ def bench_command(args) -> int:
     results = {"command": "python -m harness " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py")
                else " ".join(sys.argv), "device": device.describe(), "platform": platform.platform(),
                "packages": package_versions(), "examples": len(examples), "flops": __doc__.split("FLOPs")[1].strip(),
-               "warmup_steps": args.warmup, "training": [], "ratios": {}}
+               "warmup_steps": args.warmup, "train_seed": spec.train.seed, "training": [], "loss_check": [],
+               "ratios": {}}
     def real(attention: str = "sdpa"):
         return models.load_model(model_ref, spec.model, tokenizer, device, attn_implementation=attention)
 
@@ -554,8 +578,12 @@ def bench_command(args) -> int:
             continue
         recipes = [r for r in RECIPES if r in wanted
                    and (key == "smollm2" or r != "trl_tuned")]
+        reference = next((r for r in LOSS_REFERENCES if r in recipes), None)
+        runs = [(r, b, None) for r in recipes for b in (batches if r in BATCHED_RECIPES else [None])]
+        runs += [(reference, b, spec.train.seed + k) for b in batches for k in range(1, args.noise_seeds + 1)
+                 if reference]
         rows = []
-        for r, batch in ((r, b) for r in recipes for b in (batches if r in BATCHED_RECIPES else [None])):
+        for r, batch, train_seed in runs:
             try:
                 if r == "unsloth":
                     if unsloth_unavailable:
@@ -568,7 +596,7 @@ def bench_command(args) -> int:
                 else:
                     rows.append(measure_training(spec, factory, tokenizer, examples, r, device, label, batch, work,
                                                  seed_steps=args.seed_steps, warmup=args.warmup,
-                                                 loss_every=args.loss_every))
+                                                 loss_every=args.loss_every, train_seed=train_seed))
             except UnslothUnavailable as exc:  # one line, then the other recipes go on
                 unsloth_unavailable = f"unsloth: not run ({exc})"
                 log.warning("bench: %s", unsloth_unavailable)
@@ -576,9 +604,12 @@ def bench_command(args) -> int:
             except Exception as exc:  # recorded and shown next to the table, never hidden
                 log.error("bench: %s/%s failed: %s: %s", label, r, type(exc).__name__, exc, exc_info=exc)
                 results.setdefault("failures", []).append({"model": label, "recipe": r, "batch": batch,
+                                                           "train_seed": train_seed or spec.train.seed,
                                                            "error": f"{type(exc).__name__}: {exc}"[:500]})
         results["training"].extend(asdict(r) for r in rows)
-        results["ratios"].update(_training_ratios(label, rows))
+        results["ratios"].update(_training_ratios(label, [r for r in rows if r.train_seed == spec.train.seed]))
+        if reference:
+            results["loss_check"].extend(loss_check([asdict(r) for r in rows], reference, spec.train.seed))
     if "generate" in parts:
         results["generation_method"] = GENERATION_DOC
         results["generation"] = {}
@@ -667,12 +698,13 @@ def format_results(results: dict) -> str:
              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     pct = lambda v: "n/a" if v is None or math.isnan(v) else f"{v:.1%}"  # noqa: E731
     for r in results["training"]:
-        lines.append(f"| {r['model']} | {r['recipe']} | {r['batch']} | {r['attention']} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['step_time_s']:.3f} | {r['job_s']:.1f} | {r['peak_mem_gb']:.2f} | {pct(r['mfu_palm'])} | "
-                     f"{pct(r['mfu_lora'])} | {r['optimizer_steps']} |")
-    lines += _loss_lines(results["training"])
-    lines += [f"note {r['model']}/{r['recipe']} (batch {r['batch']}): {r['notes']}" for r in results["training"]
-              if r.get("notes")]
+        lines.append(f"| {r['model']} | {_run_name(r, results['train_seed'])} | {r['batch']} | {r['attention']} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['step_time_s']:.3f} | {r['job_s']:.1f} | {r['peak_mem_gb']:.2f} | "
+                     f"{pct(r['mfu_palm'])} | {pct(r['mfu_lora'])} | {r['optimizer_steps']} |")
+    lines += _loss_lines(results["training"], results["train_seed"])
+    lines += _loss_check_lines(results["loss_check"])
+    lines += [f"note {r['model']}/{_run_name(r, results['train_seed'])} (batch {r['batch']}): {r['notes']}"
+              for r in results["training"] if r.get("notes")]
     lines += results.get("skipped", [])
     for label, g in results.get("generation", {}).items():
         lines += format_generation(label, g)
@@ -689,8 +721,12 @@ def format_results(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _loss_lines(rows: list[dict]) -> list[str]:
-    """Training loss of each recipe at the steps all logged, per model and batch (same steps, same data)."""
+def _run_name(row: dict, seed: int) -> str:
+    return row["recipe"] if row["train_seed"] == seed else f"{row['recipe']} (seed {row['train_seed']})"
+
+
+def _loss_lines(rows: list[dict], seed: int) -> list[str]:
+    """Training loss of each run at the steps all logged, per model and batch (same steps, same data)."""
     lines = []
     for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows if r["recipe"] != "seed"):
         mine = [r for r in rows if (r["model"], r["batch"]) == (model, batch) and r["recipe"] != "seed"
@@ -698,5 +734,74 @@ def _loss_lines(rows: list[dict]) -> list[str]:
         steps = sorted(set.intersection(*(set(r["losses"]) for r in mine)), key=int) if mine else []
         if steps:
             lines += ["", f"{model}, batch {batch}: training loss at step " + ", ".join(steps)]
-            lines += [f"  {r['recipe']}: " + ", ".join(f"{r['losses'][k]:.4f}" for k in steps) for r in mine]
+            lines += [f"  {_run_name(r, seed)}: " + ", ".join(f"{r['losses'][k]:.4f}" for k in steps) for r in mine]
+    return lines
+
+
+def _worst(gaps: list[tuple[float, str]]) -> tuple[float, str]:
+    """The largest (gap, step); a non-finite gap (a NaN or infinite loss) comes first, so it cannot pass unseen."""
+    return max(gaps, key=lambda g: (not math.isfinite(g[0]), g[0] if math.isfinite(g[0]) else 0.0))
+
+
+def _largest_gap(losses: dict[str, float], reference: dict[str, float], steps: list[str]) -> tuple[float, str]:
+    """max |loss - reference loss| over `steps`, and the step where it is."""
+    return _worst([(abs(losses[k] - reference[k]), k) for k in steps])
+
+
+def loss_check(rows: list[dict], reference: str, seed: int) -> list[dict]:
+    """Per model and batch: is each recipe's loss curve unchanged beyond noise? (module doc, "Loss check")
+
+    `rows` are the bench's training rows; those of `reference` with another train_seed than `seed` are
+    its re-seeded noise runs. Compared at the steps every run of the model and batch logged. A check
+    that cannot be made says why in `verdict`, never "within noise"."""
+    checks = []
+    for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows if r["recipe"] != "seed"):
+        group = [r for r in rows if (r["model"], r["batch"]) == (model, batch) and r["recipe"] != "seed"]
+        ref = next((r for r in group if r["recipe"] == reference and r["train_seed"] == seed), None)
+        noise = [r for r in group if r["recipe"] == reference and r["train_seed"] != seed]
+        others = [r for r in group if r["train_seed"] == seed and r is not ref]
+        references = [ref, *noise] if ref else []
+        logged = [r for r in references + others if r["losses"]]
+        steps = sorted(set.intersection(*(set(r["losses"]) for r in logged)), key=int) if logged else []
+        check = {"model": model, "batch": batch, "reference": reference, "train_seed": seed,
+                 "noise_seeds": [r["train_seed"] for r in noise], "steps": steps, "noise_band": None, "recipes": {}}
+        why_not = ("no reference run" if ref is None else
+                   "no re-seeded reference run (--noise-seeds 0)" if not noise else
+                   "a reference run logged no loss" if any(not r["losses"] for r in references) else
+                   "no step logged by every run (lower --loss-every)" if not steps else None)
+        if why_not is None:
+            band, band_step = _worst([_largest_gap(r["losses"], ref["losses"], steps) for r in noise])
+            if math.isfinite(band):
+                check.update(noise_band=band, noise_band_step=band_step)
+            else:
+                why_not = f"a reference run's loss is not finite (step {band_step})"
+        for r in others:
+            gap, step = _largest_gap(r["losses"], ref["losses"], steps) if why_not is None and r["losses"] \
+                else (None, None)
+            verdict = (f"not judged: {why_not}" if why_not else "not judged: no loss logged" if gap is None else
+                       "not judged: a loss is not finite" if not math.isfinite(gap) else
+                       "within noise" if gap <= check["noise_band"] else "beyond noise")
+            check["recipes"][r["recipe"]] = {"largest_gap": gap if gap is not None and math.isfinite(gap) else None,
+                                             "step": step, "verdict": verdict}
+        checks.append(check)
+    return checks
+
+
+def _loss_check_lines(checks: list[dict]) -> list[str]:
+    lines = []
+    for c in checks:
+        ref = f"{c['reference']} (seed {c['train_seed']})"
+        if c["noise_band"] is None:
+            lines += ["", f"loss check, {c['model']}, batch {c['batch']}: reference {ref}"]
+        else:
+            k = len(c["noise_seeds"])
+            lines += ["", f"loss check, {c['model']}, batch {c['batch']}: reference {ref}; noise band "
+                          f"{c['noise_band']:.4f} (step {c['noise_band_step']}) = largest |loss - reference| of "
+                          f"{c['reference']} re-seeded (seed {', '.join(map(str, c['noise_seeds']))}, same batches) "
+                          f"at steps {', '.join(c['steps'])}; a recipe that changes only the randomness lands "
+                          f"beyond it with chance 1/{k + 1}"]
+        for name, e in c["recipes"].items():
+            gap = "" if e["largest_gap"] is None else f"largest |loss - reference| {e['largest_gap']:.4f} " \
+                                                       f"(step {e['step']}): "
+            lines.append(f"  {name}: {gap}{e['verdict']}")
     return lines

@@ -141,6 +141,7 @@ def measure_unsloth(spec, tokenizer, examples, device, label: str, batch: int, m
              f"packing {result['packing']}, padding-free {result['padding_free']}")
     measure = TrainMeasure(model=label, recipe="unsloth", batch=batch, attention=result["attention"],
                            job_s=result["job_s"], peak_mem_gb=result["peak_mem_gb"], notes=notes,
+                           train_seed=sft["seed"],
                            **_with_mfu(result["figures"], tuple(result["flops"]), device))
     return measure, v
 

@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", help="comma-separated parts: smollm2,tinyllama,qlora8b,generate (default: all); "
                                   "serve (HTTP micro-batching) runs only when named")
     p.add_argument("--recipes", default="seed,trl_tuned,harness",
-                   help="comma-separated training recipes: seed,trl_tuned,harness_sdpa,harness,unsloth "
+                   help="comma-separated training recipes: seed,trl_tuned,harness_sdpa,harness_eager,harness,unsloth "
                         "(default: seed,trl_tuned,harness)")
     p.add_argument("--examples", type=int, default=2048, help="training examples per recipe (default 2048)")
     p.add_argument("--max-length", type=int, default=512, help="token length of a (packed) sequence (default 512)")
@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5,
                    help="optimizer steps left out of the steady-state rate (warm-up, compilation; default 5)")
     p.add_argument("--loss-every", type=int, default=10, help="log the training loss every N steps (default 10)")
+    p.add_argument("--noise-seeds", type=int, default=1,
+                   help="re-seeded runs of the loss check's reference recipe at each batch: the noise band "
+                        "(default 1; 0: no loss verdict)")
     p.add_argument("--unsloth-site", help="folder holding Unsloth and its pinned trl/datasets (pip install --target): "
                                           "put first on the unsloth recipe's path")
     p.add_argument("--gen-examples", type=int, default=512, help="prompts for the batched scorers (default 512)")

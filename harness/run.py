@@ -220,7 +220,7 @@ def train_stage(spec: TaskSpec, manifest: Manifest, train_examples, model_ref: s
     model = models.load_model(model_ref, spec.model, tokenizer, device, quantize=fast["quantize"],
                               attn_implementation=fast["attention"])
     resume_from = latest_checkpoint(run_dir / "checkpoints")
-    result = train(spec, model, tokenizer, train_examples, run_dir, device, resume_from=resume_from)
+    result = train(spec, model, tokenizer, train_examples, run_dir, device, resume_from=resume_from, fast=fast)
     t = spec.train
     manifest.update(train={"steps": result.steps, "train_tokens": result.train_tokens,
                            "seconds": round(result.seconds, 2), "resumed_from": str(resume_from or ""),

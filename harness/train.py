@@ -81,8 +81,10 @@ def fast_path_options(spec: TaskSpec, device: Device) -> dict:
         "varlen" if cuda and packing and varlen_available() else "sdpa",
         # A small model's step is bound by kernel launches (torch.profiler on an H100: ~7,600 kernels
         # and 58 ms of GPU work in a 475 ms SmolLM2 step at batch 16): "on" compiles each decoder layer
-        # into fewer, fused kernels. Opt-in: on SmolLM2 it also lowered the training loss by 1-2% at
-        # equal steps (dropout 0 too; not on the 1.1B architecture), a change not yet explained.
+        # into fewer, fused kernels. Opt-in, since it changes the loss curve, for two reasons
+        # (bench/RESULTS.md, "Why compile: on moves the loss curve"): LoRA dropout draws other masks
+        # (inductor's generator: noise, like another seed), and in bf16 the fused kernels keep small
+        # LoRA updates that eager bf16 rounds away, so SmolLM2's loss runs lower, nearer fp32's.
         "compile": t.compile,
     }
 
@@ -242,10 +244,12 @@ def _trim_log(path: Path, last_step: int) -> None:
     atomic_write_text(path, "".join(kept))
 
 
-def sft_options(spec: TaskSpec, tokenizer, device: Device, output_dir: Path, evaluate: bool = False) -> dict:
-    """The SFTConfig fields harness trains with (the bench hands the same ones to other trainers)."""
+def sft_options(spec: TaskSpec, tokenizer, device: Device, output_dir: Path, evaluate: bool = False,
+                fast: dict | None = None) -> dict:
+    """The SFTConfig fields harness trains with (the bench hands the same ones to other trainers);
+    `fast` is fast_path_options(spec, device) where the caller has it already."""
     t = spec.train
-    fast = fast_path_options(spec, device)
+    fast = fast or fast_path_options(spec, device)
     options = dict(
         output_dir=str(output_dir),
         num_train_epochs=t.epochs,
@@ -292,10 +296,10 @@ def sft_options(spec: TaskSpec, tokenizer, device: Device, output_dir: Path, eva
 
 
 def build_trainer(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, output_dir: Path, device: Device,
-                  plain_peft: bool = False, **overrides):
+                  plain_peft: bool = False, fast: dict | None = None, **overrides):
     """An SFTTrainer for `spec` on pre-tokenized datasets; `overrides` replace SFTConfig fields, and
     `plain_peft` keeps PEFT's default input casts and compiles nothing (both for the bench's
-    baseline recipes)."""
+    baseline recipes); `fast` as in sft_options."""
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
@@ -304,7 +308,8 @@ def build_trainer(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, output_di
     # non-quantized weight (embeddings, LM head) costs 2 GB on a Llama-3-8B for no gain in bf16.
     lora = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                       target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
-    options = {**sft_options(spec, tokenizer, device, output_dir, evaluate=eval_ds is not None), **overrides}
+    options = {**sft_options(spec, tokenizer, device, output_dir, evaluate=eval_ds is not None, fast=fast),
+               **overrides}
     trainer = SFTTrainer(model=model, args=SFTConfig(**options), train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=lora)
     if device.kind == "cuda" and not plain_peft:
@@ -382,8 +387,9 @@ def modeling_module_restored(model):
 
 
 def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, device: Device,
-          resume_from: Path | None = None) -> TrainResult:
-    """Train a LoRA adapter on `train_examples`; save it in standard PEFT format under run_dir/adapter."""
+          resume_from: Path | None = None, fast: dict | None = None) -> TrainResult:
+    """Train a LoRA adapter on `train_examples`; save it in standard PEFT format under run_dir/adapter.
+    `fast`: fast_path_options(spec, device), where the caller resolved it already (run does, up front)."""
     train_part, eval_part = split_eval(train_examples, spec.train.eval_fraction)
     if spec.train.keep_best and not eval_part:
         raise HarnessError(f"train.keep_best: train.eval_fraction {spec.train.eval_fraction} of "
@@ -391,12 +397,12 @@ def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, devic
     train_ds = tokenized_dataset(spec, tokenizer, train_part)
     eval_ds = tokenized_dataset(spec, tokenizer, eval_part) if eval_part else None
     with modeling_module_restored(model):
-        return _train(spec, model, tokenizer, train_ds, eval_ds, run_dir, device, resume_from)
+        return _train(spec, model, tokenizer, train_ds, eval_ds, run_dir, device, resume_from, fast)
 
 
 def _train(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, run_dir: Path, device: Device,
-           resume_from: Path | None) -> TrainResult:
-    trainer = build_trainer(spec, model, tokenizer, train_ds, eval_ds, run_dir / "checkpoints", device)
+           resume_from: Path | None, fast: dict | None) -> TrainResult:
+    trainer = build_trainer(spec, model, tokenizer, train_ds, eval_ds, run_dir / "checkpoints", device, fast=fast)
     stopper = _StopOnSignal()
     trainer.add_callback(stopper.callback(trainer.accelerator))
     trainer.add_callback(_LossLog(run_dir / "train_log.jsonl").callback())

@@ -45,16 +45,18 @@ def test_bench_quick_runs_every_recipe_and_generation(tmp_path, tiny_model_dir, 
     out = tmp_path / "bench.json"
     code = main(["-q", "bench", str(REPO / "tasks" / "amazon_desc.yaml"), "--quick", "--only", "smollm2,generate",
                  "--recipes", "seed,trl_tuned,harness,unsloth", "--examples", "200", "--max-length", "128",
-                 "--batch", "8", "--seed-steps", "6", "--warmup", "2", "--loss-every", "2", "--gen-examples", "6",
+                 "--batch", "8", "--seed-steps", "6", "--warmup", "2", "--loss-every", "1", "--gen-examples", "6",
                  "--loop-examples", "3", "--work", str(tmp_path / "work"), "--out", str(out),
                  "--unsloth-site", _site(tmp_path, FAKE_UNSLOTH),
                  "--set", f"model.base={tiny_model_dir}", "--set", "generation.max_new_tokens=4",
                  "--gen-rows", "4,2"])
     assert code == 0
     results = json.loads(out.read_text())
-    assert [(r["recipe"], r["batch"]) for r in results["training"]] == \
-        [("seed", 8), ("trl_tuned", 8), ("harness", 8), ("unsloth", 8)] and "failures" not in results
-    rows = {r["recipe"]: r for r in results["training"]}
+    assert [(r["recipe"], r["batch"], r["train_seed"]) for r in results["training"]] == \
+        [("seed", 8, 42), ("trl_tuned", 8, 42), ("harness", 8, 42), ("unsloth", 8, 42),
+         ("harness", 8, 43)] and "failures" not in results  # last: the loss check's re-seeded reference
+    *primary, noise = results["training"]
+    rows = {r["recipe"]: r for r in primary}
     assert rows["seed"]["optimizer_steps"] == 6  # stopped by --seed-steps
     # Tokens are counted from the batches: harness and unsloth train the very same token ids.
     assert rows["harness"]["tokens"] == rows["unsloth"]["tokens"] > rows["seed"]["tokens"] > 0
@@ -64,7 +66,19 @@ def test_bench_quick_runs_every_recipe_and_generation(tmp_path, tiny_model_dir, 
         assert r["tokens_per_s"] == pytest.approx(r["timed_tokens"] / (r["step_time_s"] * (r["optimizer_steps"] - 2)))
         assert r["mfu_palm"] is None  # no peak FLOPs on CPU
     label = tiny_model_dir.name
-    assert set(rows["harness"]["losses"]) == set(rows["unsloth"]["losses"]) >= {"2", "4"}
+    assert set(rows["harness"]["losses"]) == set(rows["unsloth"]["losses"]) == set(noise["losses"]) >= {"1", "2"}
+    # The noise run trains the same batches in the same order: its first loss, before LoRA (initialised
+    # to zero) changes anything, is the reference's; then its other LoRA init and dropout masks show.
+    assert noise["losses"]["1"] == rows["harness"]["losses"]["1"] and noise["losses"] != rows["harness"]["losses"]
+    [check] = results["loss_check"]
+    assert (check["reference"], check["noise_seeds"]) == ("harness", [43])
+    assert set(check["recipes"]) == {"trl_tuned", "unsloth"}
+    gaps = {k: abs(noise["losses"][k] - rows["harness"]["losses"][k]) for k in check["steps"]}
+    assert check["noise_band"] == max(gaps.values()) > 0
+    for name, entry in check["recipes"].items():
+        gap = max(abs(rows[name]["losses"][k] - rows["harness"]["losses"][k]) for k in check["steps"])
+        assert entry["largest_gap"] == gap
+        assert entry["verdict"] == ("within noise" if gap <= check["noise_band"] else "beyond noise")
     ratio = results["ratios"][f"{label}: harness (batch 8) / unsloth (batch 8) tokens/s"]
     assert ratio == pytest.approx(rows["harness"]["tokens_per_s"] / rows["unsloth"]["tokens_per_s"])
     assert f"{label}: harness (batch 8) / trl_tuned (batch 8) tokens/s" in results["ratios"]
@@ -105,7 +119,9 @@ def test_bench_quick_runs_every_recipe_and_generation(tmp_path, tiny_model_dir, 
     assert f"{label}, 2 rows generation: graphs, capture amortised over 1,000 / loop tokens/s" in results["ratios"]
     assert results["device"].startswith("cpu")
     printed = capsys.readouterr().out
-    assert "unsloth process: " in printed and f"{label}, batch 8: training loss at step 2, 4" in printed
+    assert "unsloth process: " in printed and f"{label}, batch 8: training loss at step 1, 2, 3" in printed
+    assert f"loss check, {label}, batch 8: reference harness (seed 42); noise band" in printed
+    assert f"  unsloth: largest |loss - reference| {check['recipes']['unsloth']['largest_gap']:.4f}" in printed
     assert "| graphs (own loop, CUDA graphs) | graphs | 4 | 6 |" in printed and "graphs: capture c = 0.00 s" in printed
 
 
