@@ -58,17 +58,23 @@ def process_state() -> dict:
     return state
 
 
-def _score(spec, model_ref, tokenizer, device, prompts) -> list[str]:
+def _score(spec, model_ref, tokenizer, device, prompts, sdpa: list[str] | None = None) -> list[str]:
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from harness import models
     from harness.generation import generate
 
     model = models.load_model(model_ref, spec.model, tokenizer, device)
-    texts = [g.text for g in generate(model, tokenizer, prompts, spec.generation, device)]
+    backends = sdpa_kernel([getattr(SDPBackend, b.upper()) for b in sdpa]) if sdpa else nullcontext()
+    with backends:
+        texts = [g.text for g in generate(model, tokenizer, prompts, spec.generation, device)]
     del model
     return texts
 
 
-def measure(task: str, overrides: list[str], train_steps: int) -> dict:
+def measure(task: str, overrides: list[str], train_steps: int, sdpa: list[str] | None = None) -> dict:
     from harness import data as data_mod, models
     from harness.prompts import build_prompt
     from harness.run import load_base_tokenizer
@@ -81,8 +87,9 @@ def measure(task: str, overrides: list[str], train_steps: int) -> dict:
     model_ref, tokenizer = load_base_tokenizer(spec)
     prompts = [build_prompt(tokenizer, spec.prompt, e.title) for e in prepared.heldout]
     result = {"device": str(device.torch_device), "prompts": len(prompts), "state_before": process_state()}
-    result["A1"] = _score(spec, model_ref, tokenizer, device, prompts)
-    result["A2"] = _score(spec, model_ref, tokenizer, device, prompts)
+    result["sdpa_backends"] = sdpa or "default"
+    result["A1"] = _score(spec, model_ref, tokenizer, device, prompts, sdpa)
+    result["A2"] = _score(spec, model_ref, tokenizer, device, prompts, sdpa)
     if train_steps:
         spec = replace(spec, train=replace(spec.train, max_steps=train_steps, save_steps=10 ** 6))
         fast = fast_path_options(spec, device)
@@ -101,7 +108,7 @@ def _same(a: list[str], b: list[str]) -> str:
 
 
 def summary(result: dict) -> list[str]:
-    lines = [f"device {result['device']}, {result['prompts']} held-out prompts",
+    lines = [f"device {result['device']}, {result['prompts']} held-out prompts, SDPA backends {result['sdpa_backends']}",
              f"A1 vs A2 (same process, fresh model each): {_same(result['A1'], result['A2'])}"]
     if "B" in result:
         lines.append(f"A1 vs B (B scored after training in the same process): {_same(result['A1'], result['B'])}")
@@ -118,6 +125,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("out", nargs="?")
     parser.add_argument("--train-steps", type=int, default=5)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--sdpa", help="score with only these SDPA backends, e.g. math or efficient_attention,math")
     parser.add_argument("--compare", nargs=2, metavar="JSON", help="two outputs of this script: their A1 texts")
     args = parser.parse_args(argv)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # as harness.cli does before any CUDA work
@@ -125,7 +133,8 @@ def main(argv: list[str]) -> int:
         one, two = (json.loads(Path(p).read_text()) for p in args.compare)
         print(f"A1 of {args.compare[0]} vs A1 of {args.compare[1]} (two processes): {_same(one['A1'], two['A1'])}")
         return 0
-    result = measure(args.task, args.overrides, args.train_steps)
+    result = measure(args.task, args.overrides, args.train_steps,
+                     args.sdpa.split(",") if args.sdpa else None)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print("\n".join(summary(result)))
     return 0
