@@ -13,7 +13,7 @@ from harness.errors import ModelError
 from harness.prompts import build_prompt, encode_example
 from harness import generation
 from harness.errors import SpecError
-from harness.generation import Batch, GenerationStats, bucket_width, generate, plan_batches
+from harness.generation import Batch, GenerationStats, bucket_width, deterministic_kernels, generate, plan_batches
 from harness.likelihood import reference_nll
 from harness.heldout_scoring import assert_adapter_applied
 from harness.spec import GenerationSpec, ModelSpec, PromptSpec, load_spec
@@ -392,3 +392,15 @@ def test_a_run_forcing_compiled_decoding_on_cpu_stops_before_any_model_work(tmp_
     (manifest,) = (tmp_path / "runs").glob("*/manifest.json")
     data = json.loads(manifest.read_text())
     assert data["status"] == "failed" and "score_base" not in data["stages_done"]
+
+
+def test_scoring_runs_only_bit_reproducible_attention_kernels():
+    """cuDNN's SDPA gave different texts for the same prompts on an H100 (130 of 142 identical); scoring
+    leaves it and flash out, and puts the caller's kernel settings back afterwards."""
+    cuda = torch.backends.cuda
+    before = (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), torch.are_deterministic_algorithms_enabled())
+    with deterministic_kernels():
+        assert not cuda.cudnn_sdp_enabled() and not cuda.flash_sdp_enabled()
+        assert cuda.mem_efficient_sdp_enabled() and cuda.math_sdp_enabled()
+        assert torch.are_deterministic_algorithms_enabled()
+    assert (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), torch.are_deterministic_algorithms_enabled()) == before
