@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from harness import bench, models  # noqa: E402
+from harness import models  # noqa: E402
+from harness.benchmarks import bench  # noqa: E402
 from harness.spec import load_spec  # noqa: E402
-from harness.train import build_trainer, compile_layers, lora_inputs_in_compute_dtype, tokenized_dataset  # noqa: E402
+from harness.training.train import (build_trainer, compile_layers, lora_inputs_in_compute_dtype,  # noqa: E402
+                                    tokenized_dataset)
 
 args = sys.argv[1:]
 overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]

@@ -64,7 +64,7 @@ def _score(spec, model_ref, tokenizer, device, prompts, sdpa: list[str] | None =
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from harness import models
-    from harness.generation import generate
+    from harness.scoring.generation import generate
 
     model = models.load_model(model_ref, spec.model, tokenizer, device)
     backends = sdpa_kernel([getattr(SDPBackend, b.upper()) for b in sdpa]) if sdpa else nullcontext()
@@ -75,11 +75,12 @@ def _score(spec, model_ref, tokenizer, device, prompts, sdpa: list[str] | None =
 
 
 def measure(task: str, overrides: list[str], train_steps: int, sdpa: list[str] | None = None) -> dict:
-    from harness import data as data_mod, models
-    from harness.prompts import build_prompt
-    from harness.run import load_base_tokenizer
+    from harness import models
+    from harness.data import records as data_mod
+    from harness.data.prompts import build_prompt
+    from harness.recipes.run import load_base_tokenizer
     from harness.spec import load_spec
-    from harness.train import fast_path_options, train
+    from harness.training.train import fast_path_options, train
 
     spec = load_spec(task, overrides)
     device = models.pick_device()

@@ -190,10 +190,10 @@ def _stage_seconds(manifest_path: Path) -> dict:
 
 
 def tokenize_one_at_a_time(spec, tokenizer, examples):
-    """What harness.train.tokenized_dataset did before: two tokenizer calls per example, one process."""
+    """What harness.training.train.tokenized_dataset did before: two tokenizer calls per example, one process."""
     from datasets import Dataset
 
-    from harness.prompts import build_prompt, encode_example
+    from harness.data.prompts import build_prompt, encode_example
 
     rows = []
     for ex in examples:
@@ -209,9 +209,9 @@ def measure_tokenize(data_dir: Path, model: str, n: int) -> dict:
     Both run in this process (CPU seconds count tokenized_dataset's worker processes too), after a
     small warm-up of each so that neither pays for first imports."""
     from harness import models
-    from harness.data import TRAIN_FILE, Example
+    from harness.data.records import TRAIN_FILE, Example
     from harness.spec import load_spec
-    from harness.train import tokenized_dataset
+    from harness.training.train import tokenized_dataset
 
     spec = load_spec(str(SPEC), [f"model.base={model}"])
     tokenizer = models.load_tokenizer(models.resolve_base(model), spec.model,

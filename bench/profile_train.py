@@ -10,9 +10,10 @@ import torch
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from harness import bench, models  # noqa: E402
+from harness import models  # noqa: E402
+from harness.benchmarks import bench  # noqa: E402
 from harness.spec import load_spec  # noqa: E402
-from harness.train import build_trainer, tokenized_dataset  # noqa: E402
+from harness.training.train import build_trainer, tokenized_dataset  # noqa: E402
 
 folder, batch = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 32
 spec = load_spec("amazon_desc", [f"model.base={folder}", "train.max_length=512", "train.packing=on"])

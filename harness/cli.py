@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args) -> int:
-    from harness.run import run_task, summary_line
+    from harness.recipes.run import run_task, summary_line
 
     if bool(args.task) == bool(args.resume):
         raise HarnessError("run: give a TASK, or --resume RUN (not both)")
@@ -180,7 +180,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from harness.eval import eval_task, summary_lines
+    from harness.recipes.eval import eval_task, summary_lines
 
     with _sigterm_interrupts():
         run_dir = eval_task(args.task, args.adapters, args.overrides, args.runs_dir)
@@ -193,7 +193,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from harness.sweep import summary_lines, sweep_task
+    from harness.recipes.sweep import summary_lines, sweep_task
 
     if bool(args.task) == bool(args.resume):
         raise HarnessError("sweep: give a TASK, or --resume SWEEP_DIR (not both)")
@@ -235,7 +235,7 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_prepare(args) -> int:
-    from harness import data
+    from harness.data import records as data
     from harness.runfolder import Manifest, new_run_dir
     from harness.spec import load_spec
 
@@ -251,7 +251,7 @@ def _cmd_prepare(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from harness.report import write_reports
+    from harness.reporting.report import write_reports
 
     html, md = write_reports(args.runs, args.out or args.runs[0])
     print(f"{html}\n{md}")
@@ -259,32 +259,32 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    from harness.gate import run_check
+    from harness.reporting.gate import run_check
 
     return run_check(args.task, args.candidate, args.baseline, args.out, args.overrides)
 
 
 def _cmd_baseline(args) -> int:
-    from harness.gate import write_baseline
+    from harness.reporting.gate import write_baseline
 
     print(write_baseline(args.run, args.out))
     return 0
 
 
 def _cmd_generate(args) -> int:
-    from harness.generate_cli import generate_command
+    from harness.serving.generate_cli import generate_command
 
     return generate_command(args)
 
 
 def _cmd_serve(args) -> int:
-    from harness.serve import serve_command
+    from harness.serving.serve import serve_command
 
     return serve_command(args)
 
 
 def _cmd_bench(args) -> int:
-    from harness.bench import bench_command
+    from harness.benchmarks.bench import bench_command
 
     return bench_command(args)
 

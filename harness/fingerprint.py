@@ -44,8 +44,8 @@ def split_fingerprint(examples) -> str:
 
 
 # Bumped when the same generation settings decode differently (v2: repetition penalties count the output
-# only, harness.generation.output_penalties; v3: scoring never runs cuDNN's attention kernel,
-# harness.generation.DETERMINISTIC_SDPA), so base scores cached by older code are not reused.
+# only, harness.scoring.generation.output_penalties; v3: scoring never runs cuDNN's attention kernel,
+# harness.scoring.generation.DETERMINISTIC_SDPA), so base scores cached by older code are not reused.
 GENERATION_SEMANTICS = 3
 
 

@@ -22,8 +22,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import attention
 from harness.errors import ModelError
+from harness.training import attention
 
 log = logging.getLogger(__name__)
 

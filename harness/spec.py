@@ -20,9 +20,9 @@ import yaml
 from harness.errors import SpecError
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
-# Equal to harness.metrics.METRICS (a test holds them together); spec loading stays free of the scorers.
+# Equal to harness.scoring.metrics.METRICS (a test holds them together); spec loading stays free of the scorers.
 METRIC_NAMES = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf", "perplexity", "rep4", "loops", "distinct2")
-# Named prompt formats of the fine-tuning notebooks (texts in harness/prompts.py PRESETS).
+# Named prompt formats of the fine-tuning notebooks (texts in harness/data/prompts.py PRESETS).
 PROMPT_PRESETS = ("alpaca", "llama2_inst")
 
 
@@ -112,7 +112,7 @@ class GenerationSpec:
     batch_size: int = 16
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0  # > 0: never repeat an n-gram of this many model tokens (0 = off)
-    # -- fast scorer (harness/generation.py): engine, fixed batch shapes, sampling seed --
+    # -- fast scorer (harness/scoring/generation.py): engine, fixed batch shapes, sampling seed --
     engine: Literal["auto", "compiled", "graphs", "static", "dynamic"] = "auto"
     static_batch_size: int = 512
     prompt_buckets: list[int] = field(default_factory=lambda: [128, 256, 512, 1024, 2048])

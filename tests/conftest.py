@@ -25,7 +25,7 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
 def _words(path: Path) -> list[str]:
     from tokenizers.pre_tokenizers import Whitespace
 
-    from harness.data import clean_text
+    from harness.data.records import clean_text
 
     seen: dict[str, None] = {}
     pre = Whitespace()
@@ -93,7 +93,7 @@ def tiny_overrides(model_dir: Path, *extra: str) -> list[str]:
 
 def run_tiny(tmp_path: Path, model_dir: Path, *extra: str) -> Path:
     """A full `run` of the shipped task on the tiny model (a few seconds)."""
-    from harness.run import run_task
+    from harness.recipes.run import run_task
 
     return run_task(str(REPO / "tasks" / "amazon_desc.yaml"), tiny_overrides(model_dir, *extra), tmp_path / "runs")
 

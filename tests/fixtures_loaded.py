@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.loaded_run import LoadedRun
+from harness.serving.loaded_run import LoadedRun
 
 
 @pytest.fixture(scope="module")

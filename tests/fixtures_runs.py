@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from harness.metrics import DEGENERATION, HIGHER_IS_BETTER, METRICS
+from harness.scoring.metrics import DEGENERATION, HIGHER_IS_BETTER, METRICS
 
 VOCAB = ("soft", "cotton", "navy", "steel", "bottle", "keeps", "drinks", "cold", "lamp", "desk",
          "warm", "light", "durable", "classic", "fit", "washable", "ceramic", "mug", "gift", "travel")

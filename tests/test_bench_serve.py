@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from harness.bench_serve import CLIENTS, MODES
+from harness.benchmarks.bench_serve import CLIENTS, MODES
 from harness.cli import main
 from tests.conftest import REPO
 

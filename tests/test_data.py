@@ -1,4 +1,4 @@
-"""Tests for harness.data (cleaning, reading, de-duplication, split, caps, counts) and harness.io."""
+"""Tests for harness.data.records (cleaning, reading, de-duplication, split, caps, counts) and harness.io."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-import harness.data as D
+import harness.data.records as D
 import harness.io as hio
-from harness.data import (
+from harness.data.records import (
     Example,
     PreparedData,
     ReadStats,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.data import ReadStats, iter_records, prepare, write_prepared, read_prepared
+from harness.data.records import ReadStats, iter_records, prepare, write_prepared, read_prepared
 from harness.errors import DataError
 from harness.spec import TaskSpec, build
 

@@ -5,10 +5,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from harness import degeneration
-from harness.heldout_scoring import guard_warnings
-from harness.metrics import (DEGENERATION, HIGHER_IS_BETTER, METRICS, MetricSettings, ModelOutputs,
-                             bootstrap_replicates, per_example_scores, resample_counts, score_outputs, score_single)
+from harness.scoring import degeneration
+from harness.scoring.heldout_scoring import guard_warnings
+from harness.scoring.metrics import (DEGENERATION, HIGHER_IS_BETTER, METRICS, MetricSettings, ModelOutputs,
+                                     bootstrap_replicates, per_example_scores, resample_counts, score_outputs,
+                                     score_single)
 from harness.spec import METRIC_NAMES
 
 SETTINGS = MetricSettings(bootstrap_replicates=300)

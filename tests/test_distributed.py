@@ -23,7 +23,7 @@ import pytest
 
 from harness import distributed
 from harness.cli import main
-from harness.generation import length_sorted_batches
+from harness.scoring.generation import length_sorted_batches
 from tests.conftest import REPO, tiny_overrides
 
 TASK = str(REPO / "tasks" / "amazon_desc.yaml")
@@ -72,7 +72,7 @@ def test_only_rank_zero_writes_the_manifest(tmp_path, monkeypatch):
 def test_rank_part_files_fold_into_the_side_file_once(tmp_path, monkeypatch):
     """Each process appends its share to its own part file; rank 0 folds them in (a torn last line
     dropped, rows already there not repeated) and removes them."""
-    from harness.heldout_scoring import fold_rank_parts, read_generations
+    from harness.scoring.heldout_scoring import fold_rank_parts, read_generations
 
     def row(i: int) -> str:
         return json.dumps({"id": f"e{i}", "text": f"t{i}", "n_tokens": 1, "hit_max_new_tokens": False})
@@ -95,7 +95,7 @@ def test_the_launchers_echo_of_ctrl_c_does_not_abort_the_checkpoint(monkeypatch)
     count as the second signal that aborts without a checkpoint; a later one still does."""
     import signal
 
-    from harness.train import _StopOnSignal
+    from harness.training.train import _StopOnSignal
 
     _as_rank(monkeypatch, 0, 2)
     stopper = _StopOnSignal()
@@ -170,8 +170,8 @@ def two_process_run(tiny_model_dir, tmp_path_factory) -> tuple[Path, subprocess.
 @pytest.mark.slow
 def test_two_processes_train_data_parallel_and_rank_zero_writes(two_process_run, tiny_run):
     from harness import models
-    from harness.heldout_scoring import assert_adapter_applied
-    from harness.run import load_base_tokenizer, load_run_spec
+    from harness.recipes.run import load_base_tokenizer, load_run_spec
+    from harness.scoring.heldout_scoring import assert_adapter_applied
 
     run_dir, done = two_process_run
     assert done.stdout.count("run folder:") == 1  # the summary comes from rank 0 only
@@ -200,8 +200,8 @@ def test_sharded_eval_gives_the_one_process_predictions_and_metrics(two_process_
                                                                    tmp_path, monkeypatch):
     """`torchrun ... eval` of two candidates (base, each candidate and the comparison, all sharded)
     against the same eval in this one process: byte-identical predictions and scores, equal metrics."""
-    from harness.eval import eval_task
-    from harness.heldout_scoring import read_generations
+    from harness.recipes.eval import eval_task
+    from harness.scoring.heldout_scoring import read_generations
 
     run_dir, _ = two_process_run
     adapters = ["--adapter", str(run_dir), "--adapter", str(tiny_run)]
@@ -229,7 +229,7 @@ def test_sharded_eval_gives_the_one_process_predictions_and_metrics(two_process_
 @pytest.mark.slow
 def test_sharded_check_gives_the_one_process_verdict(two_process_run, tiny_run, tiny_model_dir, tmp_path):
     """`check` scores the candidate adapter with the same sharded path: the same verdict, rule by rule."""
-    from harness.gate import run_check
+    from harness.reporting.gate import run_check
 
     run_dir, _ = two_process_run
     args = ["--candidate", str(run_dir / "adapter"), "--baseline", str(tiny_run)]

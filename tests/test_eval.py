@@ -166,7 +166,7 @@ def read(path: Path):
 
 # -- prompt presets: the text, and where the answer ends --------------------------------------
 def test_presets_are_the_notebook_formats_word_for_word(llama_dir):
-    from harness.prompts import build_prompt
+    from harness.data.prompts import build_prompt
 
     tokenizer = models.load_tokenizer(str(llama_dir), ModelSpec(), uses_chat_template=False)
     alpaca = build_prompt(tokenizer, PromptSpec(instruction=INSTRUCTION, template="alpaca"), "Garlic Press")
@@ -183,7 +183,7 @@ def test_presets_are_the_notebook_formats_word_for_word(llama_dir):
 def test_presets_start_with_bos_only_where_the_tokenizer_adds_one(llama_dir):
     from tokenizers.processors import TemplateProcessing
 
-    from harness.prompts import build_prompt, encode_prompt
+    from harness.data.prompts import build_prompt, encode_prompt
 
     tokenizer = models.load_tokenizer(str(llama_dir), ModelSpec(), uses_chat_template=False)
     assert build_prompt(tokenizer, PromptSpec(template="alpaca"), "Mug").startswith("Below is")
@@ -196,7 +196,7 @@ def test_presets_start_with_bos_only_where_the_tokenizer_adds_one(llama_dir):
 
 
 def test_preset_answers_end_with_the_tokenizers_real_eos(llama_dir):
-    from harness.prompts import build_prompt, completion_text, encode_example
+    from harness.data.prompts import build_prompt, completion_text, encode_example
 
     tokenizer = models.load_tokenizer(str(llama_dir), ModelSpec(), uses_chat_template=False)
     eos = tokenizer.convert_tokens_to_ids("</s>")
@@ -227,8 +227,8 @@ class _ScriptedModel:
 
 
 def test_scoring_and_generate_stop_where_the_preset_answer_ends(llama_dir):
-    from harness.generation import generate
-    from harness.prompts import build_prompt
+    from harness.data.prompts import build_prompt
+    from harness.scoring.generation import generate
     from harness.spec import GenerationSpec
 
     tokenizer = models.load_tokenizer(str(llama_dir), ModelSpec(), uses_chat_template=False)
@@ -255,8 +255,8 @@ def test_spec_names_presets_and_test_files(tmp_path, monkeypatch):
 
 # -- data.heldout_path -----------------------------------------------------------------------
 def test_heldout_path_scores_the_test_file_and_keeps_leaks_visible(data_files):
-    from harness.data import prepare
-    from harness.leakage import leakage_report
+    from harness.data.leakage import leakage_report
+    from harness.data.records import prepare
 
     rows = demo_rows()
     base = [f"data.path={data_files['train']}", f"data.heldout_path={data_files['test']}", "data.max_heldout=null"]
@@ -328,7 +328,7 @@ def test_a_misfit_fails_up_front_in_one_line(case, adapters, sets, tmp_path, cap
 
 
 def test_base_aliases_tokenizers_and_candidate_kinds(adapters, llama_dir, tiny_model_dir, tmp_path):
-    from harness.eval import check_candidates, resolve_candidates
+    from harness.recipes.eval import check_candidates, resolve_candidates
 
     spec = lambda *extra: load_spec(TASK, [f"model.base={llama_dir}", "prompt.template=alpaca", *extra])  # noqa: E731
     renamed = _changed_adapter(adapters["first"], tmp_path / "renamed",
@@ -396,8 +396,8 @@ def test_one_adapter_made_elsewhere_gives_a_run_shaped_folder(single_eval, adapt
     import jsonschema
 
     from harness import fingerprint
-    from harness.metrics import METRICS
-    from harness.report import load_run
+    from harness.reporting.report import load_run
+    from harness.scoring.metrics import METRICS
 
     for name in ("spec.yaml", "manifest.json", "metrics.json", "predictions.jsonl", "report.html", "report.md",
                  "data/heldout.jsonl", "scores/base_nll.json", "scores/tuned_generations.jsonl"):
@@ -521,7 +521,7 @@ def test_tensor_rules_for_other_peft_layouts(llama_dir):
 
 def test_report_reads_an_eval_folder_as_candidates_and_their_comparisons(tmp_path):
     from harness.errors import RunError
-    from harness.report import write_reports
+    from harness.reporting.report import write_reports
     from tests.fixtures_runs import make_run
 
     root = tmp_path / "eval"

@@ -8,7 +8,7 @@ import torch
 from harness import models
 from harness.errors import HarnessError
 from harness.spec import ModelSpec, TaskSpec
-from harness.train import fast_path_options
+from harness.training.train import fast_path_options
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "flex_attention"])
@@ -120,7 +120,7 @@ def test_trl_hands_packed_boundaries_to_varlen_through_peft(tiny_model_dir, monk
     import torch.nn.attention.varlen as varlen_module
 
     from harness.spec import load_spec
-    from harness.train import build_trainer, tokenized_dataset
+    from harness.training.train import build_trainer, tokenized_dataset
     from tests.conftest import tiny_overrides
 
     seen = []
@@ -135,7 +135,7 @@ def test_trl_hands_packed_boundaries_to_varlen_through_peft(tiny_model_dir, monk
     tokenizer = models.load_tokenizer(str(tiny_model_dir), ModelSpec(), uses_chat_template=True)
     model = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, models.Device("cpu"),
                               attn_implementation="varlen")
-    from harness.data import prepare
+    from harness.data.records import prepare
 
     examples = prepare(spec).train[:4]
     data = tokenized_dataset(spec, tokenizer, examples)
@@ -153,7 +153,7 @@ def test_cuda_varlen_equals_sdpa_on_a_packed_batch():
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from harness.attention import register
+    from harness.training.attention import register
 
     register()
     config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -181,7 +181,7 @@ def test_lora_inputs_stay_in_the_compute_dtype(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from harness.train import lora_inputs_in_compute_dtype
+    from harness.training.train import lora_inputs_in_compute_dtype
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
@@ -200,7 +200,7 @@ def test_lora_inputs_stay_in_the_compute_dtype(tiny_model_dir):
 def test_compile_leaves_liger_out_and_refuses_forced_liger(tiny_model_dir, monkeypatch):
     """Compiled layers get their fusions from the compiler: `auto` Liger stays off with `compile: on`,
     and a forced Liger (opaque to the compiler) is refused up front."""
-    from harness import train
+    from harness.training import train
 
     monkeypatch.setattr(train, "_has_liger", lambda: True)
     spec = TaskSpec(name="t")
@@ -220,7 +220,7 @@ def test_compiled_layers_train_like_eager_layers(tiny_model_dir, tmp_path):
     CPU check uses the `eager` backend: it tests the wiring and tracing, not inductor's code."""
     from peft import LoraConfig, get_peft_model
 
-    from harness.train import compile_layers, decoder_layers
+    from harness.training.train import compile_layers, decoder_layers
 
     def lora_model():
         torch.manual_seed(0)
@@ -243,7 +243,7 @@ def test_compiled_layers_train_like_eager_layers(tiny_model_dir, tmp_path):
 
 
 def test_compile_refuses_a_model_without_decoder_layers():
-    from harness.train import decoder_layers
+    from harness.training.train import decoder_layers
 
     with pytest.raises(HarnessError, match="no `model.layers` to compile"):
         decoder_layers(torch.nn.Linear(2, 2))
@@ -254,7 +254,7 @@ def test_training_patches_to_the_modeling_module_are_undone(tiny_model_dir):
     after training (the tuned model for scoring) must run the same kernels as the base model did."""
     import sys
 
-    from harness.train import modeling_module_restored
+    from harness.training.train import modeling_module_restored
 
     tokenizer = models.load_tokenizer(str(tiny_model_dir), ModelSpec(), uses_chat_template=True)
     model = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, models.Device("cpu"))

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from harness.cli import main
-from harness.gate import CannotJudge, evaluate, floor_check, guard_check, margin_check, render_junit, select_subset
-from harness.metrics import MetricSettings, ModelOutputs
+from harness.reporting.gate import (CannotJudge, evaluate, floor_check, guard_check, margin_check, render_junit,
+                                    select_subset)
+from harness.scoring.metrics import MetricSettings, ModelOutputs
 from harness.spec import GateSpec, RuleSpec
 from tests.conftest import REPO, tiny_overrides
 

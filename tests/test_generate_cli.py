@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from harness import generate_cli
 from harness.cli import main
-from harness.loaded_run import LoadedRun
+from harness.serving import generate_cli
+from harness.serving.loaded_run import LoadedRun
 from tests.fixtures_loaded import loaded  # noqa: F401  (a fixture)
 
 TITLES = ["Garlic Press", "Kids' Rain Boots , Dinosaur Print", "Aquarium Starter Kit", "Mug"]

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from harness import models
+from harness.data.prompts import build_prompt, encode_example
 from harness.errors import ModelError
-from harness.prompts import build_prompt, encode_example
-from harness import generation
 from harness.errors import SpecError
-from harness.generation import Batch, GenerationStats, bucket_width, deterministic_kernels, generate, plan_batches
-from harness.likelihood import reference_nll
-from harness.heldout_scoring import assert_adapter_applied
+from harness.scoring import generation
+from harness.scoring.generation import (Batch, GenerationStats, bucket_width, deterministic_kernels, generate,
+                                        plan_batches)
+from harness.scoring.heldout_scoring import assert_adapter_applied
+from harness.scoring.likelihood import reference_nll
 from harness.spec import GenerationSpec, ModelSpec, PromptSpec, load_spec
 from tests.conftest import REPO, run_tiny
 
@@ -104,7 +105,7 @@ def test_unchanged_adapter_is_refused(tiny_model_dir, loaded):
 
 
 def test_no_repeat_ngram_size_reaches_generate(loaded, monkeypatch):
-    from harness import degeneration
+    from harness.scoring import degeneration
 
     model, tokenizer = loaded
     calls = []
@@ -291,7 +292,7 @@ def test_vectorised_output_penalties_equal_transformers_processors(penalty, ngra
     """The graphs engine's fixed-shape penalties against transformers' processors on the output slice, at
     every step of a random output over a small vocabulary (many repeated tokens and n-gram matches). Columns
     past the step hold junk tokens, which must not count."""
-    from harness.graph_decoding import OutputPenalties
+    from harness.scoring.graph_decoding import OutputPenalties
 
     rows, vocab, max_new, width = 5, 7, 12, 4
     gen = GenerationSpec(max_new_tokens=max_new, repetition_penalty=penalty, no_repeat_ngram_size=ngram)
@@ -357,7 +358,7 @@ def test_perplexity_does_not_depend_on_the_lm_head_chunk(loaded, monkeypatch):
     model, tokenizer = loaded
     examples = encoded(tokenizer)
     whole = reference_nll(model, examples, 4, CPU, tokenizer.pad_token_id)
-    monkeypatch.setattr("harness.likelihood.HEAD_CHUNK", 3)
+    monkeypatch.setattr("harness.scoring.likelihood.HEAD_CHUNK", 3)
     chunked = reference_nll(model, examples, 4, CPU, tokenizer.pad_token_id)
     np.testing.assert_allclose(whole[0], chunked[0], rtol=1e-6)
     assert (whole[1] == chunked[1]).all()

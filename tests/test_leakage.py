@@ -1,8 +1,8 @@
 import pytest
 
-from harness.data import Example
+from harness.data.leakage import assert_no_exact_leak, leakage_report, near_key
+from harness.data.records import Example
 from harness.errors import DataError
-from harness.leakage import assert_no_exact_leak, leakage_report, near_key
 
 
 def ex(title: str) -> Example:

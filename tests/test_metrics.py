@@ -10,7 +10,7 @@ import sacrebleu
 from rouge_score import rouge_scorer
 
 from harness.errors import MetricError
-from harness.metrics import (
+from harness.scoring.metrics import (
     METRICS,
     MetricSettings,
     ModelOutputs,

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from harness.generation import Generation
-from harness.microbatch import MicroBatcher
+from harness.scoring.generation import Generation
+from harness.serving.microbatch import MicroBatcher
 from harness.spec import GenerationSpec
 
 WAIT_S = 10

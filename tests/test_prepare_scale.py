@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-import harness.data as D
-from harness.data import Example, SpilledExamples, clean_text, iter_records, prepare, read_prepared, write_prepared
+import harness.data.records as D
+from harness.data.records import (Example, SpilledExamples, clean_text, iter_records, prepare, read_prepared,
+                                  write_prepared)
 from harness.errors import DataError, SpecError
 from harness.spec import TaskSpec, build
 from tests.conftest import DEMO_DATA, REPO, SHARED_DATA
@@ -221,7 +222,7 @@ def test_prepare_peak_rss_is_bounded_on_a_200k_line_file(tmp_path):
 
 @pytest.mark.parametrize("per_process", [10**9, 60], ids=["in-process", "2-processes"])
 def test_tokenized_dataset_matches_one_at_a_time_encoding(tiny_model_dir, monkeypatch, capsys, per_process):
-    import harness.train as T
+    import harness.training.train as T
     from harness import models
     from harness.spec import load_spec
 
@@ -240,7 +241,7 @@ def test_tokenized_dataset_matches_one_at_a_time_encoding(tiny_model_dir, monkey
 
 def test_encode_examples_is_encode_example_in_a_batch(tiny_model_dir):
     from harness import models
-    from harness.prompts import encode_example, encode_examples
+    from harness.data.prompts import encode_example, encode_examples
     from harness.spec import ModelSpec
 
     tokenizer = models.load_tokenizer(str(tiny_model_dir), ModelSpec(base=str(tiny_model_dir)), uses_chat_template=True)

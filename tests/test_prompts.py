@@ -1,7 +1,7 @@
 """Prompt building and the end-of-turn token: one path for training, scoring and serving."""
 
 from harness import models
-from harness.prompts import build_prompt, completion_text, encode_example
+from harness.data.prompts import build_prompt, completion_text, encode_example
 from harness.spec import ModelSpec, PromptSpec
 
 

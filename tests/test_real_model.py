@@ -5,9 +5,9 @@ import hashlib
 import pytest
 
 from harness import models
-from harness.prompts import build_prompt, encode_example
-from harness.generation import generate
-from harness.likelihood import reference_nll
+from harness.data.prompts import build_prompt, encode_example
+from harness.scoring.generation import generate
+from harness.scoring.likelihood import reference_nll
 from harness.spec import EMBEDDED_MODEL, GenerationSpec, ModelSpec, PromptSpec
 from tests.conftest import SHARED_DATA, REPO, run_tiny
 

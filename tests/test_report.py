@@ -9,10 +9,10 @@ from html.parser import HTMLParser
 import pytest
 
 from fixtures_runs import make_run
-from harness import report
 from harness.errors import RunError
-from harness.metrics import DEGENERATION, METRICS
-from harness.report import MD_MAX_BYTES, significance, write_reports
+from harness.reporting import report
+from harness.reporting.report import MD_MAX_BYTES, significance, write_reports
+from harness.scoring.metrics import DEGENERATION, METRICS
 
 SECTIONS = ("Summary", "Headline metrics", "Degenerate output", "Plots", "Examples", "Guards", "Configuration",
             "Fingerprints", "Environment")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fixtures_runs import make_run
-from harness.report import write_reports
+from harness.reporting.report import write_reports
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

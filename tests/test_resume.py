@@ -162,7 +162,7 @@ def test_resume_refuses_a_run_whose_process_is_alive(tmp_path, capsys):
 def test_resume_does_not_regenerate_scored_predictions(tmp_path, tiny_run, monkeypatch):
     """Scoring killed mid-way: 3 tuned generations on disk plus a torn half line. `--resume` generates
     only the 5 missing prompts (counted by wrapping `generate`) and ends with all 8, each once."""
-    from harness import heldout_scoring as scoring
+    from harness.scoring import heldout_scoring as scoring
 
     run_dir = shutil.copytree(tiny_run, tmp_path / tiny_run.name)
     gens = run_dir / "scores" / "tuned_generations.jsonl"
@@ -199,7 +199,7 @@ def test_sigint_and_sigterm_both_ask_for_checkpoint_then_stop_and_a_second_one_a
 
     from accelerate import Accelerator
 
-    from harness.train import _signals_to, _StopOnSignal
+    from harness.training.train import _signals_to, _StopOnSignal
 
     accelerator = Accelerator(cpu=True)
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}

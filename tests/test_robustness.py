@@ -82,8 +82,8 @@ def test_a_failed_manifest_update_keeps_the_last_good_manifest(tmp_path, monkeyp
 
 
 def test_a_failed_report_or_baseline_write_keeps_the_previous_one(tiny_run, tmp_path, monkeypatch):
-    from harness.gate import write_baseline
-    from harness.report import write_reports
+    from harness.reporting.gate import write_baseline
+    from harness.reporting.report import write_reports
 
     baseline = write_baseline(tiny_run, tmp_path / "baseline.json")
     run_dir = shutil.copytree(tiny_run, tmp_path / "run")
@@ -100,7 +100,7 @@ def test_a_failed_report_or_baseline_write_keeps_the_previous_one(tiny_run, tmp_
 def test_run_folder_writers_go_through_atomic_writes():
     """Every artifact writer in these modules uses harness.io (append-only logs excepted)."""
     direct = re.compile(r"\.write_text\(|\.write_bytes\(|json\.dump\(|open\([^)]*[\"'][wx]b?[\"']")
-    for name in ("run.py", "runfolder.py", "report.py", "gate.py"):
+    for name in ("recipes/run.py", "runfolder.py", "reporting/report.py", "reporting/gate.py"):
         path = REPO / "harness" / name
         if path.is_file():
             hits = [line.strip() for line in path.read_text().splitlines() if direct.search(line)]
@@ -270,7 +270,7 @@ def test_disk_full_or_out_of_memory_inside_a_stage_is_one_line_exit_2(tiny_model
     def fail(self):
         raise error
 
-    monkeypatch.setattr("harness.heldout_scoring.ScoringSession.score_base", fail)
+    monkeypatch.setattr("harness.scoring.heldout_scoring.ScoringSession.score_base", fail)
     monkeypatch.chdir(tmp_path)
     code = main(_run_args(tmp_path / "runs", tiny_overrides(tiny_model_dir)))
     assert code == 2

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from harness.metrics import METRICS
+from harness.scoring.metrics import METRICS
 from tests.conftest import REPO, run_tiny, tiny_overrides
 
 pytestmark = pytest.mark.slow

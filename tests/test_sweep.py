@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import data as data_mod
 from harness.cli import main
+from harness.data import records as data_mod
 from harness.errors import SpecError
 from harness.spec import SweepSpec, load_spec
 from tests.conftest import REPO, tiny_overrides
@@ -67,7 +67,7 @@ def _study(sweep_dir: Path):
 def _count_trainings(monkeypatch, fail_on: dict | None = None) -> list:
     """Wrap the sweep's train_stage to record each call's spec; `fail_on` maps a call number to the
     exception raised instead of that call."""
-    from harness import run, sweep
+    from harness.recipes import run, sweep
 
     calls = []
 
@@ -84,7 +84,7 @@ def _count_trainings(monkeypatch, fail_on: dict | None = None) -> list:
 
 def _scored_sets(monkeypatch) -> list[frozenset]:
     """The example ids of every ScoringSession the sweep opens (validation or held-out)."""
-    from harness import heldout_scoring
+    from harness.scoring import heldout_scoring
 
     sessions = []
     real = heldout_scoring.ScoringSession.__init__
@@ -184,7 +184,7 @@ def test_validation_slice_is_carved_from_train_only(tmp_path):
     spec = load_spec(TASK, ["data.max_heldout=null"])
     prepared = data_mod.prepare(spec)
     sweep = SweepSpec(validation_fraction=0.25, max_validation=20)
-    from harness.sweep import carve_validation
+    from harness.recipes.sweep import carve_validation
 
     kept, validation = carve_validation(prepared.train, sweep)
     assert len(validation) == 20 and len(kept) + len(validation) == len(prepared.train)
@@ -271,7 +271,7 @@ def test_retry_queues_what_failed_or_died_here_and_gives_up_after_three_failures
     import optuna
     from optuna.trial import TrialState
 
-    from harness.sweep import MAX_ATTEMPTS, choose, retry_unfinished
+    from harness.recipes.sweep import MAX_ATTEMPTS, choose, retry_unfinished
 
     assert MAX_ATTEMPTS == 3
     dead = subprocess.Popen(["true"])
@@ -305,7 +305,7 @@ def _hand_built_study(values_and_loops, select="rougeL", max_loop_share=0.1):
     """An in-memory study whose trials carry the validation guards and the real loop constraints."""
     import optuna
 
-    from harness.sweep import loop_constraints
+    from harness.recipes.sweep import loop_constraints
 
     sweep = SweepSpec(select=select, max_loop_share=max_loop_share)
     study = optuna.create_study(direction="maximize" if select != "perplexity" else "minimize")
@@ -325,7 +325,7 @@ def _hand_built_study(values_and_loops, select="rougeL", max_loop_share=0.1):
 def test_a_trial_that_loops_too_often_is_never_chosen():
     """Trial 0 scores best but loops past the cap, trial 3 second best but loops more than base: the
     winner is trial 1 (as optuna's own constrained best_trial says), trial 2 the runner-up."""
-    from harness.sweep import choose
+    from harness.recipes.sweep import choose
 
     study, sweep = _hand_built_study([(30.0, 0.5, 0.0), (25.0, 0.0, 0.0), (20.0, 0.05, 0.05), (28.0, 0.05, 0.0)])
     choice = choose(study, sweep, {"train.lr": [0, 1, 2, 3]})
@@ -346,7 +346,7 @@ def test_a_trial_that_loops_too_often_is_never_chosen():
 def test_no_feasible_trial_fails_closed_before_heldout(tmp_path, tiny_model_dir, monkeypatch, capsys):
     """Every output counted as a loop: both trials break sweep.max_loop_share, the sweep exits 2 with
     one line, choice.json names no winner, and nothing is scored on held-out (no run folder)."""
-    from harness import heldout_scoring
+    from harness.scoring import heldout_scoring
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(heldout_scoring.degeneration, "loops", lambda text: True)
@@ -389,7 +389,7 @@ KEEP_BEST = ("train.keep_best=true", "train.save_steps=1", "train.max_steps=4", 
 
 def _train_keep_best(model_dir: Path, out: Path, resume_from: Path | None = None):
     from harness import models
-    from harness.train import train
+    from harness.training.train import train
 
     spec = load_spec(TASK, tiny_overrides(model_dir, *KEEP_BEST))
     examples = data_mod.prepare(spec).train
@@ -445,7 +445,7 @@ def test_keep_best_survives_an_interruption_and_resume(keep_best_run, tiny_model
     checkpoint, with the adapter equal to the uninterrupted run's (best tracking was restored)."""
     import trl
 
-    from harness.train import TrainingInterrupted, latest_checkpoint
+    from harness.training.train import TrainingInterrupted, latest_checkpoint
 
     reference_dir, reference = keep_best_run
     real_step = trl.SFTTrainer.training_step

@@ -5,7 +5,7 @@ CPU tests (fp32, inductor: the GPU's backend) pin the cause down: inductor draws
 its own generator (same distribution, other masks), and with eager's masks (inductor's
 `fallback_random`) compiled LoRA training through the harness' Trainer gives eager's losses step
 for step. So a compiled loss curve differs from an eager one the way a re-seeded run does: the
-bench's loss check (harness/bench.py) measures that band in the same run."""
+bench's loss check (harness/benchmarks/bench.py) measures that band in the same run."""
 
 from pathlib import Path
 
@@ -42,9 +42,9 @@ def test_inductor_draws_dropout_masks_from_another_stream_than_eager(fresh_dynam
 
 def _losses(model_dir: Path, out: Path, compiled: bool, steps: int = 4) -> list[float]:
     from harness import models
-    from harness.data import prepare
+    from harness.data.records import prepare
     from harness.spec import load_spec
-    from harness.train import build_trainer, compile_layers, tokenized_dataset
+    from harness.training.train import build_trainer, compile_layers, tokenized_dataset
 
     spec = load_spec(str(REPO / "tasks" / "amazon_desc.yaml"),
                      [f"model.base={model_dir}", "lora.dropout=0.05", "train.max_length=96", "train.packing=on",

@@ -6,7 +6,8 @@ from tests.conftest import run_tiny
 
 
 def test_a_run_resolves_the_fast_path_once(tiny_model_dir, tmp_path, monkeypatch):
-    from harness import run, train
+    from harness.recipes import run
+    from harness.training import train
 
     calls = []
     resolve = train.fast_path_options

@@ -1,5 +1,5 @@
 """The bench's loss check: each recipe's largest loss gap to the reference, against the noise band
-that re-seeded runs of the reference measure in the same bench run (harness/bench.py, "Loss check").
+that re-seeded runs of the reference measure in the same bench run (harness/benchmarks/bench.py, "Loss check").
 
 Pure functions over the bench's training rows: no training here."""
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from harness.bench import _loss_check_lines, loss_check
+from harness.benchmarks.bench import _loss_check_lines, loss_check
 
 SEED = 42
 

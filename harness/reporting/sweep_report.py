@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import report
 from harness.io import atomic_write_text
-from harness.metrics import HIGHER_IS_BETTER, METRICS
-from harness.sweep import CHOICE_FILE, VALIDATION_FILE, read_trials, sweep_record
+from harness.recipes.sweep import CHOICE_FILE, VALIDATION_FILE, read_trials, sweep_record
+from harness.reporting import report
+from harness.scoring.metrics import HIGHER_IS_BETTER, METRICS
 
 
 def write_sweep_reports(sweep_dir: Path) -> tuple[Path, Path]:

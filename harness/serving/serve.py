@@ -2,7 +2,7 @@
 
 The model is loaded once into a `LoadedRun`; requests are validated on the event loop and
 handed to a `MicroBatcher`, whose single worker thread generates the requests that arrive
-together in one batched call (`harness/microbatch.py` says how batches form), while the event
+together in one batched call (`harness/serving/microbatch.py` says how batches form), while the event
 loop keeps answering `/health` and `/stats`.
 """
 
@@ -19,8 +19,8 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from harness.errors import HarnessError
-from harness.loaded_run import MAX_TITLE_CHARS, LoadedRun
-from harness.microbatch import MicroBatcher
+from harness.serving.loaded_run import MAX_TITLE_CHARS, LoadedRun
+from harness.serving.microbatch import MicroBatcher
 
 MAX_WINDOW_MS = 1000.0  # a longer wait would add seconds to every request that comes alone
 

@@ -14,7 +14,7 @@ baseline measured in the same run. Recipes:
              the harness recipe runs with `--set train.compile=on` (only when asked for with --recipes);
 - unsloth:   Unsloth's FastLanguageModel and its patched trl SFTTrainer on the same pre-tokenized
              examples, LoRA config, packing, batch, sequence length and SFTConfig fields, in its own
-             process with its own packages (harness/bench_unsloth.py: Unsloth pins older trl/datasets).
+             process with its own packages (harness/benchmarks/bench_unsloth.py: Unsloth pins older trl/datasets).
 The trl recipes get trl 1.16's chunked LM head, which computes the loss without full-vocabulary logits.
 
 Counted the same way for every recipe: tokens are the non-pad tokens of each micro-batch as it
@@ -181,7 +181,7 @@ class StepClock:
 
 def _examples(spec, n: int):
     """`n` training examples: the task's prepared train split, cycled deterministically."""
-    from harness.data import prepare
+    from harness.data.records import prepare
 
     pool = prepare(spec).train
     if not pool:
@@ -193,7 +193,7 @@ def _string_dataset(spec, tokenizer, examples):
     """What the notebooks feed trl: prompt and completion strings, tokenized by trl itself."""
     from datasets import Dataset
 
-    from harness.prompts import build_prompt
+    from harness.data.prompts import build_prompt
 
     return Dataset.from_list([{"prompt": build_prompt(tokenizer, spec.prompt, e.title), "completion": e.content}
                               for e in examples])
@@ -238,7 +238,7 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
     """
     import torch
 
-    from harness.train import build_trainer, fast_path_options, modeling_module_restored, tokenized_dataset
+    from harness.training.train import build_trainer, fast_path_options, modeling_module_restored, tokenized_dataset
 
     # The spec's liger_kernels stays (auto by default), so `--set train.liger_kernels=off` reaches
     # harness_eager too: harness against harness_eager then differs in compiling alone.
@@ -297,7 +297,7 @@ def _random_model_factory(arch: dict, tokenizer, device):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from harness.attention import NAME, register
+    from harness.training.attention import NAME, register
 
     def build(attention: str = "sdpa"):
         if attention == NAME:
@@ -321,7 +321,7 @@ def qlora_peak_memory(spec, tokenizer, device, seq_len: int, work: Path) -> dict
 
     from harness.models import load_model
     from harness.spec import ModelSpec
-    from harness.train import build_trainer
+    from harness.training.train import build_trainer
 
     folder = work / "llama3-8b-random"
     if not (folder / "config.json").is_file():
@@ -354,9 +354,9 @@ loop = the seeds' loop (dynamic engine, one prompt at a time, first --loop-examp
 dynamic = transformers' dynamic cache in length-sorted batches of generation.static_batch_size;
 static = the static engine uncompiled (same batches and cache as fast: the eager reference);
 fast = the static cache with decoding compiled into CUDA graphs (generation.engine compiled; auto
-uses static since this comparison: see harness/generation.py), called twice: the first call compiles (cold), the second reuses the compiled code (warm).
+uses static since this comparison: see harness/scoring/generation.py), called twice: the first call compiles (cold), the second reuses the compiled code (warm).
 graphs = the static engine's batches decoded by harness' own greedy loop, each step captured once per
-shape as a CUDA graph (generation.engine graphs, harness/graph_decoding.py; uncaptured off CUDA), one
+shape as a CUDA graph (generation.engine graphs, harness/scoring/graph_decoding.py; uncaptured off CUDA), one
 call: its tokens/s includes the capture; without capture = tokens / (seconds - capture seconds).
 Compile cost c = cold seconds - warm seconds (graphs: c = capture seconds, decoding s = seconds - c).
 Amortised over a held-out set of N = 1,000 examples: tokens/s = (N * tokens/n) / (N * decoding s/n + c),
@@ -395,7 +395,7 @@ def _bandwidth_bounds(model, device, rows: int, width: int, max_new_tokens: int)
 def _time_generation(model, tokenizer, prompts, gen, device) -> tuple[list, dict]:
     import torch
 
-    from harness.generation import GenerationStats, generate
+    from harness.scoring.generation import GenerationStats, generate
 
     stats = GenerationStats()
     if device.kind == "cuda":
@@ -428,8 +428,8 @@ def measure_generation(spec, model, tokenizer, examples, device, loop_n: int,
 
     `loop` (outputs, row) reuses a one-at-a-time measurement from an earlier call (it does not depend on the
     batch rows); the loop measurement used is returned for the next call."""
-    from harness.generation import generate
-    from harness.prompts import build_prompt
+    from harness.data.prompts import build_prompt
+    from harness.scoring.generation import generate
 
     prompts = [build_prompt(tokenizer, spec.prompt, e.title) for e in examples]
     gen = spec.generation
@@ -539,7 +539,7 @@ def bench_command(args) -> int:
     import platform
 
     from harness import models
-    from harness.bench_unsloth import UnslothUnavailable, measure_unsloth
+    from harness.benchmarks.bench_unsloth import UnslothUnavailable, measure_unsloth
     from harness.runfolder import package_versions
     from harness.spec import load_spec
 
@@ -631,8 +631,8 @@ def bench_command(args) -> int:
                 import torch
 
                 torch.cuda.empty_cache()
-    if "serve" in parts:  # opt-in (--only serve): harness/bench_serve.py
-        from harness.bench_serve import measure_serving
+    if "serve" in parts:  # opt-in (--only serve): harness/benchmarks/bench_serve.py
+        from harness.benchmarks.bench_serve import measure_serving
 
         results["serve"] = measure_serving(spec, tokenizer, [e.title for e in examples], device, work)
         results["ratios"]["serve: batched / serial requests/s"] = results["serve"]["ratio"]
@@ -713,7 +713,7 @@ def format_results(results: dict) -> str:
         lines += ["", f"QLoRA {q['model']} at {q['seq_len']} tokens: peak {q['peak_mem_gb']:.2f} GB "
                       f"(weights {q['weights_loaded_gb']:.2f} GB)"]
     if "serve" in results:
-        from harness.bench_serve import format_serving
+        from harness.benchmarks.bench_serve import format_serving
 
         lines += format_serving(results["serve"])
     lines += [f"FAILED {f['model']}/{f['recipe']}: {f['error']}" for f in results.get("failures", [])]

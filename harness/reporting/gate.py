@@ -27,15 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import data, distributed, fingerprint, models
+from harness import distributed, fingerprint, models
+from harness.data import records as data
+from harness.data.prompts import build_prompt, encode_example
 from harness.errors import HarnessError, RunError
 from harness.io import atomic_write_json, atomic_write_text
-from harness.metrics import (HIGHER_IS_BETTER, METRICS, MetricSettings, ModelOutputs, bootstrap_replicates,
-                             paired_comparison, per_example_scores, score_single, settings_record)
-from harness.prompts import build_prompt, encode_example
 from harness.runfolder import read_manifest
-from harness.heldout_scoring import (assert_adapter_applied, generate_sharded, guards, metric_settings,
-                                     read_generations, reference_nll_sharded)
+from harness.scoring.heldout_scoring import (assert_adapter_applied, generate_sharded, guards, metric_settings,
+                                             read_generations, reference_nll_sharded)
+from harness.scoring.metrics import (HIGHER_IS_BETTER, METRICS, MetricSettings, ModelOutputs, bootstrap_replicates,
+                                     paired_comparison, per_example_scores, score_single, settings_record)
 from harness.spec import GateSpec, TaskSpec, load_spec
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,7 @@ def scored_weights(run_dir: Path, manifest: dict) -> tuple[Path, str]:
     if candidates is None:
         return run_dir / "adapter", "adapter"
     if not isinstance(candidates, list) or len(candidates) != 1:
-        from harness.eval import CANDIDATES_DIR
+        from harness.recipes.eval import CANDIDATES_DIR
 
         names = ", ".join(str(run_dir / CANDIDATES_DIR / str(c.get("name"))) for c in candidates or [])
         raise CannotJudge(f"{run_dir}: an eval folder of {len(candidates or [])} candidates; name one: {names}")
@@ -462,7 +463,7 @@ def write_baseline(run_dir: Path, out: Path) -> Path:
     Predictions and reference NLLs are stored per example so `check` never regenerates them;
     fingerprints say exactly which model, tokenizer, split and settings they belong to.
     """
-    from harness.run import load_run_spec
+    from harness.recipes.run import load_run_spec
 
     run_dir, out = Path(run_dir), Path(out)
     manifest = read_manifest(run_dir)

@@ -18,12 +18,12 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import BinaryIO, Iterator, TextIO
 
+from harness.data.title_lines import TitleLine, is_jsonl, read_title_lines
 from harness.errors import DataError, HarnessError
-from harness.generation import Generation
 from harness.io import atomic_writer, os_error_message
-from harness.loaded_run import LoadedRun
+from harness.scoring.generation import Generation
+from harness.serving.loaded_run import LoadedRun
 from harness.spec import GenerationSpec
-from harness.title_lines import TitleLine, is_jsonl, read_title_lines
 
 log = logging.getLogger(__name__)
 # Titles per generate call: large enough for full length-sorted batches on a GPU, small enough

@@ -19,15 +19,15 @@ from typing import Callable
 
 import yaml
 
-from harness import data as data_mod
 from harness import distributed, models
+from harness.data import records as data_mod
+from harness.data.leakage import assert_no_exact_leak, leakage_report
 from harness.distributed import main_only
 from harness.errors import HarnessError, RunError
 from harness.io import atomic_write_json, atomic_write_text, os_error_message
-from harness.leakage import assert_no_exact_leak, leakage_report
 from harness.runfolder import Manifest, new_run_dir, pid_alive, process_start, read_manifest
 from harness.spec import TaskSpec, build, load_spec, spec_to_dict
-from harness.train import fast_path_options
+from harness.training.train import fast_path_options
 
 log = logging.getLogger(__name__)
 SPEC_FILE = "spec.yaml"
@@ -94,7 +94,7 @@ def open_run(task: str | None, overrides: list[str], runs_root: Path, resume: Pa
 def execute(spec: TaskSpec, manifest: Manifest, stages=None) -> Path:
     """Run every unfinished stage (`stages(spec, manifest)`: this recipe's by default); mark the
     manifest `completed`, `interrupted` or `failed`."""
-    from harness.train import TrainingInterrupted
+    from harness.training.train import TrainingInterrupted
 
     try:
         (stages or _stages)(spec, manifest)
@@ -129,14 +129,14 @@ def _user_error(exc: BaseException, run_dir: Path) -> RunError | None:
 
 
 def _last_checkpoint(run_dir: Path) -> str | None:
-    from harness.train import latest_checkpoint
+    from harness.training.train import latest_checkpoint
 
     found = latest_checkpoint(run_dir / "checkpoints")
     return str(found) if found else None
 
 
 def _stages(spec: TaskSpec, manifest: Manifest) -> None:
-    from harness.heldout_scoring import ScoringSession
+    from harness.scoring.heldout_scoring import ScoringSession
 
     run_dir = manifest.run_dir
     device, fast = resolve_device(spec, manifest)
@@ -214,7 +214,7 @@ def load_base_tokenizer(spec: TaskSpec):
 def train_stage(spec: TaskSpec, manifest: Manifest, train_examples, model_ref: str, tokenizer, device,
                 fast: dict) -> None:
     """Train a LoRA adapter into `<run>/adapter`, continuing from the last checkpoint if there is one."""
-    from harness.train import latest_checkpoint, train
+    from harness.training.train import latest_checkpoint, train
 
     run_dir = manifest.run_dir
     model = models.load_model(model_ref, spec.model, tokenizer, device, quantize=fast["quantize"],
@@ -238,7 +238,7 @@ def results_stage(session, run_dir: Path) -> None:
 @main_only
 def report_stage(spec: TaskSpec, manifest: Manifest) -> None:
     """Every result is in: mark the run completed (a report failure resets it), then write the reports."""
-    from harness.report import write_reports
+    from harness.reporting.report import write_reports
 
     run_dir = manifest.run_dir
     manifest.update(status="completed")

@@ -15,7 +15,7 @@ Three engines (`generation.engine`; `auto` is `static` on CUDA and `dynamic` els
   merged tuned model, reuses the compiled code and only captures its graphs again.
 
 - graphs: the static engine's batches decoded greedily by our own loop, each step captured once per
-  shape as a CUDA graph and replayed (harness/graph_decoding.py): no compilation, the static
+  shape as a CUDA graph and replayed (harness/scoring/graph_decoding.py): no compilation, the static
   engine's kernels. Off CUDA the same loop runs uncaptured.
 
 Why `auto` is not `compiled` (bench/RESULTS.md, one H100 run): compiled decoding reached 25,133
@@ -34,8 +34,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
+from harness.data.prompts import encode_prompt
 from harness.errors import ModelError
-from harness.prompts import encode_prompt
 from harness.spec import GenerationSpec
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def resolve_engine(gen: GenerationSpec, device, model=None) -> str:
         raise ModelError(f"generation.engine=compiled: {blocker}; set generation.engine=static (no compile) "
                          "or dynamic")
     if gen.engine == "graphs":
-        from harness.graph_decoding import check_supported
+        from harness.scoring.graph_decoding import check_supported
 
         check_supported(gen, device, model)
     return gen.engine
@@ -314,7 +314,7 @@ def generate(model, tokenizer, prompts: Sequence[str], gen: GenerationSpec, devi
     results: list[Generation | None] = [None] * len(prompts)
     model.eval()
     if stats.engine == "graphs":
-        from harness.graph_decoding import GraphDecoder
+        from harness.scoring.graph_decoding import GraphDecoder
 
         decode = GraphDecoder(model, tokenizer, gen, device, stats)
     else:

@@ -27,14 +27,14 @@ from pathlib import Path
 
 import yaml
 
-from harness import data as data_mod
+from harness.data import records as data_mod
 from harness.errors import RunError, SpecError
 from harness.fingerprint import hash_json, split_fingerprint
 from harness.io import atomic_write_json, atomic_writer
-from harness.metrics import HIGHER_IS_BETTER
-from harness.run import (SPEC_FILE, execute, load_base_tokenizer, load_run_spec, prepare_stage, resolve_device,
-                         resume_run, scoring_stages, stage, start_run, summary_line, train_stage)
+from harness.recipes.run import (SPEC_FILE, execute, load_base_tokenizer, load_run_spec, prepare_stage, resolve_device,
+                                 resume_run, scoring_stages, stage, start_run, summary_line, train_stage)
 from harness.runfolder import Manifest, pid_alive, process_start, read_manifest
+from harness.scoring.metrics import HIGHER_IS_BETTER
 from harness.spec import SweepSpec, TaskSpec, load_spec, spec_to_dict
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def sweep_task(task: str | None, grid_args: list[str], overrides: list[str], swe
 
 
 def _sweep_stages(shared_storage, spec: TaskSpec, manifest: Manifest) -> None:
-    from harness.sweep_report import write_sweep_reports
+    from harness.reporting.sweep_report import write_sweep_reports
 
     sweep_dir = manifest.run_dir.resolve()  # trial folders are recorded in the study: absolute paths
     done = set(manifest.data.get("stages_done", []))
@@ -352,7 +352,7 @@ def _trial_folder(sweep: Sweep, number: int, overrides: list[str], previous: dic
 
 def _trial_stages(sweep: Sweep, spec: TaskSpec, manifest: Manifest) -> None:
     """run's stages, on the sweep's data: train on train-minus-validation, score on validation."""
-    from harness.heldout_scoring import ScoringSession
+    from harness.scoring.heldout_scoring import ScoringSession
 
     run_dir = manifest.run_dir
     manifest.update(recipe="sweep-trial", scored_on="validation", sweep_dir=str(sweep.dir))

@@ -7,7 +7,7 @@ over the exact token ids harness trained on, the LoRA config and the SFTConfig f
 harness recipe; the child trains with Unsloth's FastLanguageModel and its patched SFTTrainer,
 times itself with the bench's own StepClock, and answers with one JSON file.
 
-    python -m harness.bench_unsloth JOB.json RESULT.json
+    python -m harness.benchmarks.bench_unsloth JOB.json RESULT.json
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def run_job(job: dict, import_s: float) -> dict:
     from trl import SFTConfig, SFTTrainer
     from unsloth import FastLanguageModel
 
-    from harness.bench import StepClock, _flops_per_token
+    from harness.benchmarks.bench import StepClock, _flops_per_token
 
     device_kind = "cuda" if torch.cuda.is_available() else "cpu"
     lora, sft = job["lora"], job["sft"]
@@ -102,9 +102,9 @@ def measure_unsloth(spec, tokenizer, examples, device, label: str, batch: int, m
     """The `unsloth` recipe's TrainMeasure, from a subprocess on the same tokens and settings as harness'."""
     from dataclasses import replace
 
-    from harness.bench import TrainMeasure, _recipe_overrides, _with_mfu
+    from harness.benchmarks.bench import TrainMeasure, _recipe_overrides, _with_mfu
     from harness.errors import HarnessError
-    from harness.train import sft_options, tokenized_dataset
+    from harness.training.train import sft_options, tokenized_dataset
 
     folder = work / f"unsloth-{label.split(' ')[0]}-{batch}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -123,12 +123,12 @@ def measure_unsloth(spec, tokenizer, examples, device, label: str, batch: int, m
     (folder / "job.json").write_text(json.dumps(job), encoding="utf-8")
     out = folder / "result.json"
     out.unlink(missing_ok=True)
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([p for p in (site, repo) if p]), "HF_HUB_OFFLINE": "1",
            "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "harness.bench_unsloth", str(folder / "job.json"), str(out)],
-                          env=env, cwd=folder)
+    command = [sys.executable, "-m", "harness.benchmarks.bench_unsloth", str(folder / "job.json"), str(out)]
+    proc = subprocess.run(command, env=env, cwd=folder)
     process_s = time.perf_counter() - started
     result = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else None
     if proc.returncode == UNAVAILABLE_EXIT and result:

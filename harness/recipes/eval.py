@@ -25,10 +25,10 @@ from harness import models
 from harness.distributed import main_only
 from harness.errors import HarnessError, ModelError
 from harness.io import atomic_write_json, atomic_write_text
-from harness.metrics import paired_comparison
-from harness.run import (SPEC_FILE, execute, load_base_tokenizer, load_run_spec, prepare_stage, report_stage,
-                         resolve_device, results_stage, stage, start_run, summary_line)
+from harness.recipes.run import (SPEC_FILE, execute, load_base_tokenizer, load_run_spec, prepare_stage, report_stage,
+                                 resolve_device, results_stage, stage, start_run, summary_line)
 from harness.runfolder import Manifest
+from harness.scoring.metrics import paired_comparison
 from harness.spec import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def _open_eval(task: str, overrides: list[str], runs_root: Path) -> Path:
 
 
 def _stages(spec: TaskSpec, manifest: Manifest, adapters: list[Path]) -> None:
-    from harness.heldout_scoring import ScoringSession
+    from harness.scoring.heldout_scoring import ScoringSession
 
     run_dir = manifest.run_dir
     device, _fast = resolve_device(spec, manifest)
@@ -164,7 +164,7 @@ def score_candidate(session, candidate: Candidate) -> None:
 def candidate_session(top, candidate: Candidate):
     """Score one of several candidates in its own run-shaped folder `candidates/<name>/`, with the
     eval's base scores copied in (one base model, scored once) and its data/ linked."""
-    from harness.heldout_scoring import ScoringSession
+    from harness.scoring.heldout_scoring import ScoringSession
 
     folder = top.run_dir / CANDIDATES_DIR / candidate.name
     _candidate_folder(top.run_dir, folder, top.scores_dir)

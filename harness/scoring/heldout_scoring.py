@@ -20,15 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import degeneration, distributed, fingerprint, models
+from harness import distributed, fingerprint, models
+from harness.data.prompts import build_prompt, encode_example, encode_prompt
 from harness.distributed import main_only
 from harness.errors import ModelError
 from harness.io import atomic_write_json
-from harness.metrics import MetricSettings, ModelOutputs, per_example_scores, score_outputs, settings_record
-from harness.prompts import build_prompt, encode_example, encode_prompt
-from harness.generation import (Generation, GenerationStats, batch_rows, generate, left_pad, length_sorted_batches,
-                                plan_batches, resolve_engine)
-from harness.likelihood import reference_nll
+from harness.scoring import degeneration
+from harness.scoring.generation import (Generation, GenerationStats, batch_rows, generate, left_pad,
+                                        length_sorted_batches, plan_batches, resolve_engine)
+from harness.scoring.likelihood import reference_nll
+from harness.scoring.metrics import MetricSettings, ModelOutputs, per_example_scores, score_outputs, settings_record
 
 log = logging.getLogger(__name__)
 ADAPTER_TOLERANCE = 1e-4

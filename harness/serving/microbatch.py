@@ -29,7 +29,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable
 
-from harness.generation import Generation
+from harness.scoring.generation import Generation
 from harness.spec import GenerationSpec
 
 log = logging.getLogger(__name__)

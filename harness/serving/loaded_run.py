@@ -1,7 +1,7 @@
 """A finished run's tuned model, loaded once for `harness generate` and `harness serve`.
 
-Titles go through the same cleaning, prompt (`harness.prompts`) and batched generation
-(`harness.generation.generate`) code that scored the run, so with greedy decoding a served
+Titles go through the same cleaning, prompt (`harness.data.prompts`) and batched generation
+(`harness.scoring.generation.generate`) code that scored the run, so with greedy decoding a served
 description is the description the metrics judged.
 """
 
@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from harness import models
-from harness.data import clean_text
+from harness.data.prompts import build_prompt
+from harness.data.records import clean_text
 from harness.errors import DataError, RunError, SpecError
-from harness.generation import Generation, generate
-from harness.prompts import build_prompt
-from harness.run import load_run_spec
+from harness.recipes.run import load_run_spec
+from harness.scoring.generation import Generation, generate
 from harness.spec import GenerationSpec, TaskSpec
 
 log = logging.getLogger(__name__)

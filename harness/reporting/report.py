@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 
 from harness.errors import RunError
 from harness.io import atomic_write_text, os_error_message
-from harness.metrics import DEGENERATION, HIGHER_IS_BETTER, METRICS, ROUGE_TYPES
+from harness.scoring.metrics import DEGENERATION, HIGHER_IS_BETTER, METRICS, ROUGE_TYPES
 
 TEMPLATES = Path(__file__).parent / "templates"
 MD_MAX_BYTES = 60_000

@@ -11,8 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
-from harness.generation import deterministic_kernels, length_sorted_batches, transformers_model
-from harness.prompts import EncodedExample
+from harness.data.prompts import EncodedExample
+from harness.scoring.generation import deterministic_kernels, length_sorted_batches, transformers_model
 
 HEAD_CHUNK = 8192  # positions per LM-head call: 8192 x 49k vocabulary x fp32 is 1.6 GB of logits
 

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 
 from harness.errors import ModelError
-from harness.generation import GenerationStats, transformers_model
+from harness.scoring.generation import GenerationStats, transformers_model
 from harness.spec import GenerationSpec
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class OutputPenalties:
     """`repetition_penalty`, then `no_repeat_ngram_size`, over the generated tokens, as fixed-shape tensor ops.
 
     The same semantics as transformers' RepetitionPenaltyLogitsProcessor and NoRepeatNGramLogitsProcessor
-    applied to the output only (harness.generation.output_penalties). Hand-written because those take the
+    applied to the output only (harness.scoring.generation.output_penalties). Hand-written because those take the
     sequence so far, one column longer every step, and return new tensors sized by it: a CUDA graph replays
     fixed shapes. Here the output buffer keeps its full `max_new_tokens` width and a device counter
     `n_valid` says how many columns are real; positions past it are masked, and every masked index points

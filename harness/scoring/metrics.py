@@ -11,7 +11,7 @@ is an example x n-gram incidence, and a resample recounts the n-grams held by a 
 Corpus values reproduce the reference implementations: ROUGE is rouge-score's F-measure
 averaged over examples (as rouge-score and HF `evaluate` report it), BLEU and chrF equal
 sacrebleu's `corpus_bleu` / `corpus_chrf`, and perplexity is token-weighted. Degenerate
-output (harness.degeneration, on a 0-1 scale): rep4 is the mean seq-rep-4, loops the share of
+output (harness.scoring.degeneration, on a 0-1 scale): rep4 is the mean seq-rep-4, loops the share of
 looping outputs, distinct2 the corpus distinct-2.
 """
 
@@ -24,8 +24,8 @@ import numpy as np
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU, CHRF
 
-from harness import degeneration
 from harness.errors import MetricError
+from harness.scoring import degeneration
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 DEGENERATION = ("rep4", "loops", "distinct2")

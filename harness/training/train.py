@@ -1,7 +1,7 @@
 """LoRA / QLoRA training through peft and trl's SFTTrainer.
 
 Examples reach trl already tokenized, with labels masked to the description tokens, so the
-loss is on the completion only and the tokens match scoring exactly (harness.prompts).
+loss is on the completion only and the tokens match scoring exactly (harness.data.prompts).
 SIGINT/SIGTERM save a checkpoint and stop cleanly; `resume_from` continues from one.
 Launched in several processes (harness.distributed), the Trainer trains data-parallel (DDP):
 each process packs and trains on its share of every step; the world's process zero alone
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import distributed
+from harness.data.prompts import build_prompt, encode_examples
 from harness.errors import HarnessError
 from harness.io import atomic_write_text
 from harness.models import Device, sync_eos
-from harness.prompts import build_prompt, encode_examples
 from harness.spec import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class TrainResult:
 
 def fast_path_options(spec: TaskSpec, device: Device) -> dict:
     """Resolve the `auto` switches: the fast paths are for CUDA; CPU keeps the plain path."""
-    from harness.attention import varlen_available
+    from harness.training.attention import varlen_available
 
     cuda = device.kind == "cuda"
     t = spec.train
@@ -76,7 +76,7 @@ def fast_path_options(spec: TaskSpec, device: Device) -> dict:
         "liger_kernels": t.liger_kernels == "on" or (t.liger_kernels == "auto" and cuda and _has_liger()
                                                      and t.compile == "off"),
         # A packed batch is one long row: sdpa computes a dense (L x L) masked attention over it,
-        # FlashAttention's varlen kernel attends within each example (harness.attention).
+        # FlashAttention's varlen kernel attends within each example (harness.training.attention).
         "attention": t.attention if t.attention != "auto" else
         "varlen" if cuda and packing and varlen_available() else "sdpa",
         # A small model's step is bound by kernel launches (torch.profiler on an H100: ~7,600 kernels
@@ -113,7 +113,7 @@ _TOKENIZE_PER_PROCESS = 5_000  # fewer examples per process do not repay startin
 
 
 def tokenized_dataset(spec: TaskSpec, tokenizer, examples):
-    """input_ids/labels rows (harness.prompts.encode_examples) with a progress bar.
+    """input_ids/labels rows (harness.data.prompts.encode_examples) with a progress bar.
 
     Batched tokenizer calls, spread by datasets.map over up to one process per CPU core: a
     100k-example set takes seconds on a 16-core machine rather than minutes in one process.
@@ -374,7 +374,7 @@ def modeling_module_restored(model):
     Liger (through the Trainer) swaps the Llama module's RMSNorm, SwiGLU and RoPE for its kernels
     module-wide, so every model loaded later in the process would use them: tuned outputs would be
     scored with other kernels than base outputs, and greedy decoding in bf16 changes with them."""
-    from harness.generation import transformers_model
+    from harness.scoring.generation import transformers_model
 
     module = sys.modules[type(transformers_model(model)).__module__]
     saved = dict(vars(module))

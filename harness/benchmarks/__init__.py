@@ -1,0 +1,1 @@
+"""Speed benchmarks of training, scoring and serving (`harness bench`)."""

@@ -1,0 +1,1 @@
+"""Stage 1, data: read, clean, de-duplicate and split the records; prompts; leakage checks."""

@@ -1,0 +1,1 @@
+"""Stage 4, reporting: reports of runs and sweeps, and the regression gate's verdict."""
