@@ -125,8 +125,9 @@ class MetricsSpec:
     rouge_stemmer: bool = True
     bootstrap_replicates: int = 1000
     bootstrap_seed: int = 0
-    length_shift_warning: float = 0.5
+    length_shift_warning: float = 0.5  # warn when a similarity gain comes with this large a length-ratio shift
     loop_warning: float = 0.2  # warn when more than this share of a model's outputs loop
+    diversity_drop_warning: float = 0.25  # warn when tuned distinct-2 falls by more than this share of base's
 
 
 @dataclass
@@ -364,6 +365,7 @@ def _check_values(spec: TaskSpec, path: Path) -> None:
          "generation.prompt_buckets", "must list positive widths in increasing order"),
         (spec.metrics.bootstrap_replicates >= 100, "metrics.bootstrap_replicates", "must be >= 100"),
         (0.0 <= spec.metrics.loop_warning <= 1.0, "metrics.loop_warning", "must be in [0, 1]"),
+        (0.0 <= spec.metrics.diversity_drop_warning <= 1.0, "metrics.diversity_drop_warning", "must be in [0, 1]"),
         (spec.gate.subset is None or spec.gate.subset >= 1, "gate.subset", "must be >= 1 or null"),
         (bool(spec.gate.rules), "gate.rules", "must list at least one rule"),
         (all(r.margin >= 0 for r in spec.gate.rules), "gate.rules", "every margin must be >= 0"),

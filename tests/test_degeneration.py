@@ -10,7 +10,7 @@ from harness.scoring.heldout_scoring import guard_warnings
 from harness.scoring.metrics import (DEGENERATION, HIGHER_IS_BETTER, METRICS, MetricSettings, ModelOutputs,
                                      bootstrap_replicates, per_example_scores, resample_counts, score_outputs,
                                      score_single)
-from harness.spec import METRIC_NAMES
+from harness.spec import METRIC_NAMES, MetricsSpec
 
 SETTINGS = MetricSettings(bootstrap_replicates=300)
 # Tokens "the cat sat ." x 3 (12): 9 4-grams, of which 4 are distinct (the period is 4 tokens).
@@ -136,8 +136,26 @@ GUARD = {"length_ratio": 1.0, "empty_share": 0.0, "truncated_share": 0.0, "promp
 
 
 def test_loop_warning_above_the_threshold():
-    metrics = {"delta": {}}
+    metrics = {"base": {}, "tuned": {}, "delta": {}}
     guards = {"base": {**GUARD, "loop_share": 0.2}, "tuned": {**GUARD, "loop_share": 0.7}}
-    warnings = guard_warnings(metrics, guards, shift_limit=0.5, loop_limit=0.2)
+    warnings = guard_warnings(metrics, guards, MetricsSpec(loop_warning=0.2))
     assert len(warnings) == 1 and warnings[0].startswith("tuned: 70% of outputs loop") and "limit 20%" in warnings[0]
-    assert guard_warnings(metrics, guards, shift_limit=0.5, loop_limit=0.7) == []
+    assert guard_warnings(metrics, guards, MetricsSpec(loop_warning=0.7)) == []
+
+
+def _value(v: float) -> dict:
+    return {"value": v}
+
+
+def test_a_chrf_gain_from_longer_templated_outputs_is_flagged():
+    """The real-records case: tuned chrF up 3.6 while outputs got 1.6x longer and distinct-2 fell 39%."""
+    metrics = {"base": {"distinct2": _value(0.64)}, "tuned": {"distinct2": _value(0.39)},
+               "delta": {"rougeL": _value(-0.59), "chrf": _value(3.57)}}
+    guards = {"base": {**GUARD, "length_ratio": 0.90, "loop_share": 0.0},
+              "tuned": {**GUARD, "length_ratio": 1.45, "loop_share": 0.0}}
+    length, diversity = guard_warnings(metrics, guards, MetricsSpec())
+    assert length.startswith("gains in chrf come with a length shift: length ratio 0.90 -> 1.45 (shift +0.55")
+    assert diversity.startswith("tuned outputs are less diverse: distinct-2 0.64 -> 0.39 (-39%, limit -25%)")
+    assert guard_warnings(metrics, guards, MetricsSpec(length_shift_warning=0.6, diversity_drop_warning=0.4)) == []
+    metrics["delta"]["chrf"] = _value(-1.0)  # no gain: a length shift alone explains no score
+    assert len(guard_warnings(metrics, guards, MetricsSpec())) == 1

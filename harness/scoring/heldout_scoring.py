@@ -148,14 +148,28 @@ def guards(predictions: list[str], references: list[str], titles: list[str], gen
     }
 
 
-def guard_warnings(metrics: dict, guard: dict, shift_limit: float, loop_limit: float) -> list[str]:
+SIMILARITY_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf")
+
+
+def guard_warnings(metrics: dict, guard: dict, limits) -> list[str]:
+    """Warnings that a score moved for a reason other than better text (`limits`: the spec's MetricsSpec).
+
+    Two come from the real records: a tuned model that writes longer outputs gains chrF (recall weighted
+    twice over precision) and ROUGE recall by length alone, and one that writes the same review template
+    for every title still gains on a corpus of reviews; distinct-2 falling says the second."""
     out = []
-    gain = metrics["delta"]["rougeL"]["value"] if "rougeL" in metrics["delta"] else 0.0
+    gains = [m for m in SIMILARITY_METRICS if m in metrics["delta"] and metrics["delta"][m]["value"] > 0]
     shift = guard["tuned"]["length_ratio"] - guard["base"]["length_ratio"]
-    if gain > 0 and abs(shift) > shift_limit:
-        out.append(f"ROUGE-L gain of {gain:.2f} comes with a length shift: length ratio "
+    if gains and abs(shift) > limits.length_shift_warning:
+        out.append(f"gains in {', '.join(gains)} come with a length shift: length ratio "
                    f"{guard['base']['length_ratio']:.2f} -> {guard['tuned']['length_ratio']:.2f} "
-                   f"(shift {shift:+.2f}, limit {shift_limit}); read the outputs, not only the score")
+                   f"(shift {shift:+.2f}, limit {limits.length_shift_warning}); read the outputs, not only the score")
+    if "distinct2" in metrics["base"] and "distinct2" in metrics["tuned"]:
+        base, tuned = metrics["base"]["distinct2"]["value"], metrics["tuned"]["distinct2"]["value"]
+        if base > 0 and (base - tuned) / base > limits.diversity_drop_warning:
+            out.append(f"tuned outputs are less diverse: distinct-2 {base:.2f} -> {tuned:.2f} "
+                       f"({(tuned - base) / base:+.0%}, limit -{limits.diversity_drop_warning:.0%}); generic or "
+                       "templated text can still gain on similarity metrics: read the outputs")
     for side in ("base", "tuned"):
         if guard[side]["empty_share"] > 0.05:
             out.append(f"{side}: {guard[side]['empty_share']:.0%} of outputs are empty")
@@ -163,9 +177,9 @@ def guard_warnings(metrics: dict, guard: dict, shift_limit: float, loop_limit: f
             out.append(f"{side}: {guard[side]['truncated_share']:.0%} of outputs hit max_new_tokens")
         if guard[side]["prompt_repeat_share"] > 0.1:
             out.append(f"{side}: {guard[side]['prompt_repeat_share']:.0%} of outputs repeat the prompt")
-        if guard[side]["loop_share"] > loop_limit:
+        if guard[side]["loop_share"] > limits.loop_warning:
             out.append(f"{side}: {guard[side]['loop_share']:.0%} of outputs loop (their second half repeats "
-                       f"what they already wrote; limit {loop_limit:.0%}); try generation.no_repeat_ngram_size "
+                       f"what they already wrote; limit {limits.loop_warning:.0%}); try generation.no_repeat_ngram_size "
                        "or generation.repetition_penalty")
     return out
 
@@ -315,8 +329,7 @@ class ScoringSession:
         refs = [e.content for e in self.heldout]
         result["guards"] = {side: guards(out.predictions, refs, titles, gens, self.spec.prompt.instruction)
                             for side, out, gens in (("base", base, base_gens), ("tuned", tuned, tuned_gens))}
-        result["warnings"] = guard_warnings(result, result["guards"], self.spec.metrics.length_shift_warning,
-                                            self.spec.metrics.loop_warning)
+        result["warnings"] = guard_warnings(result, result["guards"], self.spec.metrics)
         result["fingerprints"] = self.manifest.data.get("fingerprints", {})
         return result
 
