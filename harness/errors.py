@@ -6,6 +6,11 @@ prints it without a traceback and exits with the class's `exit_code`.
 """
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's first line, for one-line errors that wrap a library's (often many-line) message."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
 class HarnessError(Exception):
     """A user-facing error: one line, exit code 2."""
 

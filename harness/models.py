@@ -22,7 +22,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.errors import ModelError
+from harness.errors import ModelError, first_line
 from harness.training import attention
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ def _raw_tokenizer(model_ref: str, spec_model):
     try:
         return AutoTokenizer.from_pretrained(model_ref, trust_remote_code=spec_model.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load tokenizer for '{model_ref}': {_first_line(exc)}") from None
+        raise ModelError(f"cannot load tokenizer for '{model_ref}': {first_line(exc)}") from None
 
 
 def load_tokenizer(model_ref: str, spec_model, uses_chat_template: bool):
@@ -221,10 +221,6 @@ def load_tokenizer(model_ref: str, spec_model, uses_chat_template: bool):
         raise ModelError(f"{model_ref}: the tokenizer has no chat template; set prompt.template in the spec")
     configure_tokenizer(tokenizer, uses_chat_template)
     return tokenizer
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def load_model(model_ref: str, spec_model, tokenizer, device: "Device", quantize: bool = False,
@@ -249,7 +245,7 @@ def load_model(model_ref: str, spec_model, tokenizer, device: "Device", quantize
     try:
         model = AutoModelForCausalLM.from_pretrained(model_ref, **kwargs)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load model '{model_ref}': {_first_line(exc)}") from None
+        raise ModelError(f"cannot load model '{model_ref}': {first_line(exc)}") from None
     if not quantize:
         model.to(device.torch_device)
     sync_eos(model, tokenizer)
@@ -267,7 +263,7 @@ def load_adapter(model, adapter_dir: Path, allow_pickle: bool = False):
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise ModelError(f"{adapter_dir}: cannot load adapter: {_first_line(exc)}") from None
+        raise ModelError(f"{adapter_dir}: cannot load adapter: {first_line(exc)}") from None
 
 
 # -- adapters and merged models made elsewhere: checked against the base before any work ---------
@@ -315,7 +311,7 @@ def _json_object(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ModelError(f"{path}: unreadable ({_first_line(exc)})") from None
+        raise ModelError(f"{path}: unreadable ({first_line(exc)})") from None
     if not isinstance(data, dict):
         raise ModelError(f"{path}: expected a JSON object")
     return data
@@ -339,7 +335,7 @@ def _config(model_ref: str, trust_remote_code: bool):
     try:
         return AutoConfig.from_pretrained(model_ref, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read the model config of '{model_ref}': {_first_line(exc)}") from None
+        raise ModelError(f"cannot read the model config of '{model_ref}': {first_line(exc)}") from None
 
 
 def _missing_target(targets, modules: dict) -> str | None:
@@ -408,7 +404,7 @@ def adapter_tensor_shapes(adapter_dir: Path, allow_pickle: bool) -> dict[str, tu
             with safe_open(str(safe), "pt") as fh:
                 return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
         except (OSError, SafetensorError) as exc:
-            raise ModelError(f"{safe}: unreadable safetensors file ({_first_line(exc)})") from None
+            raise ModelError(f"{safe}: unreadable safetensors file ({first_line(exc)})") from None
     pickled = adapter_dir / "adapter_model.bin"
     if allow_pickle and pickled.is_file():
         import torch

@@ -154,18 +154,24 @@ LONG_TITLES = TITLES + ["Stainless Steel Water Bottle", "Wireless Mouse", "Yoga 
                         "Dinosaur Print Backpack for Kids , Waterproof School Bag with Bottle Holder and Rain Cover"]
 
 
-@pytest.fixture(scope="module")
-def talkative(tiny_model_dir, loaded):
-    """The tiny model with larger random weights: its greedy outputs differ from prompt to prompt, and a
-    boosted end-of-turn row makes some stop after a few tokens while others run to max_new_tokens."""
-    _, tokenizer = loaded
+def _noisy_model(tiny_model_dir, tokenizer, scale: float):
+    """The tiny model with random weights of this scale and a boosted end-of-turn row."""
     model = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, CPU)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
         model.get_output_embeddings().weight[tokenizer.eos_token_id] *= 3
+    return model
+
+
+@pytest.fixture(scope="module")
+def talkative(tiny_model_dir, loaded):
+    """The tiny model with larger random weights: its greedy outputs differ from prompt to prompt, and a
+    boosted end-of-turn row makes some stop after a few tokens while others run to max_new_tokens."""
+    _, tokenizer = loaded
+    model = _noisy_model(tiny_model_dir, tokenizer, 0.3)
     return model, tokenizer, [build_prompt(tokenizer, PromptSpec(), t) for t in LONG_TITLES]
 
 
@@ -248,13 +254,7 @@ def repetitive(tiny_model_dir, loaded):
     """Like `talkative` with smaller weights: greedy outputs repeat words (so the output penalties change them),
     some rows end after a few tokens, others run to max_new_tokens, and every prompt's output differs."""
     _, tokenizer = loaded
-    model = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, CPU)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
-        model.get_output_embeddings().weight[tokenizer.eos_token_id] *= 3
+    model = _noisy_model(tiny_model_dir, tokenizer, 0.15)
     return model, tokenizer, [build_prompt(tokenizer, PromptSpec(), t) for t in LONG_TITLES]
 
 

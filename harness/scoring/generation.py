@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 from harness.data.prompts import encode_prompt
-from harness.errors import ModelError
+from harness.errors import ModelError, first_line
 from harness.spec import GenerationSpec
 
 log = logging.getLogger(__name__)
@@ -277,8 +277,7 @@ class _Decoder:
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            raise ModelError(f"compiling decoding failed ({type(exc).__name__}: {first}); rerun with "
+            raise ModelError(f"compiling decoding failed ({type(exc).__name__}: {first_line(exc)}); rerun with "
                              "--set generation.engine=static (no compile) or generation.engine=dynamic") from exc
         if steps > 1 and getattr(transformers_model(self.model), "_compiled_call", None) is None:
             raise ModelError("transformers did not compile decoding (its compile criteria were not met; see its "

@@ -26,7 +26,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from harness.errors import ModelError
+from harness.errors import ModelError, first_line
 from harness.scoring.generation import GenerationStats, transformers_model
 from harness.spec import GenerationSpec
 
@@ -241,8 +241,7 @@ class GraphDecoder:
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            raise ModelError(f"capturing the decoding step as a CUDA graph failed ({type(exc).__name__}: {first}); "
+            raise ModelError(f"capturing the decoding step as a CUDA graph failed ({type(exc).__name__}: {first_line(exc)}); "
                              f"{SWITCH}") from exc
         self.graph = graph
         seconds = time.perf_counter() - started
