@@ -191,15 +191,21 @@ def test_bucket_plan_groups_by_width_and_fills_every_batch():
     assert plan_batches(lengths, 4) == [Batch([8, 7, 1, 4], 70, 4), Batch([2, 0, 5, 6], 18, 4), Batch([3], 16, 1)]
 
 
-def test_static_engine_gives_the_one_at_a_time_loop_text_exactly(talkative):
-    model, tokenizer, prompts = talkative
-    gen = GenerationSpec(max_new_tokens=20, engine="static", static_batch_size=3, prompt_buckets=[20, 24, 32])
+def _batched_equals_the_loop(model, tokenizer, prompts, gen):
+    """Decode `prompts` with `gen`'s engine and one at a time; assert the same texts, lengths and stops."""
     loop = one_at_a_time(model, tokenizer, prompts, gen)
     stats = GenerationStats()
     fast = generate(model, tokenizer, prompts, gen, CPU, stats=stats)
     assert [(g.text, g.n_tokens, g.hit_max_new_tokens) for g in fast] == \
         [(g.text, g.n_tokens, g.hit_max_new_tokens) for g in loop]
     assert len({g.text for g in loop}) == len(prompts)  # a meaningful comparison: every output differs
+    return loop, stats
+
+
+def test_static_engine_gives_the_one_at_a_time_loop_text_exactly(talkative):
+    model, tokenizer, prompts = talkative
+    gen = GenerationSpec(max_new_tokens=20, engine="static", static_batch_size=3, prompt_buckets=[20, 24, 32])
+    loop, stats = _batched_equals_the_loop(model, tokenizer, prompts, gen)
     assert {g.hit_max_new_tokens for g in loop} == {True, False} and min(g.n_tokens for g in loop) < 5
     assert stats.engine == "static" and stats.batches == 4 and stats.shapes == [[3, 32], [3, 24], [3, 20]]
     assert stats.warmup_s == 0.0  # nothing is compiled on the static engine
@@ -263,12 +269,7 @@ def test_graphs_engine_gives_the_one_at_a_time_loop_text_exactly(repetitive, pen
     model, tokenizer, prompts = repetitive
     gen = GenerationSpec(max_new_tokens=20, engine="graphs", static_batch_size=3, prompt_buckets=[20, 24, 32],
                          repetition_penalty=penalty, no_repeat_ngram_size=ngram)
-    loop = one_at_a_time(model, tokenizer, prompts, gen)
-    stats = GenerationStats()
-    fast = generate(model, tokenizer, prompts, gen, CPU, stats=stats)
-    assert [(g.text, g.n_tokens, g.hit_max_new_tokens) for g in fast] == \
-        [(g.text, g.n_tokens, g.hit_max_new_tokens) for g in loop]
-    assert len({g.text for g in loop}) == len(prompts)  # a meaningful comparison: every output differs
+    loop, stats = _batched_equals_the_loop(model, tokenizer, prompts, gen)
     assert {g.hit_max_new_tokens for g in loop} == {True, False}  # rows end mid-batch while others go on
     # three prompt widths, 8 prompts in batches of 3: filler rows in the last batch of each width
     assert stats.engine == "graphs" and stats.batches == 4 and stats.shapes == [[3, 32], [3, 24], [3, 20]]
