@@ -125,7 +125,7 @@ class MetricsSpec:
     rouge_stemmer: bool = True
     bootstrap_replicates: int = 1000
     bootstrap_seed: int = 0
-    length_shift_warning: float = 0.5  # warn when a similarity gain comes with this large a length-ratio shift
+    length_shift_warning: float = 0.5  # warn: similarity gains while the length ratio shifts this much away from 1
     loop_warning: float = 0.2  # warn when more than this share of a model's outputs loop
     diversity_drop_warning: float = 0.25  # warn when tuned distinct-2 falls by more than this share of base's
 

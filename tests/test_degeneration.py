@@ -154,8 +154,20 @@ def test_a_chrf_gain_from_longer_templated_outputs_is_flagged():
     guards = {"base": {**GUARD, "length_ratio": 0.90, "loop_share": 0.0},
               "tuned": {**GUARD, "length_ratio": 1.45, "loop_share": 0.0}}
     length, diversity = guard_warnings(metrics, guards, MetricsSpec())
-    assert length.startswith("gains in chrf come with a length shift: length ratio 0.90 -> 1.45 (shift +0.55")
+    assert length.startswith("gains in chrf come with outputs moving away from the reference length: length "
+                             "ratio 0.90 → 1.45 (shift +0.55")
     assert diversity.startswith("tuned outputs are less diverse: distinct-2 0.64 -> 0.39 (-39%, limit -25%)")
     assert guard_warnings(metrics, guards, MetricsSpec(length_shift_warning=0.6, diversity_drop_warning=0.4)) == []
     metrics["delta"]["chrf"] = _value(-1.0)  # no gain: a length shift alone explains no score
     assert len(guard_warnings(metrics, guards, MetricsSpec())) == 1
+
+
+def test_a_gain_while_outputs_move_toward_the_reference_length_is_not_flagged():
+    """The demo: base outputs run 2.1x the reference, tuned 0.9x, and ROUGE-L rises: what tuning is for."""
+    metrics = {"base": {}, "tuned": {}, "delta": {"rougeL": _value(7.75), "chrf": _value(0.26)}}
+    toward = {"base": {**GUARD, "length_ratio": 2.14, "loop_share": 0.0},
+              "tuned": {**GUARD, "length_ratio": 0.89, "loop_share": 0.0}}
+    assert guard_warnings(metrics, toward, MetricsSpec()) == []
+    toward["tuned"]["length_ratio"] = 0.40  # past the reference length by more than base missed it: flagged
+    (warning,) = guard_warnings(metrics, toward, MetricsSpec())
+    assert "length ratio 2.14 → 0.40" in warning

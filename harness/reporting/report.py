@@ -33,11 +33,11 @@ from matplotlib.figure import Figure
 
 from harness.errors import RunError
 from harness.io import atomic_write_text, os_error_message
-from harness.scoring.metrics import DEGENERATION, HIGHER_IS_BETTER, METRICS, ROUGE_TYPES
+from harness.scoring.metrics import DEGENERATION, HIGHER_IS_BETTER, METRICS, length_shift_warning
 
 TEMPLATES = Path(__file__).parent / "templates"
 MD_MAX_BYTES = 60_000
-LENGTH_SHIFT = 0.5  # |tuned - base| length ratio beyond which a ROUGE gain is suspect
+LENGTH_SHIFT = 0.5  # runs without warnings in metrics.json: metrics.length_shift_warning's default
 HIGHLIGHTS = 5  # most improved / most regressed examples per run in the HTML
 TIE = 1e-9  # per-example ROUGE-L deltas within this are ties
 # Markdown fallbacks, tried in order until the summary fits MD_MAX_BYTES:
@@ -347,20 +347,16 @@ def _comparability(runs: list[Run]) -> tuple[list[str], bool]:
 
 
 def _warnings(run: Run) -> list[str]:
-    """metrics.json warnings plus a ROUGE gain that comes with a large length shift."""
+    """metrics.json warnings, plus the length-shift warning for runs scored before metrics.json carried it."""
     raw = run.metrics.get("warnings") or []
     warnings = [str(w) for w in (raw if isinstance(raw, list) else [raw])]
     guards = _dict(run.metrics.get("guards"))
     base = _dict(guards.get("base")).get("length_ratio")
     tuned = _dict(guards.get("tuned")).get("length_ratio")
-    if not (_is_num(base) and _is_num(tuned)) or abs(tuned - base) <= LENGTH_SHIFT:
+    if not (_is_num(base) and _is_num(tuned)) or any(_LENGTH_WARNING.search(w) for w in warnings):
         return warnings
-    gains = [n for n in ROUGE_TYPES if n in run.metrics["delta"] and run.metrics["delta"][n]["value"] > 0]
-    if gains and not any(_LENGTH_WARNING.search(w) for w in warnings):
-        warnings.append(f"ROUGE gain ({', '.join(gains)}) comes with a length shift: length ratio "
-                        f"{base:.2f} → {tuned:.2f} (shift over {LENGTH_SHIFT}); read the outputs "
-                        "before trusting the gain")
-    return warnings
+    length = length_shift_warning(_dict(run.metrics.get("delta")), base, tuned, LENGTH_SHIFT)
+    return warnings + [length] if length else warnings
 
 
 def _guard_value(value, kind: str) -> str:

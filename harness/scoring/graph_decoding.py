@@ -241,8 +241,8 @@ class GraphDecoder:
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:
-            raise ModelError(f"capturing the decoding step as a CUDA graph failed ({type(exc).__name__}: {first_line(exc)}); "
-                             f"{SWITCH}") from exc
+            raise ModelError(f"capturing the decoding step as a CUDA graph failed ({type(exc).__name__}: "
+                             f"{first_line(exc)}); {SWITCH}") from exc
         self.graph = graph
         seconds = time.perf_counter() - started
         self.stats.warmup_s += seconds

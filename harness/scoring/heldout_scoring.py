@@ -29,7 +29,8 @@ from harness.scoring import degeneration
 from harness.scoring.generation import (Generation, GenerationStats, batch_rows, generate, left_pad,
                                         length_sorted_batches, plan_batches, resolve_engine)
 from harness.scoring.likelihood import reference_nll
-from harness.scoring.metrics import MetricSettings, ModelOutputs, per_example_scores, score_outputs, settings_record
+from harness.scoring.metrics import (MetricSettings, ModelOutputs, length_shift_warning, per_example_scores,
+                                     score_outputs, settings_record)
 
 log = logging.getLogger(__name__)
 ADAPTER_TOLERANCE = 1e-4
@@ -148,22 +149,17 @@ def guards(predictions: list[str], references: list[str], titles: list[str], gen
     }
 
 
-SIMILARITY_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf")
-
-
 def guard_warnings(metrics: dict, guard: dict, limits) -> list[str]:
     """Warnings that a score moved for a reason other than better text (`limits`: the spec's MetricsSpec).
 
-    Two come from the real records: a tuned model that writes longer outputs gains chrF (recall weighted
-    twice over precision) and ROUGE recall by length alone, and one that writes the same review template
-    for every title still gains on a corpus of reviews; distinct-2 falling says the second."""
+    Two come from the real records: a tuned model that writes longer outputs gains chrF by length alone
+    (`metrics.length_shift_warning`), and one that writes the same review template for every title still
+    gains on a corpus of reviews; distinct-2 falling says the second."""
     out = []
-    gains = [m for m in SIMILARITY_METRICS if m in metrics["delta"] and metrics["delta"][m]["value"] > 0]
-    shift = guard["tuned"]["length_ratio"] - guard["base"]["length_ratio"]
-    if gains and abs(shift) > limits.length_shift_warning:
-        out.append(f"gains in {', '.join(gains)} come with a length shift: length ratio "
-                   f"{guard['base']['length_ratio']:.2f} -> {guard['tuned']['length_ratio']:.2f} "
-                   f"(shift {shift:+.2f}, limit {limits.length_shift_warning}); read the outputs, not only the score")
+    length = length_shift_warning(metrics["delta"], guard["base"]["length_ratio"], guard["tuned"]["length_ratio"],
+                                  limits.length_shift_warning)
+    if length:
+        out.append(length)
     if "distinct2" in metrics["base"] and "distinct2" in metrics["tuned"]:
         base, tuned = metrics["base"]["distinct2"]["value"], metrics["tuned"]["distinct2"]["value"]
         if base > 0 and (base - tuned) / base > limits.diversity_drop_warning:
@@ -179,8 +175,8 @@ def guard_warnings(metrics: dict, guard: dict, limits) -> list[str]:
             out.append(f"{side}: {guard[side]['prompt_repeat_share']:.0%} of outputs repeat the prompt")
         if guard[side]["loop_share"] > limits.loop_warning:
             out.append(f"{side}: {guard[side]['loop_share']:.0%} of outputs loop (their second half repeats "
-                       f"what they already wrote; limit {limits.loop_warning:.0%}); try generation.no_repeat_ngram_size "
-                       "or generation.repetition_penalty")
+                       f"what they already wrote; limit {limits.loop_warning:.0%}); try "
+                       "generation.no_repeat_ngram_size or generation.repetition_penalty")
     return out
 
 
