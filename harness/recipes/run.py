@@ -24,7 +24,7 @@ from harness.data import records as data_mod
 from harness.data.leakage import assert_no_exact_leak, leakage_report
 from harness.distributed import main_only
 from harness.errors import HarnessError, RunError
-from harness.io import atomic_write_json, atomic_write_text, os_error_message
+from harness.io import atomic_write_text, os_error_message
 from harness.runfolder import Manifest, new_run_dir, pid_alive, process_start, read_manifest
 from harness.spec import TaskSpec, build, load_spec, spec_to_dict
 from harness.training.train import fast_path_options
@@ -231,8 +231,7 @@ def train_stage(spec: TaskSpec, manifest: Manifest, train_examples, model_ref: s
 @main_only
 def results_stage(session, run_dir: Path) -> None:
     """`metrics.json` (with CIs and guards) and `predictions.jsonl` from the scores on disk."""
-    atomic_write_json(run_dir / "metrics.json", session.metrics())
-    session.write_predictions()
+    session.write_results(run_dir / "metrics.json")
 
 
 @main_only

@@ -368,8 +368,7 @@ def _trial_stages(sweep: Sweep, spec: TaskSpec, manifest: Manifest) -> None:
             train_stage(spec, manifest, sweep.train, model_ref, tokenizer, device, fast)
 
     def results() -> None:
-        atomic_write_json(run_dir / VALIDATION_METRICS, session.metrics())
-        session.write_predictions()
+        session.write_results(run_dir / VALIDATION_METRICS)
 
     scoring_stages(manifest, session, train, results)
 

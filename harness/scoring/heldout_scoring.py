@@ -24,13 +24,13 @@ from harness import distributed, fingerprint, models
 from harness.data.prompts import build_prompt, encode_example, encode_prompt
 from harness.distributed import main_only
 from harness.errors import ModelError
-from harness.io import atomic_write_json
+from harness.io import atomic_write_json, atomic_write_text
 from harness.scoring import degeneration
 from harness.scoring.generation import (Generation, GenerationStats, batch_rows, generate, left_pad,
                                         length_sorted_batches, plan_batches, resolve_engine)
 from harness.scoring.likelihood import reference_nll
-from harness.scoring.metrics import (MetricSettings, ModelOutputs, length_shift_warning, per_example_scores,
-                                     score_outputs, settings_record)
+from harness.scoring.metrics import (MetricSettings, ModelOutputs, length_shift_warning, per_example_from_stats,
+                                     score_outputs, settings_record, sufficient_stats)
 
 log = logging.getLogger(__name__)
 ADAPTER_TOLERANCE = 1e-4
@@ -314,10 +314,17 @@ class ScoringSession:
                                np.array(nll["nll_sum"]), np.array(nll["n_tokens"]))
         return outputs, gens
 
-    def metrics(self) -> dict:
-        base, base_gens = self._side("base")
-        tuned, tuned_gens = self._side("tuned")
-        result = score_outputs(base, tuned, self.settings)
+    def write_results(self, metrics_path: Path) -> None:
+        """The metrics (with CIs, guards and warnings) to `metrics_path` and `predictions.jsonl` (each example
+        with its scores), from one read of the scores on disk and one scoring of each side."""
+        sides = {side: self._side(side) for side in ("base", "tuned")}
+        stats = tuple(sufficient_stats(outputs, self.settings) for outputs, _ in sides.values())
+        atomic_write_json(metrics_path, self._metrics(sides, stats))
+        self._write_predictions(sides, [per_example_from_stats(s) for s in stats])
+
+    def _metrics(self, sides: dict, stats: tuple[dict, dict]) -> dict:
+        (base, base_gens), (tuned, tuned_gens) = sides["base"], sides["tuned"]
+        result = score_outputs(base, tuned, self.settings, stats)
         names = self.spec.metrics.names
         for section in ("base", "tuned", "delta", "win_tie_loss", "higher_is_better"):
             result[section] = {k: v for k, v in result[section].items() if k in names}
@@ -329,11 +336,9 @@ class ScoringSession:
         result["fingerprints"] = self.manifest.data.get("fingerprints", {})
         return result
 
-    def write_predictions(self) -> None:
-        base, base_gens = self._side("base")
-        tuned, tuned_gens = self._side("tuned")
-        base_scores = per_example_scores(base, self.settings)
-        tuned_scores = per_example_scores(tuned, self.settings)
+    def _write_predictions(self, sides: dict, per_example: list[dict]) -> None:
+        (base, base_gens), (tuned, tuned_gens) = sides["base"], sides["tuned"]
+        base_scores, tuned_scores = per_example
         names = self.spec.metrics.names
         lines = []
         for i, e in enumerate(self.heldout):
@@ -347,6 +352,4 @@ class ScoringSession:
                 "base_loops": bool(base_scores["loops"][i]), "tuned_loops": bool(tuned_scores["loops"][i]),
                 "base_rep4": float(base_scores["rep4"][i]), "tuned_rep4": float(tuned_scores["rep4"][i]),
             }, ensure_ascii=False))
-        from harness.io import atomic_write_text
-
         atomic_write_text(self.run_dir / "predictions.jsonl", "\n".join(lines) + "\n")

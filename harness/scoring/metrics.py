@@ -231,7 +231,7 @@ def _check_finite(name: str, *arrays: np.ndarray) -> None:
         raise MetricError(f"{name}: metric is not a finite number (NaN or infinite)")
 
 
-def _per_example_from_stats(stats: dict) -> dict[str, np.ndarray]:
+def per_example_from_stats(stats: dict) -> dict[str, np.ndarray]:
     """Sentence-level scores from per-example statistics (sentence BLEU uses effective order;
     distinct-2 of one output counts that output's own bigrams)."""
     scores = {name: stats[name][:, 0] for name in _MEANS}
@@ -248,7 +248,7 @@ def _per_example_from_stats(stats: dict) -> dict[str, np.ndarray]:
 
 def per_example_scores(outputs: ModelOutputs, settings: MetricSettings) -> dict[str, np.ndarray]:
     """Score of every example on its own, per metric (for reports and regression gates)."""
-    return _per_example_from_stats(sufficient_stats(outputs, settings))
+    return per_example_from_stats(sufficient_stats(outputs, settings))
 
 
 def resample_counts(n: int, settings: MetricSettings) -> np.ndarray:
@@ -295,21 +295,23 @@ def _win_tie_loss(name: str, a: np.ndarray, b: np.ndarray, tolerance: float) -> 
     return {"win": wins, "tie": len(gain) - wins - losses, "loss": losses}
 
 
-def paired_comparison(a: ModelOutputs, b: ModelOutputs, settings: MetricSettings) -> dict:
+def paired_comparison(a: ModelOutputs, b: ModelOutputs, settings: MetricSettings,
+                      stats: tuple[dict, dict] | None = None) -> dict:
     """Score a and b on the same bootstrap draws; delta = b - a per replicate.
 
     Returns {"a", "b", "delta": {metric: {"value", "ci95", "n"}}, "win_tie_loss"}.
     Pairing cancels the per-example difficulty both models share, so the delta interval
-    reflects only how differently they do on the same examples.
+    reflects only how differently they do on the same examples. `stats`: a's and b's sufficient_stats,
+    where the caller has them already.
     """
     if a.references != b.references:
         raise MetricError("the two outputs were not scored on the same references")
     n = len(a.references)
     counts = resample_counts(n, settings)
-    stats_a, stats_b = sufficient_stats(a, settings), sufficient_stats(b, settings)
+    stats_a, stats_b = stats or (sufficient_stats(a, settings), sufficient_stats(b, settings))
     point_a, reps_a = _point_and_replicates(stats_a, counts)
     point_b, reps_b = _point_and_replicates(stats_b, counts)
-    per_a, per_b = _per_example_from_stats(stats_a), _per_example_from_stats(stats_b)
+    per_a, per_b = per_example_from_stats(stats_a), per_example_from_stats(stats_b)
     return {
         "a": {m: _summary(m, point_a[m], reps_a[m], n) for m in METRICS},
         "b": {m: _summary(m, point_b[m], reps_b[m], n) for m in METRICS},
@@ -344,9 +346,10 @@ def settings_record(settings: MetricSettings) -> dict:
     }
 
 
-def score_outputs(base: ModelOutputs, tuned: ModelOutputs, settings: MetricSettings) -> dict:
+def score_outputs(base: ModelOutputs, tuned: ModelOutputs, settings: MetricSettings,
+                  stats: tuple[dict, dict] | None = None) -> dict:
     """The evaluation report's metric block: base, tuned, paired delta and win/tie/loss."""
-    paired = paired_comparison(base, tuned, settings)
+    paired = paired_comparison(base, tuned, settings, stats)
     return {
         "base": paired["a"],
         "tuned": paired["b"],
