@@ -70,7 +70,8 @@ class GenerationStats:
     warmup_s: float = 0.0  # compiled: each shape's warm-up (compile and capture); graphs: each shape's capture
 
 
-# Attention kernels whose forward pass gives the same bits every call. Not cuDNN's: on one H100, the static
+# Attention kernels whose forward pass gives the same bits every call. Not cuDNN's (by elimination: the
+# only other backend the default could pick for masked attention; not tested alone): on one H100, the static
 # engine scoring the same 142 held-out prompts twice in one process gave 130 identical texts with PyTorch's
 # default SDPA backends and 142 with the efficient kernel alone, or the math kernel alone
 # (bench/diag_scoring_state.py --sdpa; reports/amazon_desc/RESULTS.md). Flash attention is left out too: its
