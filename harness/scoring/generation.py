@@ -86,14 +86,21 @@ def deterministic_kernels():
     bf16 greedy decoding flips a token on the last bit, so every kernel must give the same bits every call:
     PyTorch's deterministic algorithms, SDPA restricted to DETERMINISTIC_SDPA, and cuBLAS with the fixed
     `CUBLAS_WORKSPACE_CONFIG` that `harness.cli` sets before its first call."""
-    import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    with deterministic_algorithms(True), sdpa_kernel([getattr(SDPBackend, name) for name in DETERMINISTIC_SDPA]):
+        yield
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool):
+    """`torch.use_deterministic_algorithms(enabled)` (warn only) inside the block, the caller's setting after."""
+    import torch
+
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
     try:
-        with sdpa_kernel([getattr(SDPBackend, name) for name in DETERMINISTIC_SDPA]):
-            yield
+        yield
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 
 from harness.errors import ModelError, first_line
-from harness.scoring.generation import GenerationStats, transformers_model
+from harness.scoring.generation import GenerationStats, deterministic_algorithms, transformers_model
 from harness.spec import GenerationSpec
 
 log = logging.getLogger(__name__)
@@ -120,17 +120,25 @@ class GraphDecoder:
 
     def __call__(self, ids, mask, streamer=None) -> list[list[int]]:
         """Every row's `max_new_tokens` output tokens (pad after its end). `streamer` is always None: `generate`
-        refuses streaming on any engine but dynamic."""
+        refuses streaming on any engine but dynamic.
+
+        Runs with PyTorch's deterministic algorithms off (scoring's SDPA restriction and cuBLAS workspace
+        stay): their only effect on this step was to swap the static cache's `index_copy_` (60 a step) and
+        the penalties' `scatter_` for implementations that sort every index first, which bought nothing
+        here, since every index written is unique (one cache column a step) or writes one same value
+        (penalties: a token's duplicates, the sink). Same bits, fewer kernels; bench/profile_decode.py
+        times both and checks that they decode the same tokens."""
         ids, mask = ids.to(self.device.torch_device), mask.to(self.device.torch_device)
-        if tuple(ids.shape) != self.shape:
-            self._new_shape(tuple(ids.shape))
-        else:
-            self.cache.reset()  # in place: the captured graph keeps pointing at the same cache tensors
-        self._prefill(ids, mask)
-        for step in range(1, self.gen.max_new_tokens):
-            if step % STOP_CHECK_EVERY == 0 and bool(self.buffers.finished.all()):
-                break
-            self._advance(step)
+        with deterministic_algorithms(False):
+            if tuple(ids.shape) != self.shape:
+                self._new_shape(tuple(ids.shape))
+            else:
+                self.cache.reset()  # in place: the captured graph keeps pointing at the same cache tensors
+            self._prefill(ids, mask)
+            for step in range(1, self.gen.max_new_tokens):
+                if step % STOP_CHECK_EVERY == 0 and bool(self.buffers.finished.all()):
+                    break
+                self._advance(step)
         self.stats.batches += 1
         return self.buffers.out.cpu().tolist()
 
