@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop-examples", type=int, default=32, help="prompts for the one-at-a-time loop (default 32)")
     p.add_argument("--gen-rows", help="rows per static batch for the generation scorers, comma-separated, each "
                                       "measured in turn (default: the task's generation.static_batch_size)")
+    p.add_argument("--gen-models", default="smollm2,tinyllama",
+                   help="models the generation part measures, comma-separated (default %(default)s)")
     p.add_argument("--work", default="/tmp/harness-bench", help="scratch folder (checkpoints, random 8B weights)")
     _add_overrides(p)
 

@@ -144,7 +144,8 @@ def test_bench_refuses_cpu_without_quick(tiny_model_dir, capsys):
 
 @pytest.mark.parametrize("flag, value, message", [("--recipes", "seed,fast", "unknown ['fast']"),
                                                   ("--batch", "16,x", "expected positive integers"),
-                                                  ("--gen-rows", "256,0", "--gen-rows: expected positive integers")])
+                                                  ("--gen-rows", "256,0", "--gen-rows: expected positive integers"),
+                                                  ("--gen-models", "smollm2,phi", "--gen-models: unknown ['phi']")])
 def test_bench_rejects_bad_recipe_and_batch_lists(tiny_model_dir, capsys, flag, value, message):
     assert main(["bench", "amazon_desc", "--quick", flag, value, "--set", f"model.base={tiny_model_dir}"]) == 2
     assert message in capsys.readouterr().err

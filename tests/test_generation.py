@@ -288,6 +288,38 @@ def test_graphs_engine_decodes_the_same_text_every_time(repetitive):
     assert len({g.text for g in first}) == len(prompts)
 
 
+def test_grouped_decode_attention_equals_transformers_sdpa_with_repeated_heads():
+    """The graphs engine's step attention (query heads packed per key/value head) against transformers' sdpa
+    attention (which repeats keys and values per group on transformers 5.17) on one query token a row,
+    with left padding masked out; prompts (several query tokens) go to transformers' own function."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from harness.scoring.graph_decoding import grouped_decode_attention
+
+    gen = torch.Generator().manual_seed(0)
+    rows, heads, kv_heads, cache, dim = 5, 6, 2, 11, 8
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True, training=False)
+    key, value = (torch.randn(rows, kv_heads, cache, dim, generator=gen) for _ in range(2))
+    mask = torch.ones(rows, 1, 1, cache, dtype=torch.bool)
+    mask[1, ..., :4] = mask[3, ..., :7] = False  # left padding
+    for tokens in (1, 3):
+        query = torch.randn(rows, heads, tokens, dim, generator=gen)
+        step_mask = mask.expand(rows, 1, tokens, cache)
+        ours, _ = grouped_decode_attention(module, query, key, value, step_mask, scaling=dim ** -0.5)
+        theirs, _ = sdpa_attention_forward(module, query, key, value, step_mask, scaling=dim ** -0.5)
+        assert ours.shape == theirs.shape == (rows, tokens, heads, dim)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_graphs_engine_leaves_the_models_attention_setting_alone(repetitive):
+    model, tokenizer, prompts = repetitive
+    generate(model, tokenizer, prompts, GenerationSpec(max_new_tokens=4, engine="graphs", static_batch_size=4,
+                                                      prompt_buckets=[32]), CPU)
+    assert generation.transformers_model(model).config._attn_implementation == "sdpa"
+
+
 @pytest.mark.parametrize("penalty, ngram", [(1.5, 0), (1.0, 1), (1.0, 2), (1.0, 3), (0.7, 2)])
 def test_vectorised_output_penalties_equal_transformers_processors(penalty, ngram):
     """The graphs engine's fixed-shape penalties against transformers' processors on the output slice, at

@@ -553,6 +553,10 @@ def bench_command(args) -> int:
     gen_rows = _int_list(args.gen_rows, "--gen-rows") if args.gen_rows else [spec.generation.static_batch_size]
     if args.noise_seeds < 0:
         raise HarnessError(f"bench --noise-seeds: expected 0 or more re-seeded reference runs, got {args.noise_seeds}")
+    gen_models = set(args.gen_models.split(","))
+    if gen_models - {"smollm2", "tinyllama"}:
+        raise HarnessError(f"bench --gen-models: unknown {sorted(gen_models - {'smollm2', 'tinyllama'})} "
+                           "(known: smollm2, tinyllama)")
     if wanted - set(RECIPES):
         raise HarnessError(f"bench --recipes: unknown {sorted(wanted - set(RECIPES))} (known: {', '.join(RECIPES)})")
     work = Path(args.work)
@@ -614,6 +618,8 @@ def bench_command(args) -> int:
         results["generation_method"] = GENERATION_DOC
         results["generation"] = {}
         for key, (label, factory) in arches.items():
+            if key not in gen_models:
+                continue
             if key == "tinyllama" and device.kind != "cuda":
                 log.info("bench: TinyLlama-architecture generation skipped on CPU (1.1B parameters)")
                 continue

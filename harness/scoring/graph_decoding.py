@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from harness.errors import ModelError, first_line
@@ -94,6 +95,43 @@ class OutputPenalties:
             scores.scatter_(1, torch.where(matches, windows[..., -1], sink), float("-inf"))
 
 
+DECODE_ATTENTION = "harness_grouped_decode"  # the attention the captured step runs (registered with transformers)
+
+
+def grouped_decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                             **kwargs):
+    """SDPA for one query token a row, each key/value head's query heads packed as its query rows.
+
+    Why not transformers' `sdpa` attention: given a mask, transformers 5.17 (the GPU machine's) copies every
+    cached key and value `num_key_value_groups` times (`repeat_kv`) before SDPA, which was 38% of a 512-row
+    SmolLM2 decoding step on an H100, and attention over the copies another 25% (bench/profile_decode.py,
+    bench/RESULTS.md). Newer transformers pack the same way themselves (`pack_gqa`, 5.23); this keeps both
+    versions on the packed path. Same SDPA call otherwise (scoring's kernel restriction applies); a prompt
+    (more than one query token) goes to transformers' own sdpa attention."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if query.shape[2] != 1 or groups == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    rows, heads, _, dim = query.shape
+    out = torch.nn.functional.scaled_dot_product_attention(  # the [rows, 1, 1, cache] mask broadcasts over both
+        query.reshape(rows, heads // groups, groups, dim), key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+@contextmanager
+def _attention(config, implementation: str):
+    """The model's layers call `implementation` inside the block (they look it up in their config each call)."""
+    before = config._attn_implementation
+    config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
 @dataclass
 class _Buffers:
     """The decoding state of one batch shape: fixed addresses, read and written in place by the captured step."""
@@ -112,6 +150,9 @@ class GraphDecoder:
     """Decodes padded batches (`generation.generate` passes the static engine's batches) with the graphs engine."""
 
     def __init__(self, model, tokenizer, gen: GenerationSpec, device, stats: GenerationStats):
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(DECODE_ATTENTION, grouped_decode_attention)
         self.model, self.gen, self.device, self.stats = transformers_model(model), gen, device, stats
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         self.penalties = OutputPenalties(gen, device.torch_device)
@@ -210,8 +251,9 @@ class GraphDecoder:
         # the input token sits in cache column width + n_out - 1: attend to it from now on
         b.mask.logical_or_(b.cache_columns == b.n_out + (self.width - 1))
         b.position.add_(1)
-        logits = self.model(input_ids=b.token, attention_mask=b.mask, position_ids=b.position,
-                            past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        with _attention(self.model.config, DECODE_ATTENTION):
+            logits = self.model(input_ids=b.token, attention_mask=b.mask, position_ids=b.position,
+                                past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         self._choose(logits)
 
     def _advance(self, step: int) -> None:
