@@ -158,7 +158,9 @@ class GateSpec:
 class SweepSpec:
     """How `harness sweep` chooses settings: on a validation slice carved from train, never held-out."""
 
-    select: str = "rougeL"  # the validation metric that picks the winner (direction follows the metric)
+    # One metric name: the best tuned value on validation wins (direction follows the metric). A list of
+    # names: the highest worst paired gain wins (tuned must beat base on every one, CI clear of zero).
+    select: str | list[str] = "rougeL"
     validation_fraction: float = 0.1
     validation_salt: str = "harness-validation-v1"  # must differ from data.split_salt
     max_validation: int | None = 64
@@ -394,16 +396,31 @@ def _check_values(spec: TaskSpec, path: Path) -> None:
         if rule.metric not in METRIC_NAMES:
             raise SpecError(f"{path}: gate.rules[{i}].metric: unknown metric '{rule.metric}'"
                             f"{_did_you_mean(rule.metric, list(METRIC_NAMES))}")
-    if spec.sweep.select not in METRIC_NAMES:
-        raise SpecError(f"{path}: sweep.select: unknown metric '{spec.sweep.select}'"
-                        f"{_did_you_mean(spec.sweep.select, list(METRIC_NAMES))}")
-    if spec.sweep.select not in spec.metrics.names:
-        raise SpecError(f"{path}: sweep.select: '{spec.sweep.select}' is not among metrics.names")
+    _check_select(spec, path)
     template = spec.prompt.template
     if template is not None and template not in PROMPT_PRESETS and "{title}" not in template:
         close = difflib.get_close_matches(template, PROMPT_PRESETS, n=1, cutoff=0.6)
         hint = f" (did you mean '{close[0]}'?)" if close else f" ({', '.join(PROMPT_PRESETS)})"
         raise SpecError(f"{path}: prompt.template: must contain {{title}} or name a preset{hint}")
+
+
+def _check_select(spec: TaskSpec, path: Path) -> None:
+    """sweep.select names scored metrics, each once (HIGHER_IS_BETTER gives every one of METRIC_NAMES a
+    direction, loops, rep4 and distinct2 included, so any of them can be ranked or gained on)."""
+    select = spec.sweep.select
+    named = [("sweep.select", select)] if isinstance(select, str) else \
+        [(f"sweep.select[{i}]", name) for i, name in enumerate(select)]
+    if not named:
+        raise SpecError(f"{path}: sweep.select: must name a metric or list at least one")
+    seen = set()
+    for key, name in named:
+        if name not in METRIC_NAMES:
+            raise SpecError(f"{path}: {key}: unknown metric '{name}'{_did_you_mean(name, list(METRIC_NAMES))}")
+        if name not in spec.metrics.names:
+            raise SpecError(f"{path}: {key}: '{name}' is not among metrics.names")
+        if name in seen:
+            raise SpecError(f"{path}: {key}: '{name}' is listed twice")
+        seen.add(name)
 
 
 def spec_to_dict(spec: TaskSpec) -> dict:

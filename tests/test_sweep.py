@@ -133,7 +133,7 @@ def test_grid_sweep_chooses_on_validation_and_scores_only_the_winner_on_heldout(
     assert [r["trial"] for r in rows] == [0, 1, 2, 3]
     for t, row in zip(study.trials, rows):
         assert row["validation"] == t.user_attrs["validation"] and row["value"] == t.value
-        assert row["value"] == row["validation"]["tuned"]["rougeL"]
+        assert row["value"] == row["validation"]["tuned"]["rougeL"] and row["gains"] is None
         assert set(row["validation"]["guards"]["tuned"]) >= {"loop_share", "length_ratio", "empty_share"}
     csv = (sweep_dir / "trials.csv").read_text().splitlines()
     assert len(csv) == 5 and "validation.tuned.rougeL" in csv[0].split(",")
@@ -301,24 +301,27 @@ def test_retry_queues_what_failed_or_died_here_and_gives_up_after_three_failures
     assert choice["given_up"] == [{"params": {"train.lr": "A"}, "last_trial": 2}]
 
 
-def _hand_built_study(values_and_loops, select="rougeL", max_loop_share=0.1):
-    """An in-memory study whose trials carry the validation guards and the real loop constraints."""
+def _hand_built_study(trials, select="rougeL", max_loop_share=0.1):
+    """An in-memory study whose trials carry the validation guards and the real loop constraints. Each
+    trial is (value, tuned loop share, base loop share), or (validation scores, ...) whose value the
+    sweep's own rule computes (`trial_value`)."""
     import optuna
 
-    from harness.recipes.sweep import loop_constraints
+    from harness.recipes.sweep import loop_constraints, maximizes, trial_value
 
     sweep = SweepSpec(select=select, max_loop_share=max_loop_share)
-    study = optuna.create_study(direction="maximize" if select != "perplexity" else "minimize")
-    for i, (value, tuned_loops, base_loops) in enumerate(values_and_loops):
+    study = optuna.create_study(direction="maximize" if maximizes(select) else "minimize")
+    for i, (value, tuned_loops, base_loops) in enumerate(trials):
         study.enqueue_trial({"train.lr": i})
         trial = study.ask()
-        trial.suggest_categorical("train.lr", list(range(len(values_and_loops))))
+        trial.suggest_categorical("train.lr", list(range(len(trials))))
         guards = {"tuned": {"loop_share": tuned_loops}, "base": {"loop_share": base_loops}}
-        trial.set_user_attr("validation", {"guards": guards})
+        scores = value if isinstance(value, dict) else {}
+        trial.set_user_attr("validation", {**scores, "guards": guards})
         trial.set_user_attr("trial_dir", f"trials/{i}")
         for name, constraint in loop_constraints(guards, sweep).items():
             trial.set_constraint(name, constraint)
-        study.tell(trial, value)
+        study.tell(trial, trial_value(scores, select) if scores else value)
     return study, sweep
 
 
@@ -341,6 +344,140 @@ def test_a_trial_that_loops_too_often_is_never_chosen():
     study, sweep = _hand_built_study([(30.0, 0.5, 0.5)])
     choice = choose(study, sweep, {"train.lr": [0]})
     assert choice["winner"] is None and choice["infeasible"][0]["trial"] == 0
+
+
+# -- sweep.select as a list: the worst paired gain --------------------------------------------
+# Paired 95% CIs of tuned − base, chosen to be exact in binary floating point.
+DELTA_CI = {"rougeL": [0.75, 2.125], "chrf": [-0.25, 1.5], "perplexity": [-1.25, -0.375], "loops": [-0.25, 0.125]}
+
+
+def _validation_metrics(path: Path) -> None:
+    """A fixed validation_metrics.json (the metrics.json format) with the deltas of DELTA_CI."""
+    base = {"rougeL": 20.0, "chrf": 30.0, "perplexity": 12.5, "loops": 0.25}
+    delta = {m: (lo + hi) / 2 for m, (lo, hi) in DELTA_CI.items()}
+    block = lambda v, ci: {"value": v, "ci95": ci, "n": 8}  # noqa: E731
+    path.write_text(json.dumps({
+        "base": {m: block(v, [v, v]) for m, v in base.items()},
+        "tuned": {m: block(base[m] + delta[m], [base[m], base[m] + 2 * delta[m]]) for m in base},
+        "delta": {m: block(delta[m], DELTA_CI[m]) for m in base},
+        "guards": {"base": {"loop_share": 0.25}, "tuned": {"loop_share": 0.125}}}), encoding="utf-8")
+
+
+def test_worst_paired_gain_is_the_lowest_ci_bound_with_lower_is_better_flipped(tmp_path):
+    """From a fixed validation_metrics.json: a higher-is-better metric's gain is the lower CI bound of
+    tuned − base, a lower-is-better one's (perplexity, loops) minus the upper bound; the trial's value is
+    the smallest gain. A list of one metric keeps the gain rule; a bare name keeps the tuned value."""
+    from harness.recipes.sweep import VALIDATION_METRICS, maximizes, paired_gains, trial_value, validation_scores
+
+    _validation_metrics(tmp_path / VALIDATION_METRICS)
+    scores = validation_scores(tmp_path)
+    assert scores["delta_ci95"] == DELTA_CI
+    assert paired_gains(scores, ["rougeL", "chrf", "perplexity", "loops"]) == \
+        {"rougeL": 0.75, "chrf": -0.25, "perplexity": 0.375, "loops": -0.125}
+    assert trial_value(scores, ["rougeL", "perplexity"]) == 0.375
+    assert trial_value(scores, ["rougeL", "chrf", "perplexity"]) == -0.25
+    assert trial_value(scores, ["loops", "rougeL"]) == -0.125
+    assert trial_value(scores, ["perplexity"]) == 0.375 and maximizes(["perplexity"])
+    assert trial_value(scores, "perplexity") == 12.5 + (-1.25 - 0.375) / 2 and not maximizes("perplexity")
+    assert trial_value(scores, "rougeL") == 20.0 + (0.75 + 2.125) / 2
+
+
+def _gain_scores(tuned_rougel: float, **cis) -> dict:
+    return {"tuned": {"rougeL": tuned_rougel}, "delta_ci95": {m: list(ci) for m, ci in cis.items()}}
+
+
+def test_a_list_select_chooses_the_best_worst_gain_over_a_higher_single_metric():
+    """Trial 0 has the highest tuned rougeL and the widest rougeL gain but loses chrf, trial 3 the best
+    worst gain but loops past the cap: [rougeL, chrf] picks trial 1 (worst gain 0.5) over trial 2 (0.25),
+    where rougeL alone picks trial 0; each summary carries the listed metrics' gains."""
+    from harness.recipes.sweep import choose, trial_rows
+
+    trials = [(_gain_scores(30.0, rougeL=(2.0, 5.0), chrf=(-1.0, 0.5), perplexity=(-2.0, -1.0)), 0.0, 0.0),
+              (_gain_scores(25.0, rougeL=(0.75, 3.0), chrf=(0.5, 2.0), perplexity=(-1.0, 0.25)), 0.0, 0.0),
+              (_gain_scores(24.0, rougeL=(0.25, 2.0), chrf=(1.0, 3.0), perplexity=(-3.0, -1.5)), 0.0, 0.0),
+              (_gain_scores(26.0, rougeL=(1.0, 3.0), chrf=(1.0, 2.0), perplexity=(-2.0, -1.0)), 0.5, 0.0)]
+    grid = {"train.lr": [0, 1, 2, 3]}
+    study, sweep = _hand_built_study(trials, select="rougeL")
+    assert choose(study, sweep, grid)["winner"]["trial"] == 0
+
+    study, sweep = _hand_built_study(trials, select=["rougeL", "chrf"])
+    assert [t.value for t in study.trials] == [-1.0, 0.5, 0.25, 1.0]
+    choice = choose(study, sweep, grid)
+    assert choice["select"] == ["rougeL", "chrf"] and choice["direction"] == "maximize"
+    assert choice["rule"].startswith("highest worst paired gain (lower bound of the paired 95% CI of tuned − base "
+                                     "on validation, sign-flipped where lower is better) over rougeL, chrf among "
+                                     "feasible trials")
+    assert (choice["winner"]["trial"], choice["runner_up"]["trial"], choice["margin"]) == (1, 2, 0.25)
+    assert choice["winner"]["gains"] == {"rougeL": 0.75, "chrf": 0.5}
+    assert choice["runner_up"]["gains"] == {"rougeL": 0.25, "chrf": 1.0}
+    assert [c["trial"] for c in choice["infeasible"]] == [3] and choice["infeasible"][0]["gains"]["chrf"] == 1.0
+    rows = trial_rows(study, grid, sweep)
+    assert [r["gains"] for r in rows][0] == {"rougeL": 2.0, "chrf": -1.0}
+    assert all(r["value"] == min(r["gains"].values()) for r in rows)
+
+    # perplexity's gain is minus the upper bound of the delta: trial 2 (upper -1.5) gains most, trial 1
+    # (upper +0.25) did not clearly lower it; the lower bounds alone would have picked trial 1
+    study, sweep = _hand_built_study(trials[:3], select=["perplexity"])
+    assert [t.value for t in study.trials] == [1.0, -0.25, 1.5]
+    assert choose(study, sweep, {"train.lr": [0, 1, 2]})["winner"]["trial"] == 2
+
+
+def test_sweep_select_list_is_checked_before_any_work(tmp_path, capsys):
+    """Each bad `sweep.select` is one line naming it; a good list loads from --set as YAML."""
+    spec = load_spec(TASK, ["sweep.select=[rougeL,chrf]"])
+    assert spec.sweep.select == ["rougeL", "chrf"] and load_spec(TASK).sweep.select == "rougeL"
+    cases = [
+        ("sweep.select=[rougeL,chrff]", "sweep.select[1]: unknown metric 'chrff' (did you mean 'chrf'?)"),
+        ("sweep.select=[rougeL,chrf,rougeL]", "sweep.select[2]: 'rougeL' is listed twice"),
+        ("sweep.select=[]", "sweep.select: must name a metric or list at least one"),
+        ("sweep.select=rougeLL", "sweep.select: unknown metric 'rougeLL' (did you mean 'rougeL'?)"),
+        ("sweep.select=[rougeL, 3]", "sweep.select: expected str | list[str], got ['rougeL', 3]"),
+    ]
+    for override, message in cases:
+        assert main(["sweep", TASK, "--grid", "train.lr=1e-4,2e-4", "--set", override,
+                     "--sweeps-dir", str(tmp_path / "sweeps")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (override, err)
+    with pytest.raises(SpecError, match=r"sweep.select\[1\]: 'bleu' is not among metrics.names"):
+        load_spec(TASK, ["sweep.select=[chrf,bleu]", "metrics.names=[rougeL,chrf,perplexity,loops]"])
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_list_select_sweep_ranks_by_worst_gain_and_reports_each_gain(tmp_path, tiny_model_dir, monkeypatch,
+                                                                      capsys):
+    """End to end on the tiny model: every trial's value is the worst gain recomputed by hand from its own
+    validation_metrics.json, the winner follows it, and the report labels the column and shows each
+    listed metric's gain instead of Base and Δ."""
+    from harness.recipes.sweep import VALIDATION_METRICS
+
+    monkeypatch.chdir(tmp_path)
+    select = ["rougeL", "chrf", "perplexity"]
+    assert _sweep_cli(tmp_path, tiny_model_dir, ["generation.repetition_penalty=1.0,1.3"],
+                      "sweep.select=[rougeL,chrf,perplexity]") == 0
+    sweep_dir = _only(tmp_path / "sweeps")
+    rows = [json.loads(line) for line in (sweep_dir / "trials.jsonl").read_text().splitlines()]
+    for row in rows:
+        delta = _json(Path(row["trial_dir"]) / VALIDATION_METRICS)["delta"]
+        gains = {m: delta[m]["ci95"][0] if m != "perplexity" else -delta[m]["ci95"][1] for m in select}
+        assert row["gains"] == gains and row["value"] == min(gains.values())
+    choice = _json(sweep_dir / "choice.json")
+    assert choice["select"] == select and choice["winner"]["trial"] == _expected_choice(rows, 0.1)[0]
+    assert choice["winner"]["gains"] == rows[choice["winner"]["trial"]]["gains"]
+    assert "validation worst paired gain (rougeL, chrf, perplexity)" in capsys.readouterr().out
+
+    md = (sweep_dir / "sweep.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| Trial |"))
+    assert header.endswith("| worst paired gain (rougeL, chrf, perplexity) ↑ | gain rougeL | gain chrf "
+                           "| gain perplexity | Loops (tuned) | Feasible | Seconds |")
+    winner = rows[choice["winner"]["trial"]]
+    assert f"| {winner['value']:.2f} | " + " | ".join(f"{winner['gains'][m]:.2f}" for m in select) + " |" in md
+    lines = md.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("- **Winner:**"))
+    gains = ", ".join(f"{m} {winner['gains'][m]:+.2f}" for m in select)
+    assert lines[at].endswith(f"(gains: {gains})") and lines[at + 1].startswith("- **Runner-up:**")
+    html = (sweep_dir / "sweep.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "<th class=\"num\">gain chrf</th>" in html
+    assert "Validation worst paired gain (rougeL, chrf, perplexity) per trial" in html
 
 
 def test_no_feasible_trial_fails_closed_before_heldout(tmp_path, tiny_model_dir, monkeypatch, capsys):

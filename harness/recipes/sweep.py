@@ -217,7 +217,7 @@ def open_study(storage, name: str, sweep: SweepSpec, grid: dict):
     import optuna
 
     study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True,
-                                direction="maximize" if HIGHER_IS_BETTER[sweep.select] else "minimize")
+                                direction="maximize" if maximizes(sweep.select) else "minimize")
     # TPE is seeded by the trials already there, so a resumed sweep does not replay its first suggestions.
     study.sampler = (optuna.samplers.GridSampler(grid, seed=sweep.seed) if sweep.sampler == "grid"
                      else optuna.samplers.TPESampler(seed=sweep.seed + len(study.trials)))
@@ -335,8 +335,8 @@ def _trial(sweep: Sweep, trial) -> float:
     trial.set_user_attr("validation", scores)
     for name, value in loop_constraints(scores["guards"], sweep.spec.sweep).items():
         trial.set_constraint(name, value)
-    value = scores["tuned"][sweep.spec.sweep.select]
-    log.info("trial %d: validation %s %.3f", trial.number, sweep.spec.sweep.select, value)
+    value = trial_value(scores, sweep.spec.sweep.select)
+    log.info("trial %d: validation %s %.3f", trial.number, select_label(sweep.spec.sweep.select), value)
     return value
 
 
@@ -400,10 +400,49 @@ def _copy_training(source: Path, manifest: Manifest) -> None:
 
 
 def validation_scores(trial_dir: Path) -> dict:
-    """The numbers a trial is judged by: metric values (base, tuned, delta) and guards, on validation."""
+    """The numbers a trial is judged by: metric values (base, tuned, delta), the paired 95% CI of each
+    delta, and guards, on validation."""
     metrics = json.loads((trial_dir / VALIDATION_METRICS).read_text(encoding="utf-8"))
     values = {side: {m: block["value"] for m, block in metrics[side].items()} for side in ("base", "tuned", "delta")}
-    return {**values, "n": next(iter(metrics["tuned"].values()))["n"], "guards": metrics["guards"]}
+    return {**values, "delta_ci95": {m: block["ci95"] for m, block in metrics["delta"].items()},
+            "n": next(iter(metrics["tuned"].values()))["n"], "guards": metrics["guards"]}
+
+
+# -- the selection rule -----------------------------------------------------------------------
+def paired_gains(scores: dict, metrics: list[str]) -> dict[str, float]:
+    """Each metric's worst plausible gain of tuned over base: the lower bound of the paired 95% CI of
+    tuned − base, sign-flipped where lower is better (perplexity: −upper bound). Above 0: tuned beat
+    base on that metric with the CI clear of zero; a bare point estimate would reward a lucky slice."""
+    gains = {}
+    for metric in metrics:
+        low, high = scores["delta_ci95"][metric]
+        gains[metric] = low if HIGHER_IS_BETTER[metric] else -high
+    return gains
+
+
+def trial_value(scores: dict, select: str | list[str]) -> float:
+    """What a trial is ranked by: one metric's tuned value (sweep.select a name), or the worst paired gain
+    over the listed metrics (sweep.select a list), so no listed metric may be traded for another."""
+    if isinstance(select, str):
+        return scores["tuned"][select]
+    return min(paired_gains(scores, select).values())
+
+
+def maximizes(select: str | list[str]) -> bool:
+    return not isinstance(select, str) or HIGHER_IS_BETTER[select]
+
+
+def select_label(select: str | list[str]) -> str:
+    """The rule's value in words: the metric's name, or "worst paired gain (rougeL, chrf)"."""
+    return select if isinstance(select, str) else f"worst paired gain ({', '.join(select)})"
+
+
+def _gains(t, sweep: SweepSpec) -> dict[str, float] | None:
+    """The listed metrics' paired gains of a scored trial (null under a single-metric select)."""
+    validation = t.user_attrs.get("validation")
+    if isinstance(sweep.select, str) or validation is None:
+        return None
+    return paired_gains(validation, sweep.select)
 
 
 def loop_constraints(guards: dict, sweep: SweepSpec) -> dict[str, float]:
@@ -416,26 +455,30 @@ def loop_constraints(guards: dict, sweep: SweepSpec) -> dict[str, float]:
 
 # -- the choice -------------------------------------------------------------------------------
 def choose(study, sweep: SweepSpec, grid: dict) -> dict:
-    """The best feasible trial by sweep.select on validation (ties: the earlier trial), with the
-    runner-up and why each infeasible trial was ruled out."""
+    """The best feasible trial by sweep.select on validation (`trial_value`; ties: the earlier trial),
+    with the runner-up and why each infeasible trial was ruled out."""
     from optuna.trial import TrialState
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise RunError("no trial completed; nothing to choose from")
-    higher = HIGHER_IS_BETTER[sweep.select]
+    higher = maximizes(sweep.select)
     feasible = [t for t in complete if _feasible(t)]
     ranked = sorted(feasible, key=lambda t: (-t.value if higher else t.value, t.number))
     winner, runner_up = (ranked + [None, None])[:2]
+    ranking = (f"{'highest' if higher else 'lowest'} validation {sweep.select}" if isinstance(sweep.select, str)
+               else "highest worst paired gain (lower bound of the paired 95% CI of tuned − base on validation, "
+                    f"sign-flipped where lower is better) over {', '.join(sweep.select)}")
     return {
         "select": sweep.select, "direction": "maximize" if higher else "minimize",
-        "rule": f"{'highest' if higher else 'lowest'} validation {sweep.select} among feasible trials; feasible: "
+        "rule": f"{ranking} among feasible trials; feasible: "
                 f"tuned loop_share <= sweep.max_loop_share ({sweep.max_loop_share}) and <= the base model's; "
                 "ties go to the earlier trial",
         "completed": len(complete), "feasible": len(feasible),
-        "winner": _summary(winner, grid), "runner_up": _summary(runner_up, grid),
+        "winner": _summary(winner, grid, sweep), "runner_up": _summary(runner_up, grid, sweep),
         "margin": abs(winner.value - runner_up.value) if winner and runner_up else None,
-        "infeasible": [{**_summary(t, grid), "reasons": _reasons(t, sweep)} for t in complete if not _feasible(t)],
+        "infeasible": [{**_summary(t, grid, sweep), "reasons": _reasons(t, sweep)}
+                       for t in complete if not _feasible(t)],
         "given_up": _given_up(study, grid),
         "heldout_run": None,
     }
@@ -455,12 +498,12 @@ def _feasible(t) -> bool:
     return all(v <= 0 for v in t.constraints.values())
 
 
-def _summary(t, grid: dict) -> dict | None:
+def _summary(t, grid: dict, sweep: SweepSpec) -> dict | None:
     if t is None:
         return None
     guards = t.user_attrs["validation"]["guards"]
     return {"trial": t.number, "params": {k: t.params[k] for k in grid}, "overrides": trial_overrides(grid, t.params),
-            "value": t.value, "loop_share": guards["tuned"]["loop_share"],
+            "value": t.value, "gains": _gains(t, sweep), "loop_share": guards["tuned"]["loop_share"],
             "base_loop_share": guards["base"]["loop_share"],
             "trial_dir": t.user_attrs["trial_dir"], "host": t.user_attrs.get("host")}
 
@@ -510,7 +553,8 @@ def trial_rows(study, grid: dict, sweep: SweepSpec) -> list[dict]:
     for t in study.get_trials(deepcopy=False):
         duration = t.duration.total_seconds() if t.duration else None
         rows.append({"trial": t.number, "state": t.state.name.lower(), "params": {k: t.params.get(k) for k in grid},
-                     "value": t.value, "feasible": _feasible(t) if t.state == TrialState.COMPLETE else None,
+                     "value": t.value, "gains": _gains(t, sweep),
+                     "feasible": _feasible(t) if t.state == TrialState.COMPLETE else None,
                      "infeasible_because": _reasons(t, sweep) if t.state == TrialState.COMPLETE else [],
                      "constraints": t.constraints, "validation": t.user_attrs.get("validation"),
                      "retry_of": t.system_attrs.get("failed_trial"), "trial_dir": t.user_attrs.get("trial_dir"),
@@ -535,9 +579,9 @@ def summary_lines(sweep_dir: Path) -> list[str]:
     choice = json.loads((Path(sweep_dir) / CHOICE_FILE).read_text(encoding="utf-8"))
     winner, runner_up = choice["winner"], choice["runner_up"]
     lines = [f"sweep folder: {sweep_dir}",
-             f"winner: trial {winner['trial']} ({' '.join(winner['overrides'])}), validation {choice['select']} "
-             f"{winner['value']:.2f}" + (f"; runner-up trial {runner_up['trial']} {runner_up['value']:.2f}"
-                                         if runner_up else "; no runner-up")]
+             f"winner: trial {winner['trial']} ({' '.join(winner['overrides'])}), "
+             f"validation {select_label(choice['select'])} {winner['value']:.2f}"
+             + (f"; runner-up trial {runner_up['trial']} {runner_up['value']:.2f}" if runner_up else "; no runner-up")]
     run_dir = Path(choice["heldout_run"])
     lines += [f"held-out run folder: {run_dir}", f"held-out: {summary_line(run_dir)}",
               f"reports: {Path(sweep_dir) / 'sweep.html'}  {Path(sweep_dir) / 'sweep.md'}  {run_dir / 'report.html'}"]

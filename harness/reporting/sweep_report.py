@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from harness.io import atomic_write_text
-from harness.recipes.sweep import CHOICE_FILE, VALIDATION_FILE, read_trials, sweep_record
+from harness.recipes.sweep import CHOICE_FILE, VALIDATION_FILE, maximizes, read_trials, select_label, sweep_record
 from harness.reporting import report
 from harness.scoring.metrics import HIGHER_IS_BETTER, METRICS
 
@@ -45,7 +45,9 @@ def build_context(sweep_dir: Path) -> dict:
                  if c}
     return {
         "task": str(manifest.get("task", "")), "sweep_id": sweep_dir.name, "status": str(manifest.get("status")),
-        "select": select, "arrow": "↑" if HIGHER_IS_BETTER[select] else "↓",
+        "select": select_label(select), "arrow": "↑" if maximizes(select) else "↓",
+        # beside the value: base and Δ of the one metric, or each listed metric's paired gain
+        "heads": ["Base", "Δ"] if isinstance(select, str) else [f"gain {m}" for m in select],
         "sampler": sweep["sampler"] + (f", {sweep['n_trials']} trials" if sweep["sampler"] == "tpe" else ""),
         "grid": [{"key": k, "values": ", ".join(_fmt_param(v) for v in values)} for k, values in grid.items()],
         "keys": list(grid),
@@ -53,7 +55,7 @@ def build_context(sweep_dir: Path) -> dict:
         "study": manifest["sweep"].get("study", ""),
         "storage": manifest["sweep"].get("storage") or "study.db (SQLite)",
         "trials": [_row(t, grid, select, roles) for t in trials],
-        "choice": _choice(choice),
+        "choice": _choice(choice, select),
         "heldout": _heldout(choice),
         "plots": _plots(trials, grid, select, roles),
     }
@@ -69,28 +71,32 @@ def _num(value, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def _row(t: dict, grid: dict, select: str, roles: dict) -> dict:
+def _row(t: dict, grid: dict, select: str | list[str], roles: dict) -> dict:
     scores = t.get("validation") or {}
     guards = scores.get("guards", {})
     tuned_loop = guards.get("tuned", {}).get("loop_share")
     base_loop = guards.get("base", {}).get("loop_share")
     feasible = "—" if t["feasible"] is None else "yes" if t["feasible"] else "no: " + "; ".join(t["infeasible_because"])
+    if isinstance(select, str):
+        beside = [_num(scores.get("base", {}).get(select)), _num(scores.get("delta", {}).get(select))]
+    else:
+        beside = [_num((t.get("gains") or {}).get(m)) for m in select]
     return {"trial": t["trial"], "state": t["state"], "role": roles.get(t["trial"], ""),
-            "params": [_fmt_param(t["params"].get(k)) for k in grid],
-            "value": _num(t["value"]), "base": _num(scores.get("base", {}).get(select)),
-            "delta": _num(scores.get("delta", {}).get(select)),
+            "params": [_fmt_param(t["params"].get(k)) for k in grid], "value": _num(t["value"]), "beside": beside,
             "loops": "—" if tuned_loop is None else f"{tuned_loop:.0%} (base {base_loop:.0%})",
             "feasible": feasible, "retry_of": t.get("retry_of"),
             "seconds": "—" if t.get("seconds") is None else f"{t['seconds']:.0f}"}
 
 
-def _choice(choice: dict | None) -> dict | None:
+def _choice(choice: dict | None, select: str | list[str]) -> dict | None:
     if not choice:
         return None
 
     def who(c):
-        return None if c is None else {"trial": c["trial"], "overrides": " ".join(c["overrides"]),
-                                       "value": _num(c["value"])}
+        if c is None:
+            return None
+        gains = "" if isinstance(select, str) else ", ".join(f"{m} {c['gains'][m]:+.2f}" for m in select)
+        return {"trial": c["trial"], "overrides": " ".join(c["overrides"]), "value": _num(c["value"]), "gains": gains}
 
     return {"rule": choice["rule"], "winner": who(choice["winner"]), "runner_up": who(choice["runner_up"]),
             "margin": _num(choice["margin"]), "completed": choice["completed"], "feasible": choice["feasible"],
@@ -116,21 +122,31 @@ def _heldout(choice: dict | None) -> dict | None:
 
 
 # -- plots ------------------------------------------------------------------------------------
-def _plots(trials: list[dict], grid: dict, select: str, roles: dict) -> list[dict]:
+def _plots(trials: list[dict], grid: dict, select: str | list[str], roles: dict) -> list[dict]:
     done = [t for t in trials if t["value"] is not None]
-    better = "higher" if HIGHER_IS_BETTER[select] else "lower"
+    label = select_label(select)
+    if isinstance(select, str):
+        better = "higher" if HIGHER_IS_BETTER[select] else "lower"
+        what = (f"Each completed trial's tuned {select} on the validation slice ({better} is better); grey ticks: "
+                "the base model with the same generation settings.")
+    else:
+        what = (f"Each completed trial's worst paired gain over {', '.join(select)} on the validation slice: the "
+                "lowest of the listed metrics' lower 95% CI bounds of tuned − base (sign-flipped where lower is "
+                "better); above the line at 0, tuned beat base on every listed metric.")
     return [
-        {"id": "plot-trials", "title": f"Validation {select} per trial",
-         "alt": f"Validation {select} of each trial; infeasible trials crossed, the winner starred",
-         "caption": f"Each completed trial's tuned {select} on the validation slice ({better} is better); "
-                    "grey ticks: the base model with the same generation settings. Crossed: infeasible (loop "
-                    "constraint).",
+        {"id": "plot-trials", "title": f"Validation {label} per trial",
+         "alt": f"Validation {label} of each trial; infeasible trials crossed, the winner starred",
+         "caption": f"{what} Crossed: infeasible (loop constraint).",
          "src": _trials_plot(done, select, roles) if done else report._placeholder("no completed trial")},
-        {"id": "plot-params", "title": f"Validation {select} by setting",
-         "alt": f"Validation {select} against each swept setting",
+        {"id": "plot-params", "title": f"Validation {label} by setting",
+         "alt": f"Validation {label} against each swept setting",
          "caption": "One panel per swept key: every completed trial at the value it used.",
          "src": _params_plot(done, grid, select, roles) if done else report._placeholder("no completed trial")},
     ]
+
+
+def _axis_label(select: str | list[str]) -> str:
+    return f"validation {select}" if isinstance(select, str) else f"worst paired gain\n({', '.join(select)})"
 
 
 def _markers(ax, xs, trials: list[dict], roles: dict) -> None:
@@ -147,23 +163,26 @@ def _markers(ax, xs, trials: list[dict], roles: dict) -> None:
         ax.scatter(xs[winner], values[winner], s=220, marker="*", color=report.PALETTE[1], label="winner", zorder=4)
 
 
-def _trials_plot(trials: list[dict], select: str, roles: dict) -> str:
+def _trials_plot(trials: list[dict], select: str | list[str], roles: dict) -> str:
     fig = report._figure(3.4)
     ax = fig.add_subplot()
     numbers = [t["trial"] for t in trials]
-    base = [(t["trial"], t["validation"]["base"][select]) for t in trials if t.get("validation")]
-    if base:
-        ax.scatter(*zip(*base), marker="_", s=260, color=report.BASE_GREYS[0], label="base", zorder=2)
+    if isinstance(select, str):
+        base = [(t["trial"], t["validation"]["base"][select]) for t in trials if t.get("validation")]
+        if base:
+            ax.scatter(*zip(*base), marker="_", s=260, color=report.BASE_GREYS[0], label="base", zorder=2)
+    else:  # a gain is already relative to base: its line is 0
+        ax.axhline(0.0, color=report.BASE_GREYS[0], linewidth=1, label="tuned = base", zorder=1)
     _markers(ax, numbers, trials, roles)
     ax.set_xticks(numbers, [str(n) for n in numbers])
     ax.set_xlabel("trial")
-    ax.set_ylabel(f"validation {select}")
+    ax.set_ylabel(_axis_label(select))
     report._legend(fig, ax)
     report._style(ax)
     return report._png(fig)
 
 
-def _params_plot(trials: list[dict], grid: dict, select: str, roles: dict) -> str:
+def _params_plot(trials: list[dict], grid: dict, select: str | list[str], roles: dict) -> str:
     fig = report._figure(3.2)
     axes = fig.subplots(1, len(grid), squeeze=False)[0]
     for ax, (key, values) in zip(axes, grid.items()):
@@ -174,6 +193,6 @@ def _params_plot(trials: list[dict], grid: dict, select: str, roles: dict) -> st
         ax.set_xlim(-0.5, len(labels) - 0.5)
         ax.set_xlabel(report._mpl(key))
         report._style(ax)
-    axes[0].set_ylabel(f"validation {select}")
+    axes[0].set_ylabel(_axis_label(select))
     report._legend(fig, axes[0])
     return report._png(fig)
