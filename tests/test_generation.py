@@ -313,6 +313,19 @@ def test_grouped_decode_attention_equals_transformers_sdpa_with_repeated_heads()
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
+def test_auto_engine_is_graphs_on_cuda_where_it_can_decode(tiny_model_dir, loaded):
+    """auto: graphs on CUDA (greedy, sdpa); static there when graphs cannot decode; dynamic off CUDA. Only the
+    device's kind is read, so a CUDA device is named without one."""
+    model, tokenizer = loaded
+    cuda = models.Device("cuda")
+    assert generation.resolve_engine(GenerationSpec(), cuda, model) == "graphs"
+    assert generation.resolve_engine(GenerationSpec(), cuda) == "graphs"  # before the model is loaded
+    assert generation.resolve_engine(GenerationSpec(do_sample=True), cuda, model) == "static"
+    eager = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, CPU, attn_implementation="eager")
+    assert generation.resolve_engine(GenerationSpec(), cuda, eager) == "static"
+    assert generation.resolve_engine(GenerationSpec(), CPU, model) == "dynamic"
+
+
 def test_graphs_engine_leaves_the_models_attention_setting_alone(repetitive):
     model, tokenizer, prompts = repetitive
     generate(model, tokenizer, prompts, GenerationSpec(max_new_tokens=4, engine="graphs", static_batch_size=4,

@@ -354,7 +354,7 @@ loop = the seeds' loop (dynamic engine, one prompt at a time, first --loop-examp
 dynamic = transformers' dynamic cache in length-sorted batches of generation.static_batch_size;
 static = the static engine uncompiled (same batches and cache as fast: the eager reference);
 fast = the static cache with decoding compiled into CUDA graphs (generation.engine compiled; auto
-uses static since this comparison: see harness/scoring/generation.py), called twice: the first call compiles (cold), the second reuses the compiled code (warm).
+uses graphs on CUDA: see harness/scoring/generation.py), called twice: the first call compiles (cold), the second reuses the compiled code (warm).
 graphs = the static engine's batches decoded by harness' own greedy loop, each step captured once per
 shape as a CUDA graph (generation.engine graphs, harness/scoring/graph_decoding.py; uncaptured off CUDA), one
 call: its tokens/s includes the capture; without capture = tokens / (seconds - capture seconds).

@@ -1,6 +1,7 @@
 """Batched generation: one prompt path for scoring, `generate` and `serve`.
 
-Three engines (`generation.engine`; `auto` is `static` on CUDA and `dynamic` elsewhere):
+Four engines (`generation.engine`; `auto` is `graphs` on CUDA where it can decode (greedy, sdpa, not
+quantized by bitsandbytes, full-attention cache), else `static` there, and `dynamic` off CUDA):
 
 - dynamic: transformers' growing KV cache; length-sorted batches of `batch_size`, each padded to
   its longest prompt. Interactive generation (streaming) and CPU runs use it.
@@ -18,10 +19,11 @@ Three engines (`generation.engine`; `auto` is `static` on CUDA and `dynamic` els
   shape as a CUDA graph and replayed (harness/scoring/graph_decoding.py): no compilation, the static
   engine's kernels. Off CUDA the same loop runs uncaptured.
 
-Why `auto` is not `compiled` (bench/RESULTS.md, one H100 run): compiled decoding reached 25,133
-tokens/s warm, 3.3x the static engine, but compiling cost 35 s, so over a 1,000-example held-out
-set it is slower than the static engine (7,503 tokens/s, no compile); and two compiled calls on
-the same prompts gave 4% different texts, which breaks "same command, same predictions".
+Why `auto` is `graphs` and not `compiled` (bench/RESULTS.md, one H100, SmolLM2, 512 prompts): graphs
+decoded 44,460 tokens/s (capture 0.07 s), 5.4x the static engine, with the static engine's texts on all
+512 prompts and on the 142 real held-out prompts in two processes; compiled decoding reached 25,133
+tokens/s warm but compiling cost 35-40 s, more than it saves on a 1,000-example held-out set, and two
+compiled calls on the same prompts gave 4% different texts, which breaks "same command, same predictions".
 
 Results come back in the caller's order.
 """
@@ -178,7 +180,11 @@ def resolve_engine(gen: GenerationSpec, device, model=None) -> str:
 
     Called without a model before any work, so a run that asks for what the device cannot do stops early."""
     if gen.engine == "auto":
-        return "static" if device.kind == "cuda" else "dynamic"
+        if device.kind != "cuda":
+            return "dynamic"
+        from harness.scoring.graph_decoding import blocker
+
+        return "static" if blocker(gen, device, model) else "graphs"
     blocker = _compile_blocker(model, device)
     if gen.engine == "compiled" and blocker:
         raise ModelError(f"generation.engine=compiled: {blocker}; set generation.engine=static (no compile) "

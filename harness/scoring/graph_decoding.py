@@ -37,20 +37,41 @@ STOP_CHECK_EVERY = 8  # decoding steps between two "has every row ended?" reads 
 SWITCH = "set generation.engine=static (same outputs, no CUDA graphs) or dynamic"
 
 
-def check_supported(gen: GenerationSpec, device, model=None) -> None:
-    """Fail early, in one line, where the graphs engine cannot decode (`model` None: the spec alone)."""
+def blocker(gen: GenerationSpec, device, model=None) -> str | None:
+    """Why the graphs engine cannot decode these settings with this model, or None (`model` None: the
+    settings alone)."""
     if gen.do_sample:
-        raise ModelError(f"generation.engine=graphs decodes greedily only (generation.do_sample is true); {SWITCH}")
+        return "generation.engine=graphs decodes greedily only (generation.do_sample is true)"
     if model is None:
-        return
+        return None
     inner = transformers_model(model)
     attention = getattr(inner.config, "_attn_implementation", None)
     if attention != "sdpa":
-        raise ModelError(f"generation.engine=graphs needs sdpa attention (the model uses {attention}); {SWITCH}")
+        return f"generation.engine=graphs needs sdpa attention (the model uses {attention})"
     quantizer = getattr(inner, "hf_quantizer", None)
     if quantizer is not None and device.kind == "cuda":
-        raise ModelError(f"generation.engine=graphs does not capture a model quantized by {type(quantizer).__name__}; "
-                         f"{SWITCH}")
+        return f"generation.engine=graphs does not capture a model quantized by {type(quantizer).__name__}"
+    other = _other_cache_layer(inner)
+    if other is not None:  # e.g. sliding-window layers keep a Python counter a replayed graph would not advance
+        return f"generation.engine=graphs decodes full-attention caches only (this model's cache has {other})"
+    return None
+
+
+def check_supported(gen: GenerationSpec, device, model=None) -> None:
+    """Fail early, in one line, where the graphs engine cannot decode (`model` None: the spec alone)."""
+    reason = blocker(gen, device, model)
+    if reason:
+        raise ModelError(f"{reason}; {SWITCH}")
+
+
+def _other_cache_layer(model) -> str | None:
+    """The first static-cache layer type of `model` that is not a plain full-attention StaticLayer (a cache
+    allocates its tensors lazily: building one to look costs nothing)."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    cache = StaticCache(config=model.config, max_cache_len=1)
+    return next((type(layer).__name__ for layer in cache.layers if type(layer) is not StaticLayer), None)
 
 
 class OutputPenalties:
@@ -185,14 +206,9 @@ class GraphDecoder:
 
     def _new_shape(self, shape: tuple[int, int]) -> None:
         from transformers import StaticCache
-        from transformers.cache_utils import StaticLayer
 
         self.graph = self.buffers = self.cache = None  # free the previous shape's graph pool and cache first
         self.cache = StaticCache(config=self.model.config, max_cache_len=shape[1] + self.gen.max_new_tokens)
-        other = next((type(layer).__name__ for layer in self.cache.layers if type(layer) is not StaticLayer), None)
-        if other is not None:  # e.g. sliding-window layers keep a Python counter a replayed graph would not advance
-            raise ModelError(f"generation.engine=graphs decodes full-attention caches only (this model's cache has "
-                             f"{other}); {SWITCH}")
         self.shape, self.width = shape, shape[1]
         self.stats.shapes.append(list(shape))
 
