@@ -20,10 +20,11 @@ quantized by bitsandbytes, full-attention cache), else `static` there, and `dyna
   engine's kernels. Off CUDA the same loop runs uncaptured.
 
 Why `auto` is `graphs` and not `compiled` (bench/RESULTS.md, one H100, SmolLM2, 512 prompts): graphs
-decoded 44,460 tokens/s (capture 0.07 s), 5.4x the static engine, with the static engine's texts on all
-512 prompts and on the 142 real held-out prompts in two processes; compiled decoding reached 25,133
-tokens/s warm but compiling cost 35-40 s, more than it saves on a 1,000-example held-out set, and two
-compiled calls on the same prompts gave 4% different texts, which breaks "same command, same predictions".
+decoded 42,058 tokens/s with its 0.07 s capture amortised over 1,000 examples, 5.4x the static engine,
+with the static engine's texts on all 512 prompts and on the 142 real held-out prompts in two processes;
+compiled decoding reached 20,000-25,000 tokens/s warm but compiling cost 35-40 s, more than it saves on a
+1,000-example held-out set, and two compiled calls on the same prompts gave 4% different texts, which
+breaks "same command, same predictions".
 
 Results come back in the caller's order.
 """
