@@ -113,7 +113,7 @@ def test_no_repeat_ngram_size_reaches_generate(loaded, monkeypatch):
 
     def spy(**kwargs):
         out = real(**kwargs)
-        sizes = [p.processor.ngram_size for p in kwargs["logits_processor"] if hasattr(p.processor, "ngram_size")]
+        sizes = [p.penalties.n for p in kwargs["logits_processor"] if p.penalties.ngrams]
         calls.append((sizes, out[:, kwargs["input_ids"].shape[1]:].tolist()))
         return out
 
@@ -144,7 +144,8 @@ def test_repetition_penalties_count_the_output_only(talkative):
     prompt_and_output = torch.tensor([[5, 6, 7, 5]])  # the prompt holds the bigram (5, 6); the output is (5)
     scores = torch.zeros(1, 10)
     library = NoRepeatNGramLogitsProcessor(2)(prompt_and_output, scores.clone())
-    ours = generation.output_penalties(gen, width)[1](prompt_and_output, scores.clone())
+    ours = generation.output_penalties(replace(gen, repetition_penalty=1.0), width, "cpu")[0](
+        prompt_and_output, scores.clone())
     assert library[0, 6] == -float("inf") and ours[0, 6] == 0.0  # only the library bans copying the prompt
 
 
@@ -335,25 +336,29 @@ def test_graphs_engine_leaves_the_models_attention_setting_alone(repetitive):
 
 @pytest.mark.parametrize("penalty, ngram", [(1.5, 0), (1.0, 1), (1.0, 2), (1.0, 3), (0.7, 2)])
 def test_vectorised_output_penalties_equal_transformers_processors(penalty, ngram):
-    """The graphs engine's fixed-shape penalties against transformers' processors on the output slice, at
-    every step of a random output over a small vocabulary (many repeated tokens and n-gram matches). Columns
-    past the step hold junk tokens, which must not count."""
-    from harness.scoring.graph_decoding import OutputPenalties
+    """The fixed-shape penalties (the graphs engine's buffers, and as the processor the other engines pass to
+    `generate`) against transformers' processors on the output slice, at every step of a random output over a
+    small vocabulary (many repeated tokens and n-gram matches). Buffer columns past the step hold junk
+    tokens, which must not count."""
+    from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
     rows, vocab, max_new, width = 5, 7, 12, 4
     gen = GenerationSpec(max_new_tokens=max_new, repetition_penalty=penalty, no_repeat_ngram_size=ngram)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (rows, width), generator=g)
     out = torch.randint(0, vocab, (rows, max_new), generator=g)
-    ours = OutputPenalties(gen, torch.device("cpu"))
-    library = generation.output_penalties(gen, width)
+    ours = generation.OutputPenalties(gen, torch.device("cpu"))
+    processor = generation.output_penalties(gen, width, "cpu")
+    library = LogitsProcessorList(([RepetitionPenaltyLogitsProcessor(penalty)] if penalty != 1.0 else [])
+                                  + ([NoRepeatNGramLogitsProcessor(ngram)] if ngram else []))
     changed = banned = 0
     for step in range(max_new + 1):
         scores = torch.randn(rows, vocab, generator=g) * 3
-        expected = library(torch.cat([prompt, out[:, :step]], dim=1), scores.clone())
+        expected = library(out[:, :step], scores.clone())
         padded = torch.cat([scores, torch.zeros(rows, 1)], dim=1)  # the sink column
         ours(padded, out, torch.tensor([step]))
         assert torch.equal(padded[:, :vocab], expected), f"step {step}"
+        assert torch.equal(processor(torch.cat([prompt, out[:, :step]], dim=1), scores.clone()), expected)
         changed += int((expected != scores).any(dim=1).sum())
         banned += int(torch.isinf(expected).sum())
     assert changed > rows  # the comparison is meaningful: the penalties acted on many rows and steps

@@ -202,31 +202,77 @@ def batch_rows(gen: GenerationSpec, engine: str) -> int:
     return gen.batch_size if engine == "dynamic" else gen.static_batch_size
 
 
-class _OnOutput:
-    """Apply a transformers logits processor to the generated tokens only.
+class OutputPenalties:
+    """`repetition_penalty`, then `no_repeat_ngram_size`, over the generated tokens only, as fixed-shape tensor ops.
 
-    transformers' `repetition_penalty` and `no_repeat_ngram_size` look at the whole sequence of a
-    decoder-only model: the prompt, and in a batch its left padding, which is the end-of-turn token.
-    So a penalty also punished repeating the product's own title and, in rows with padding only,
-    stopping; outputs then depended on which prompts shared a batch. Slicing off the `width` prompt
-    columns makes both count the description written so far, the same in every batch."""
+    The semantics of transformers' RepetitionPenaltyLogitsProcessor and NoRepeatNGramLogitsProcessor, but
+    counted on the output only: those look at the whole sequence of a decoder-only model, the prompt and, in
+    a batch, its left padding (the end-of-turn token), so they also punished repeating the product's own
+    title and, in padded rows only, stopping: outputs depended on which prompts shared a batch.
+    Hand-written rather than those processors over the output slice (what harness did before) for two
+    reasons: the graphs engine replays fixed shapes, and transformers' n-gram ban walks every row's n-grams
+    in Python with a host copy each step (both penalties at 512 rows: 154 ms a step against 43 ms here,
+    2 CPU cores, bench/penalties_cost.py). The output buffer keeps its full `max_new_tokens` width and a device counter
+    `n_valid` says how many columns are real; positions past it are masked, and every masked index points
+    at a sink column past the vocabulary, so each scatter writes one value per index.
+    tests/test_generation.py checks it against transformers' processors on the output, step by step."""
 
-    def __init__(self, processor, width: int):
-        self.processor, self.width = processor, width
+    def __init__(self, gen: GenerationSpec, device):
+        import torch
+
+        self.penalty, self.n = gen.repetition_penalty, gen.no_repeat_ngram_size
+        width = gen.max_new_tokens
+        self.columns = torch.arange(width, device=device)
+        self.ngrams = self.n > 0 and width >= self.n
+        if self.ngrams:
+            self.window_ends = torch.arange(self.n, width + 1, device=device)  # window j covers columns j .. j+n-1
+            self.prefix_offsets = torch.arange(1 - self.n, 0, device=device)  # the last n-1 columns before n_valid
+
+    @property
+    def active(self) -> bool:
+        return self.penalty != 1.0 or self.ngrams
+
+    def __call__(self, scores, out, n_valid) -> None:
+        """Penalise `scores` [rows, vocab + 1] (float32, last column the sink) in place, given the first
+        `n_valid` ([1] long tensor) columns of `out` [rows, max_new_tokens]."""
+        import torch
+
+        sink = scores.shape[1] - 1
+        if self.penalty != 1.0:  # each distinct output token once: negative scores times, positive over, the penalty
+            ids = out.masked_fill(self.columns >= n_valid, sink)
+            picked = scores.gather(1, ids)
+            scores.scatter_(1, ids, torch.where(picked < 0, picked * self.penalty, picked / self.penalty))
+        if self.ngrams:  # a window whose first n-1 tokens equal the last n-1 generated bans its n-th
+            windows = out.unfold(1, self.n, 1)
+            prefix = out.gather(1, (n_valid + self.prefix_offsets).clamp(min=0).expand(out.shape[0], -1))
+            matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1) & (self.window_ends <= n_valid)
+            scores.scatter_(1, torch.where(matches, windows[..., -1], sink), float("-inf"))
+
+class _OutputProcessor:
+    """OutputPenalties as a transformers logits processor, for the engines that run `generate`: the sequence
+    so far (prompt width `width`, then the output) in, the penalised scores out."""
+
+    def __init__(self, gen: GenerationSpec, width: int, device):
+        self.penalties, self.width, self.max_new_tokens = OutputPenalties(gen, device), width, gen.max_new_tokens
 
     def __call__(self, input_ids, scores):
-        return self.processor(input_ids[:, self.width:], scores)
+        import torch
+
+        out = input_ids[:, self.width:]
+        n_valid = torch.tensor([out.shape[1]], device=out.device)
+        out = torch.nn.functional.pad(out, (0, self.max_new_tokens - out.shape[1]))  # masked past n_valid
+        sunk = torch.cat([scores, scores.new_zeros(scores.shape[0], 1)], dim=1)  # the sink column
+        self.penalties(sunk, out, n_valid)
+        return sunk[:, :-1]
 
 
-def output_penalties(gen: GenerationSpec, width: int):
-    """The spec's repetition penalties as logits processors over the output (prompt width `width`)."""
-    from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+def output_penalties(gen: GenerationSpec, width: int, device):
+    """The spec's repetition penalties over the output (prompt width `width`) as logits processors."""
+    from transformers import LogitsProcessorList
 
     processors = LogitsProcessorList()
-    if gen.repetition_penalty != 1.0:
-        processors.append(_OnOutput(RepetitionPenaltyLogitsProcessor(gen.repetition_penalty), width))
-    if gen.no_repeat_ngram_size > 0:
-        processors.append(_OnOutput(NoRepeatNGramLogitsProcessor(gen.no_repeat_ngram_size), width))
+    if gen.repetition_penalty != 1.0 or gen.no_repeat_ngram_size > 0:
+        processors.append(_OutputProcessor(gen, width, device))
     return processors
 
 
@@ -253,7 +299,8 @@ class _Decoder:
 
     def __call__(self, ids, mask, streamer=None) -> list[list[int]]:
         ids, mask = ids.to(self.device.torch_device), mask.to(self.device.torch_device)
-        kwargs = dict(self.kwargs, streamer=streamer, logits_processor=output_penalties(self.gen, ids.shape[1]))
+        kwargs = dict(self.kwargs, streamer=streamer,
+                      logits_processor=output_penalties(self.gen, ids.shape[1], ids.device))
         if self.engine != "dynamic":
             kwargs["past_key_values"] = self._static_cache(tuple(ids.shape), ids, mask)
         out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.gen.max_new_tokens,
@@ -285,8 +332,8 @@ class _Decoder:
         steps = min(WARMUP_TOKENS, self.gen.max_new_tokens)
         try:
             self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
-                                past_key_values=self.cache, logits_processor=output_penalties(self.gen, ids.shape[1]),
-                                **self.kwargs)
+                                past_key_values=self.cache,
+                                logits_processor=output_penalties(self.gen, ids.shape[1], ids.device), **self.kwargs)
             if self.device.kind == "cuda":
                 torch.cuda.synchronize(self.device.index)
         except torch.OutOfMemoryError:

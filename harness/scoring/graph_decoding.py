@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from harness.errors import ModelError, first_line
-from harness.scoring.generation import GenerationStats, deterministic_algorithms, transformers_model
+from harness.scoring.generation import GenerationStats, OutputPenalties, deterministic_algorithms, transformers_model
 from harness.spec import GenerationSpec
 
 log = logging.getLogger(__name__)
@@ -72,48 +72,6 @@ def _other_cache_layer(model) -> str | None:
 
     cache = StaticCache(config=model.config, max_cache_len=1)
     return next((type(layer).__name__ for layer in cache.layers if type(layer) is not StaticLayer), None)
-
-
-class OutputPenalties:
-    """`repetition_penalty`, then `no_repeat_ngram_size`, over the generated tokens, as fixed-shape tensor ops.
-
-    The same semantics as transformers' RepetitionPenaltyLogitsProcessor and NoRepeatNGramLogitsProcessor
-    applied to the output only (harness.scoring.generation.output_penalties). Hand-written because those take the
-    sequence so far, one column longer every step, and return new tensors sized by it: a CUDA graph replays
-    fixed shapes. Here the output buffer keeps its full `max_new_tokens` width and a device counter
-    `n_valid` says how many columns are real; positions past it are masked, and every masked index points
-    at a sink column past the vocabulary, so each scatter writes one value per index."""
-
-    def __init__(self, gen: GenerationSpec, device):
-        import torch
-
-        self.penalty, self.n = gen.repetition_penalty, gen.no_repeat_ngram_size
-        width = gen.max_new_tokens
-        self.columns = torch.arange(width, device=device)
-        self.ngrams = self.n > 0 and width >= self.n
-        if self.ngrams:
-            self.window_ends = torch.arange(self.n, width + 1, device=device)  # window j covers columns j .. j+n-1
-            self.prefix_offsets = torch.arange(1 - self.n, 0, device=device)  # the last n-1 columns before n_valid
-
-    @property
-    def active(self) -> bool:
-        return self.penalty != 1.0 or self.ngrams
-
-    def __call__(self, scores, out, n_valid) -> None:
-        """Penalise `scores` [rows, vocab + 1] (float32, last column the sink) in place, given the first
-        `n_valid` ([1] long tensor) columns of `out` [rows, max_new_tokens]."""
-        import torch
-
-        sink = scores.shape[1] - 1
-        if self.penalty != 1.0:  # each distinct output token once: negative scores times, positive over, the penalty
-            ids = out.masked_fill(self.columns >= n_valid, sink)
-            picked = scores.gather(1, ids)
-            scores.scatter_(1, ids, torch.where(picked < 0, picked * self.penalty, picked / self.penalty))
-        if self.ngrams:  # a window whose first n-1 tokens equal the last n-1 generated bans its n-th
-            windows = out.unfold(1, self.n, 1)
-            prefix = out.gather(1, (n_valid + self.prefix_offsets).clamp(min=0).expand(out.shape[0], -1))
-            matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1) & (self.window_ends <= n_valid)
-            scores.scatter_(1, torch.where(matches, windows[..., -1], sink), float("-inf"))
 
 
 DECODE_ATTENTION = "harness_grouped_decode"  # the attention the captured step runs (registered with transformers)
