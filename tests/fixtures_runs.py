@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from harness.scoring.metrics import DEGENERATION, HIGHER_IS_BETTER, METRICS
+from harness.scoring.metrics import DEGENERATION, HIGHER_IS_BETTER, METRICS, SIMILARITY
 
 VOCAB = ("soft", "cotton", "navy", "steel", "bottle", "keeps", "drinks", "cold", "lamp", "desk",
          "warm", "light", "durable", "classic", "fit", "washable", "ceramic", "mug", "gift", "travel")
@@ -48,12 +48,13 @@ def _guards(outputs: list[str], references: list[str], truncated: list[bool]) ->
 def make_run(tmp_path: Path, name: str = "run-a", n: int = 24, *, seed: int = 1, words: int = 14,
              title_words: int = 3, texts: list[dict] | None = None, deltas: dict | None = None, base_shift: float = 0.0,
              warnings: tuple[str, ...] = (), guards: dict | None = None, train_log: bool = True,
-             optional: bool = True, task: str = "demo") -> Path:
+             optional: bool = True, task: str = "demo", constant: bool = True) -> Path:
     """Write a complete run folder `tmp_path/name` and return it.
 
     `texts` overrides fields (texts, scores) of the first examples, `deltas` maps a
     metric to (delta, ci low, ci high), `guards` is merged into the computed guard block,
-    `optional=False` leaves out the manifest's optional fingerprints and base_cache.
+    `optional=False` leaves out the manifest's optional fingerprints and base_cache, `constant=False`
+    the constant-answer block (as in runs scored before metrics.json carried it).
     """
     run = Path(tmp_path) / name
     run.mkdir(parents=True)
@@ -93,6 +94,15 @@ def make_run(tmp_path: Path, name: str = "run-a", n: int = 24, *, seed: int = 1,
                                  [r[f"{side}_truncated"] for r in rows]) for side in ("base", "tuned")},
         "warnings": list(warnings),
     }
+    if constant:  # one point below base on every similarity metric
+        floor = {m: base[m] - 1.0 for m in SIMILARITY}
+        metrics["constant_baseline"] = {
+            "text_sha256": "9f" * 32, "chars": 180, "source": "train medoid, first 128 train references by id, ROUGE-L",
+            **{m: {"value": v, "ci95": [v - 1.2, v + 1.2], "n": n} for m, v in floor.items()},
+            "tuned_minus_baseline": {m: {"value": metrics["tuned"][m]["value"] - v,
+                                         "ci95": [metrics["tuned"][m]["value"] - v - 1.1,
+                                                  metrics["tuned"][m]["value"] - v + 1.1], "n": n}
+                                     for m, v in floor.items()}}
     for side in ("base", "tuned"):
         metrics["guards"][side]["loop_share"] = float(np.mean([r[f"{side}_loops"] for r in rows]))
     for side, values in (guards or {}).items():

@@ -13,7 +13,7 @@ from fixtures_runs import make_run
 from harness.errors import RunError
 from harness.reporting import report
 from harness.reporting.report import MD_MAX_BYTES, significance, write_reports
-from harness.scoring.metrics import DEGENERATION, METRICS
+from harness.scoring.metrics import DEGENERATION, METRICS, SIMILARITY
 
 SECTIONS = ("Summary", "Headline metrics", "Degenerate output", "Plots", "Examples", "Guards", "Configuration",
             "Fingerprints", "Environment")
@@ -23,12 +23,13 @@ SCRIPT, IMG, LINK, PIPE = ("<script>alert(1)</script>", "<img src=x onerror=aler
 
 
 def _headline_cells(md: str) -> dict[str, list[str]]:
-    """Metric -> cells of the Markdown headline table (the rows that start with a metric)."""
+    """Metric -> cells of the Markdown headline table (the first rows that start with a metric; the
+    constant-answer table below it repeats the similarity metrics)."""
     rows = {}
     for line in md.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
         name = cells[0].split(" ")[0]
-        if line.startswith("| ") and name in METRICS:
+        if line.startswith("| ") and name in METRICS and name not in rows:
             rows[name] = cells[1:]
     return rows
 
@@ -199,8 +200,9 @@ def test_injected_markup_renders_as_text(tmp_path):
     markdown_it = pytest.importorskip("markdown_it")
     rendered = markdown_it.MarkdownIt("commonmark", {"html": True}).enable("table").render(md)
     assert "<script" not in rendered and "<img" not in rendered and "<a " not in rendered
-    # headline, degenerate-output (base, tuned, delta) and guards tables, cells intact
-    assert rendered.count("<tr>") == 1 + len(HEADLINE) + 1 + 3 + 1 + 6
+    # headline, constant-answer (similarity metrics), degenerate-output (base, tuned, delta) and guards
+    # tables, cells intact
+    assert rendered.count("<tr>") == 1 + len(HEADLINE) + 1 + len(SIMILARITY) + 1 + 3 + 1 + 6
 
 
 def test_rouge_gain_with_a_length_shift_is_flagged_once(tmp_path):

@@ -84,7 +84,8 @@ def _stages(spec: TaskSpec, manifest: Manifest, adapters: list[Path]) -> None:
     if not spec.data.heldout_path:
         log.warning("held-out examples are a hash split of data.path: the scores mean something only if the "
                     "adapters were not trained on them (data.heldout_path scores a test file instead)")
-    session = ScoringSession(spec, tokenizer, prepared.heldout, run_dir, device, model_ref, manifest)
+    session = ScoringSession(spec, tokenizer, prepared.heldout, run_dir, device, model_ref, manifest,
+                             train=prepared.train)
     with stage(manifest, "score_base"):
         session.score_base()
     if len(candidates) == 1:
@@ -172,7 +173,8 @@ def candidate_session(top, candidate: Candidate):
     manifest = Manifest(folder, {**shared, "run_id": f"{shared['run_id']}/{candidate.name}",
                                  "candidates": [candidate.record()], "timings_s": {}})
     manifest.save()
-    session = ScoringSession(top.spec, top.tokenizer, top.heldout, folder, top.device, top.model_ref, manifest)
+    session = ScoringSession(top.spec, top.tokenizer, top.heldout, folder, top.device, top.model_ref, manifest,
+                             train=top.train)
     with stage(manifest, "score_tuned"):
         score_candidate(session, candidate)
     with stage(manifest, "metrics"):

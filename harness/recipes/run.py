@@ -142,7 +142,8 @@ def _stages(spec: TaskSpec, manifest: Manifest) -> None:
     device, fast = resolve_device(spec, manifest)
     prepared = prepare_stage(spec, manifest)
     model_ref, tokenizer = load_base_tokenizer(spec)
-    session = ScoringSession(spec, tokenizer, prepared.heldout, run_dir, device, model_ref, manifest)
+    session = ScoringSession(spec, tokenizer, prepared.heldout, run_dir, device, model_ref, manifest,
+                             train=prepared.train)
 
     scoring_stages(manifest, session,
                    train=lambda: train_stage(spec, manifest, prepared.train, model_ref, tokenizer, device, fast),

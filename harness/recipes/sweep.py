@@ -358,7 +358,8 @@ def _trial_stages(sweep: Sweep, spec: TaskSpec, manifest: Manifest) -> None:
     manifest.update(recipe="sweep-trial", scored_on="validation", sweep_dir=str(sweep.dir))
     device, fast = resolve_device(spec, manifest)
     model_ref, tokenizer = load_base_tokenizer(spec)
-    session = ScoringSession(spec, tokenizer, sweep.validation, run_dir, device, model_ref, manifest)
+    session = ScoringSession(spec, tokenizer, sweep.validation, run_dir, device, model_ref, manifest,
+                             train=sweep.train)
 
     def train() -> None:
         twin = _trained_twin(sweep, train_key(spec))

@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 
 from harness.errors import RunError
 from harness.io import atomic_write_text, os_error_message
-from harness.scoring.metrics import DEGENERATION, HIGHER_IS_BETTER, METRICS, length_shift_warning
+from harness.scoring.metrics import DEGENERATION, HIGHER_IS_BETTER, METRICS, SIMILARITY, length_shift_warning
 
 TEMPLATES = Path(__file__).parent / "templates"
 MD_MAX_BYTES = 60_000
@@ -199,6 +199,13 @@ def _check_metrics(path: Path, metrics: dict) -> None:
         for name in names:
             if not _is_estimate(block.get(name) if isinstance(block, dict) else None):
                 raise RunError(f"{path}: {side}.{name} needs a numeric value and ci95 [low, high]")
+    floor = metrics.get("constant_baseline")
+    if isinstance(floor, dict):
+        deltas = _dict(floor.get("tuned_minus_baseline"))
+        for name in (n for n in SIMILARITY if n in floor or n in deltas):
+            if not (_is_estimate(floor.get(name)) and _is_estimate(deltas.get(name))):
+                raise RunError(f"{path}: constant_baseline.{name} and constant_baseline.tuned_minus_baseline.{name} "
+                               "need a numeric value and ci95 [low, high]")
 
 
 def _is_estimate(stat) -> bool:
@@ -300,6 +307,26 @@ def _headline(runs: list[Run]) -> list[dict]:
                           "delta": _delta(m["delta"][name], _higher(run, name)), "wtl": _wtl(run, name)})
         rows.append({"name": name, "arrow": "↑" if higher else "↓", "runs": cells})
     return rows
+
+
+def _floor(runs: list[Run]) -> list[dict]:
+    """Per run, the constant answer (metrics.json `constant_baseline`) next to base and tuned on the
+    similarity metrics, or why there is none."""
+    out = []
+    for run in runs:
+        m, block = run.metrics, run.metrics.get("constant_baseline")
+        if not isinstance(block, dict):
+            absent = m.get("constant_baseline_absent") or "not measured (scored before metrics.json carried it)"
+            out.append({"label": run.label, "absent": str(absent), "rows": []})
+            continue
+        deltas = block["tuned_minus_baseline"]
+        names = [n for n in SIMILARITY if n in deltas and n in m["base"] and n in m["tuned"]]
+        out.append({"label": run.label, "absent": None, "sha": str(block.get("text_sha256", ""))[:12],
+                    "chars": _plain(block.get("chars")),
+                    "rows": [{"name": n, "base": _stat(m["base"][n]), "tuned": _stat(m["tuned"][n]),
+                              "constant": _stat(block[n]), "delta": _delta(deltas[n], _higher(run, n))}
+                             for n in names]})
+    return out
 
 
 def _pairwise(runs: list[Run], comparisons: list[dict]) -> dict:
@@ -585,6 +612,7 @@ def build_context(runs: list[Run], comparisons: list[dict] = ()) -> dict:
         "shared_base": shared_base,
         "problems": problems,
         "headline": _headline(runs),
+        "floor": _floor(runs),
         "guards": _guards(runs),
         "degeneration": _degeneration(runs, shared_base),
         "examples": _all_examples(runs),

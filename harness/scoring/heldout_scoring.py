@@ -26,6 +26,7 @@ from harness.distributed import main_only
 from harness.errors import ModelError
 from harness.io import atomic_write_json, atomic_write_text
 from harness.scoring import degeneration
+from harness.scoring.constant_baseline import constant_baseline, floor_warnings
 from harness.scoring.generation import (Generation, GenerationStats, batch_rows, generate, left_pad,
                                         length_sorted_batches, plan_batches, resolve_engine)
 from harness.scoring.likelihood import reference_nll
@@ -154,7 +155,8 @@ def guard_warnings(metrics: dict, guard: dict, limits) -> list[str]:
 
     Two come from the real records: a tuned model that writes longer outputs gains chrF by length alone
     (`metrics.length_shift_warning`), and one that writes the same review template for every title still
-    gains on a corpus of reviews; distinct-2 falling says the second."""
+    gains on a corpus of reviews; distinct-2 falling says the second. A third: tuned that does not clear
+    answering every title with one fixed text (`constant_baseline.floor_warnings`)."""
     out = []
     length = length_shift_warning(metrics["delta"], guard["base"]["length_ratio"], guard["tuned"]["length_ratio"],
                                   limits.length_shift_warning)
@@ -177,14 +179,15 @@ def guard_warnings(metrics: dict, guard: dict, limits) -> list[str]:
             out.append(f"{side}: {guard[side]['loop_share']:.0%} of outputs loop (their second half repeats "
                        f"what they already wrote; limit {limits.loop_warning:.0%}); try "
                        "generation.no_repeat_ngram_size or generation.repetition_penalty")
-    return out
+    return out + floor_warnings(metrics.get("constant_baseline"), metrics["tuned"])
 
 
 class ScoringSession:
-    """Everything one run scores, sharing prompts, encodings and fingerprints across sides."""
+    """Everything one run scores, sharing prompts, encodings and fingerprints across sides. `train`: the
+    examples the adapter learned from, whose most typical reference is the constant-answer floor."""
 
-    def __init__(self, spec, tokenizer, heldout, run_dir: Path, device, model_ref: str, manifest):
-        self.spec, self.tokenizer, self.heldout = spec, tokenizer, heldout
+    def __init__(self, spec, tokenizer, heldout, run_dir: Path, device, model_ref: str, manifest, *, train: list):
+        self.spec, self.tokenizer, self.heldout, self.train = spec, tokenizer, heldout, train
         self.run_dir, self.device, self.model_ref, self.manifest = Path(run_dir), device, model_ref, manifest
         self.scores_dir = self.run_dir / "scores"
         self.scores_dir.mkdir(exist_ok=True)
@@ -332,6 +335,9 @@ class ScoringSession:
         refs = [e.content for e in self.heldout]
         result["guards"] = {side: guards(out.predictions, refs, titles, gens, self.spec.prompt.instruction)
                             for side, out, gens in (("base", base, base_gens), ("tuned", tuned, tuned_gens))}
+        result["constant_baseline"], absent = constant_baseline(self.train, tuned, stats[1], self.settings, names)
+        if absent:
+            result["constant_baseline_absent"] = absent
         result["warnings"] = guard_warnings(result, result["guards"], self.spec.metrics)
         result["fingerprints"] = self.manifest.data.get("fingerprints", {})
         return result

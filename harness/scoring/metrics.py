@@ -17,12 +17,13 @@ looping outputs, distinct2 the corpus distinct-2.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
 
 import numpy as np
-from rouge_score import rouge_scorer
+from rouge_score import rouge_scorer, tokenizers
 from sacrebleu.metrics import BLEU, CHRF
 
 from harness.errors import MetricError
@@ -134,6 +135,30 @@ def _rouge_stats(outputs: ModelOutputs, settings: MetricSettings) -> dict[str, n
     return {
         name: np.array([[100.0 * s[name].fmeasure] for s in scores]) for name in ROUGE_TYPES
     }
+
+
+class _TokenizeOnce:
+    """rouge-score's own tokenizer (the same stemmer setting) that remembers each text's tokens: scoring
+    every pair of n texts would otherwise tokenize and Porter-stem each one 2(n-1) times."""
+
+    def __init__(self, use_stemmer: bool):
+        self._tokenizer = tokenizers.DefaultTokenizer(use_stemmer)
+        self._tokens: dict[str, list[str]] = {}
+
+    def tokenize(self, text: str) -> list[str]:
+        if text not in self._tokens:
+            self._tokens[text] = self._tokenizer.tokenize(text)
+        return self._tokens[text]
+
+
+def pairwise_rouge_l(texts: list[str], settings: MetricSettings) -> np.ndarray:
+    """n x n ROUGE-L F-measures x 100 between every two texts (0 on the diagonal), scored as `_rouge_stats`
+    scores a prediction against its reference. The F-measure is symmetric, so each pair is scored once."""
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_TokenizeOnce(settings.rouge_stemmer))
+    scores = np.zeros((len(texts), len(texts)))
+    for i, j in itertools.combinations(range(len(texts)), 2):
+        scores[i, j] = scores[j, i] = 100.0 * scorer.score(texts[i], texts[j])["rougeL"].fmeasure
+    return scores
 
 
 def sufficient_stats(outputs: ModelOutputs, settings: MetricSettings) -> dict:
