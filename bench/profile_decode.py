@@ -1,5 +1,5 @@
-"""Where a decoding step of the graphs engine spends its time (issue 14: ~29 ms a step at 512 rows on an
-H100, against ~0.9 ms to read the weights and the static cache once).
+"""Where a decoding step of the graphs engine spends its time (issue 14: at 512 rows on an H100 a captured
+step took 24 ms under scoring's kernels; what this showed brought it to 6.3 ms: bench/RESULTS.md).
 
 Usage: python bench/profile_decode.py [ROWS] [--tables DIR] [--set KEY=VALUE ...]
 
