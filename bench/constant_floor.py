@@ -6,12 +6,15 @@ Prepares TASK's data (the same split as the run that wrote PREDICTIONS.jsonl: sa
 limits), takes the train split's most typical reference as `harness/scoring/constant_baseline.py` does,
 and prints the floor block that `metrics.json` now carries (`constant_baseline`: the constant answer's
 similarity scores and tuned minus them, paired, with 95% CIs), for the tuned texts of PREDICTIONS.jsonl
-(and base's, against the same floor). Prints figures only, never a record's text.
+(and base's, against the same floor). Then, as a post-hoc look (never a selection), how many held-out
+references another record carries word for word, and the mean ROUGE-L of tuned minus base on the others.
+Prints figures only, never a record's text.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 from pathlib import Path
@@ -31,7 +34,7 @@ def main(argv: list[str]) -> int:
     from harness.data import records
     from harness.scoring.constant_baseline import constant_baseline
     from harness.scoring.heldout_scoring import metric_settings
-    from harness.scoring.metrics import ModelOutputs, sufficient_stats
+    from harness.scoring.metrics import ModelOutputs, per_example_scores, sufficient_stats
     from harness.spec import load_spec
 
     spec = load_spec(args.task, args.overrides)
@@ -57,6 +60,13 @@ def main(argv: list[str]) -> int:
             print(f"  {name:10s} constant answer {block[name]['value']:6.2f}  {side} minus it "
                   f"{delta['value']:+6.2f} [{low:+.2f}, {high:+.2f}]")
     print(f"constant answer: sha256 {block['text_sha256'][:12]}, {block['chars']} characters ({block['source']})")
+    carried = collections.Counter(e.content for e in [*prepared.train, *prepared.heldout])
+    rouge_l = {side: per_example_scores(ModelOutputs([rows[e.id][side] for e in heldout], references, zeros,
+                                                     zeros + 1), settings)["rougeL"] for side in ("base", "tuned")}
+    unshared = np.array([carried[e.content] == 1 for e in heldout])
+    print(f"held-out references carried word for word by another record: {int((~unshared).sum())} of "
+          f"{len(heldout)}; mean ROUGE-L tuned - base on all: {(rouge_l['tuned'] - rouge_l['base']).mean():+.2f}, "
+          f"on the {int(unshared.sum())} others: {(rouge_l['tuned'] - rouge_l['base'])[unshared].mean():+.2f}")
     return 0
 
 
