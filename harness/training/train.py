@@ -290,9 +290,21 @@ def sft_options(spec: TaskSpec, tokenizer, device: Device, output_dir: Path, eva
         # The Trainer restores the best checkpoint at the end; it evaluates at every save (eval_steps ==
         # save_steps above, both "steps") and never rotates the best checkpoint away (save_total_limit).
         options.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
-    if t.gradient_checkpointing:  # named only when on: deprecated in transformers 5.23, the only name in 5.17
-        options["gradient_checkpointing"] = True
+    options[checkpointing_field()] = t.gradient_checkpointing
     return options
+
+
+def checkpointing_field() -> str:
+    """The SFTConfig field that switches activation checkpointing, always named: trl's configs default
+    it to on, so leaving it out trained every spec with `gradient_checkpointing: false` with it on
+    (recomputing each forward in the backward). transformers 5.23 renamed the field
+    (`activation_checkpointing`; the old name still works there but warns); 5.17 knows only the old."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
 def build_trainer(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, output_dir: Path, device: Device,
