@@ -1,9 +1,15 @@
-"""Where a harness training step spends GPU time: torch.profiler over three optimizer steps of the
-bench's harness recipe on the random TinyLlama-1.1B architecture (speed only).
+"""Where a harness training step spends its time: torch.profiler over optimizer steps 4-6 of the
+bench's harness recipe (pre-tokenized, packed, the fast path), on the GPU.
 
-Usage: python bench/profile_train.py MODEL_DIR_WITH_TOKENIZER [BATCH]   (CUDA only)
+Usage: python bench/profile_train.py MODEL [BATCH] [--random-tinyllama] [--set KEY=VALUE ...]
+
+MODEL is a model reference (`embedded:smollm2-135m-instruct`, a folder) trained with its weights;
+with --random-tinyllama only its tokenizer is used, on the random TinyLlama-1.1B architecture.
+Prints the wall time of a step next to the GPU's busy time in it (a step far longer than its
+kernels is launch- or host-bound), then the top operators by GPU time and by host (CPU) time.
 """
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -13,28 +19,50 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import models  # noqa: E402
 from harness.benchmarks import bench  # noqa: E402
 from harness.spec import load_spec  # noqa: E402
-from harness.training.train import build_trainer, tokenized_dataset  # noqa: E402
+from harness.training.fused_lora import fused_lora_add  # noqa: E402
+from harness.training.train import build_trainer, fast_path_options, tokenized_dataset  # noqa: E402
 
-folder, batch = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 32
-spec = load_spec("amazon_desc", [f"model.base={folder}", "train.max_length=512", "train.packing=on"])
+args = sys.argv[1:]
+overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+positional = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or args[i - 1] != "--set")]
+model_ref, batch = positional[0], int(positional[1]) if len(positional) > 1 else 32
+spec = load_spec("amazon_desc", [f"model.base={model_ref}", "train.max_length=512", "train.packing=on", *overrides])
 device = models.pick_device()
+folder = models.resolve_base(spec.model.base)
 tokenizer = models.load_tokenizer(folder, spec.model, uses_chat_template=True)
-model = bench._random_model_factory(bench.TINYLLAMA_1B, tokenizer, device)("varlen")
+fast = fast_path_options(spec, device)
+if "--random-tinyllama" in args:
+    model = bench._random_model_factory(bench.TINYLLAMA_1B, tokenizer, device)(fast["attention"])
+else:
+    model = models.load_model(folder, spec.model, tokenizer, device, attn_implementation=fast["attention"])
 data = tokenized_dataset(spec, tokenizer, bench._examples(spec, 4096))
-trainer = build_trainer(spec, model, tokenizer, data, None, Path("/tmp/profile-train"), device,
+trainer = build_trainer(spec, model, tokenizer, data, None, Path("/tmp/profile-train"), device, fast=fast,
                         **{**bench._recipe_overrides("harness", batch, device), "max_steps": 6})
-prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.kind == "cuda" else [])
+prof = torch.profiler.profile(activities=activities)
+wall = {}
+sync = torch.cuda.synchronize if device.kind == "cuda" else (lambda: None)
 
 
 class Profile(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
-        torch.cuda.synchronize()
+        sync()
         if state.global_step == 3:
             prof.start()
+            wall["start"] = time.perf_counter()
         if state.global_step == 6:
+            sync()
+            wall["s"] = time.perf_counter() - wall["start"]
             prof.stop()
 
 
 trainer.add_callback(Profile())
-trainer.train()
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
+with fused_lora_add(trainer.model, fast["fused_lora"]):
+    trainer.train()
+events = prof.key_averages()
+# Kernels only: an operator row repeats the device time of the kernels it launched.
+gpu_s = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+print(f"{model_ref} batch {batch}: wall {wall['s'] / 3:.3f} s a step (profiler on), GPU busy {gpu_s / 3:.3f} s a "
+      f"step ({100 * gpu_s / wall['s']:.0f}%); fast path {fast}")
+print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
+print(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))

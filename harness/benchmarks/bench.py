@@ -238,6 +238,7 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
     """
     import torch
 
+    from harness.training.fused_lora import fused_lora_add
     from harness.training.train import build_trainer, fast_path_options, modeling_module_restored, tokenized_dataset
 
     # The spec's liger_kernels stays (auto by default), so `--set train.liger_kernels=off` reaches
@@ -262,13 +263,15 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
                                 device, plain_peft=not recipe.startswith("harness"), fast=fast, **overrides)
         clock = StepClock(device.kind, warmup)
         clock.attach(trainer)
-        trainer.train()
+        with fused_lora_add(trainer.model, recipe.startswith("harness") and fast["fused_lora"]):
+            trainer.train()
     job_s = time.perf_counter() - started
     figures = _with_mfu(clock.measure(label, recipe), _flops_per_token(trainer.model.get_base_model(), mean_len),
                         device)
     per_step = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
     notes = (f"compile {fast['compile']}, "
              f"Liger {'on' if trainer.args.use_liger_kernel else 'off'}, "
+             f"fused LoRA {'on' if recipe.startswith('harness') and fast['fused_lora'] else 'off'}, "
              f"LoRA dropout {spec.lora.dropout}, {getattr(trainer.args.optim, 'value', trainer.args.optim)}")
     if train_seed is not None:
         notes += f"; loss-check noise run: seed {train_seed}, data order of seed {spec.train.seed}"

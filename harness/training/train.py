@@ -25,6 +25,7 @@ from harness.errors import HarnessError
 from harness.io import atomic_write_text
 from harness.models import Device, sync_eos
 from harness.spec import TaskSpec
+from harness.training.fused_lora import fused_lora_add
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,9 @@ def fast_path_options(spec: TaskSpec, device: Device) -> dict:
         # (inductor's generator: noise, like another seed), and in bf16 the fused kernels keep small
         # LoRA updates that eager bf16 rounds away, so SmolLM2's loss runs lower, nearer fp32's.
         "compile": t.compile,
+        # LoRA's up-projection, scaling and add in one GEMM while training (harness.training.fused_lora):
+        # the same function, fewer kernels; `auto` keeps CPU runs on PEFT's own arithmetic.
+        "fused_lora": t.fused_lora == "on" or (t.fused_lora == "auto" and cuda),
     }
 
 
@@ -414,6 +418,7 @@ def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, devic
 
 def _train(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, run_dir: Path, device: Device,
            resume_from: Path | None, fast: dict | None) -> TrainResult:
+    fast = fast or fast_path_options(spec, device)
     trainer = build_trainer(spec, model, tokenizer, train_ds, eval_ds, run_dir / "checkpoints", device, fast=fast)
     stopper = _StopOnSignal()
     trainer.add_callback(stopper.callback(trainer.accelerator))
@@ -421,7 +426,7 @@ def _train(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, run_dir: Path, d
     if trainer.is_world_process_zero():
         _trim_log(run_dir / "train_log.jsonl", int(Path(resume_from).name.split("-")[-1]) if resume_from else 0)
     started = time.perf_counter()
-    with _signals_to(stopper):
+    with _signals_to(stopper), fused_lora_add(trainer.model, fast["fused_lora"]):
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if stopper.received is not None:
         raise TrainingInterrupted(f"training interrupted by signal {stopper.received}; "
