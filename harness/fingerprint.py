@@ -49,9 +49,21 @@ def split_fingerprint(examples) -> str:
 GENERATION_SEMANTICS = 3
 
 
+def generation_record(gen) -> dict:
+    """The generation settings a fingerprint covers: all of them, except MBR's keys while MBR is off
+    (`mbr_samples` 0), where they change no output: a spec from before MBR keeps its fingerprint, and so its
+    cached base scores."""
+    from dataclasses import asdict
+
+    record = asdict(gen)
+    if not gen.mbr_samples:
+        record = {k: v for k, v in record.items() if not k.startswith("mbr_")}
+    return {**record, "semantics": GENERATION_SEMANTICS}
+
+
 def settings_fingerprints(spec, metric_settings_record: dict) -> dict[str, str]:
     from dataclasses import asdict
 
-    generation = {**asdict(spec.generation), "semantics": GENERATION_SEMANTICS}
+    generation = generation_record(spec.generation)
     return {"prompt": hash_json(asdict(spec.prompt)), "generation": hash_json(generation),
             "metrics": hash_json(metric_settings_record)}

@@ -118,6 +118,11 @@ class GenerationSpec:
     static_batch_size: int = 512
     prompt_buckets: list[int] = field(default_factory=lambda: [128, 256, 512, 1024, 2048])
     seed: int = 0
+    # -- minimum Bayes risk decoding (harness/scoring/mbr_selection.py): 0 = off; N >= 2 samples N candidates
+    # per prompt (temperature/top_p, whatever do_sample says) and keeps the one with the highest mean utility
+    # against the other N-1 --
+    mbr_samples: int = 0
+    mbr_utility: Literal["rougeL", "chrf"] = "rougeL"
 
 
 @dataclass
@@ -366,6 +371,17 @@ def _check_values(spec: TaskSpec, path: Path) -> None:
         (bool(spec.generation.prompt_buckets) and min(spec.generation.prompt_buckets) > 0
          and spec.generation.prompt_buckets == sorted(set(spec.generation.prompt_buckets)),
          "generation.prompt_buckets", "must list positive widths in increasing order"),
+        (spec.generation.mbr_samples == 0 or spec.generation.mbr_samples >= 2, "generation.mbr_samples",
+         "must be 0 (off) or >= 2 (candidates per prompt)"),
+        (spec.generation.mbr_samples <= min(spec.generation.batch_size, spec.generation.static_batch_size),
+         "generation.mbr_samples", "must be <= generation.batch_size and static_batch_size (a prompt's "
+         "candidates decode in one batch)"),
+        (not spec.generation.mbr_samples or spec.generation.engine != "graphs", "generation.engine",
+         "graphs decodes greedily only and generation.mbr_samples samples its candidates; set engine auto, "
+         "static or dynamic"),
+        (not spec.generation.mbr_samples or spec.generation.mbr_utility != "rougeL" or spec.metrics.rouge_stemmer,
+         "generation.mbr_utility", "rougeL scores candidates with rouge-score's stemmer, and "
+         "metrics.rouge_stemmer is false: set it true, or mbr_utility chrf"),
         (spec.metrics.bootstrap_replicates >= 100, "metrics.bootstrap_replicates", "must be >= 100"),
         (0.0 <= spec.metrics.loop_warning <= 1.0, "metrics.loop_warning", "must be in [0, 1]"),
         (0.0 <= spec.metrics.diversity_drop_warning <= 1.0, "metrics.diversity_drop_warning", "must be in [0, 1]"),

@@ -92,6 +92,27 @@ def test_generate_compare_labels_tuned_and_base(tiny_run, loaded, capsys):  # no
     assert base.split(":", 1)[1].strip() == loaded.describe(TITLES[2], use_adapter=False).text
 
 
+def test_a_run_scored_with_mbr_generates_with_mbr_and_prints_the_choice_on_a_terminal(tiny_run, tmp_path,
+                                                                                      monkeypatch):
+    """The run's MBR decoding (its temperature and top_p) is what `generate` and `serve` use at temperature 0;
+    on a terminal the chosen text is printed once all candidates are done, not streamed."""
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    spec = yaml.safe_load((run / "spec.yaml").read_text(encoding="utf-8"))
+    spec["generation"].update(mbr_samples=4, batch_size=4, temperature=1.5, top_p=0.9)
+    (run / "spec.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
+    mbr_run = LoadedRun.load(run)
+    settings = mbr_run.settings()
+    assert (settings.mbr_samples, settings.do_sample, settings.temperature, settings.top_p) == (4, False, 1.5, 0.9)
+    assert mbr_run.settings(temperature=0.7, top_p=0.5).top_p == 0.5
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    assert main(["generate", str(run), "--title", TITLES[1]]) == 0
+    assert terminal.getvalue() == mbr_run.describe(TITLES[1]).text + "\n"
+
+
 def test_generate_refuses_missing_or_unfinished_runs_and_bad_options(tiny_run, tmp_path, capsys):
     assert main(["generate", str(tmp_path / "nope"), "--title", "x"]) == 2
     assert main(["generate", str(tmp_path), "--title", "x"]) == 2  # a folder without spec.yaml

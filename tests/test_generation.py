@@ -16,6 +16,8 @@ from harness.scoring import generation
 from harness.scoring.generation import (Batch, GenerationStats, bucket_width, deterministic_kernels, generate,
                                         plan_batches)
 from harness.scoring.heldout_scoring import assert_adapter_applied
+from harness.scoring.mbr_selection import mbr_choice
+from harness.scoring.metrics import MetricSettings, pairwise_rouge_l
 from harness.scoring.likelihood import reference_nll
 from harness.spec import GenerationSpec, ModelSpec, PromptSpec, load_spec
 from tests.conftest import REPO, run_tiny
@@ -403,6 +405,72 @@ def test_sampling_is_seeded_by_the_spec(talkative):
     other = [g.text for g in generate(model, tokenizer, prompts, replace(gen, seed=1), CPU)]
     assert first == again and first != other
     assert torch.equal(torch.random.get_rng_state(), caller_state)  # the caller's random stream is untouched
+
+
+# -- MBR decoding: N sampled candidates per prompt, the medoid kept ---------------------------------
+
+def _spy_on_choices(monkeypatch) -> list[tuple[list, int]]:
+    """Record every (candidates, chosen index) that `generate` picks a result from."""
+    choices = []
+    real = generation._choose
+
+    def spy(candidates, gen):
+        choices.append((candidates, real(candidates, gen)))
+        return choices[-1][1]
+
+    monkeypatch.setattr(generation, "_choose", spy)
+    return choices
+
+
+@pytest.mark.parametrize("engine, rows", [("dynamic", 4), ("static", 8)])
+def test_mbr_returns_the_medoid_of_its_sampled_candidates_the_same_every_time(talkative, monkeypatch, engine, rows):
+    """mbr_samples=4, sampling although do_sample is off: each result is the candidate with the highest mean
+    ROUGE-L against the other three (the Generation itself: text, length, stop), the four candidates of a prompt
+    decode in one batch (dynamic: one prompt a batch, so four rows of one seeded stream) and differ, and two
+    calls give the same texts."""
+    model, tokenizer, prompts = talkative
+    gen = GenerationSpec(max_new_tokens=12, temperature=1.5, mbr_samples=4, engine=engine, batch_size=rows,
+                         static_batch_size=rows, prompt_buckets=[32])
+    choices = _spy_on_choices(monkeypatch)
+    stats = GenerationStats()
+    first = generate(model, tokenizer, prompts, gen, CPU, stats=stats)
+    assert len(choices) == len(prompts) and all(len(candidates) == 4 for candidates, _ in choices)
+    assert stats.batches == len(prompts) // (rows // 4) and stats.candidates == 4
+    assert engine == "dynamic" or {rows_and_width[0] for rows_and_width in stats.shapes} == {rows}
+    picked = {id(candidates[chosen]): (candidates, chosen) for candidates, chosen in choices}
+    for result in first:
+        candidates, chosen = picked[id(result)]  # the chosen Generation object itself
+        means = pairwise_rouge_l([c.text for c in candidates], MetricSettings()).sum(axis=1) / 3
+        assert chosen == int(np.flatnonzero(means == means.max())[0])
+    assert all(len({c.text for c in candidates}) > 1 for candidates, _ in choices)  # sampled: they differ
+    again = generate(model, tokenizer, prompts, gen, CPU)
+    assert [g.text for g in first] == [g.text for g in again]
+    greedy = generate(model, tokenizer, prompts, replace(gen, mbr_samples=0), CPU)
+    assert [g.text for g in first] != [g.text for g in greedy]
+
+
+def test_mbr_with_the_chrf_utility_keeps_chrfs_choice(talkative, monkeypatch):
+    model, tokenizer, prompts = talkative
+    choices = _spy_on_choices(monkeypatch)
+    gen = GenerationSpec(max_new_tokens=12, temperature=1.5, mbr_samples=3, mbr_utility="chrf", batch_size=6)
+    generate(model, tokenizer, prompts, gen, CPU)
+    for candidates, chosen in choices:
+        assert chosen == mbr_choice([c.text for c in candidates], "chrf")
+
+
+def test_mbr_refuses_greedy_only_engines_and_streaming(loaded):
+    """auto leaves graphs for static on CUDA (the device's kind is all it reads); an explicit graphs engine
+    and a streamer fail in one line."""
+    model, tokenizer = loaded
+    prompts = [build_prompt(tokenizer, PromptSpec(), t) for t in TITLES]
+    mbr = GenerationSpec(mbr_samples=4, max_new_tokens=4)
+    assert generation.resolve_engine(mbr, models.Device("cuda")) == "static"
+    assert generation.resolve_engine(mbr, CPU, model) == "dynamic"
+    with pytest.raises(ModelError, match=r"generation.engine=graphs decodes greedily only \(generation.mbr_samples "
+                                         r"samples its candidates\); set generation.engine=static"):
+        generate(model, tokenizer, prompts, replace(mbr, engine="graphs"), CPU)
+    with pytest.raises(ModelError, match="streaming shows one decoding as it is produced, and generation.mbr_samples"):
+        generate(model, tokenizer, prompts[:1], replace(mbr, engine="dynamic"), CPU, streamer=object())
 
 
 def test_perplexity_does_not_depend_on_the_lm_head_chunk(loaded, monkeypatch):

@@ -262,6 +262,28 @@ def test_tpe_sweep_completes_its_n_trials(tmp_path, tiny_model_dir, monkeypatch,
     assert "already completed; nothing to resume" in capsys.readouterr().err
 
 
+def test_a_grid_over_mbr_samples_trains_once_and_scores_each_decoding(tmp_path, tiny_model_dir, monkeypatch):
+    """`--grid generation.mbr_samples=0,4`: greedy against MBR over 4 samples, a decoding-only choice: one
+    training whose adapter both trials share, each trial scored (base and tuned) with its own decoding."""
+    monkeypatch.chdir(tmp_path)
+    trainings = _count_trainings(monkeypatch)
+    assert _sweep_cli(tmp_path, tiny_model_dir, ["generation.mbr_samples=0,4"], "generation.batch_size=4") == 0
+    sweep_dir = _only(tmp_path / "sweeps")
+    study = _study(sweep_dir)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 2
+    assert sorted(t.params["generation.mbr_samples"] for t in study.trials) == [0, 4]
+    assert len(trainings) == 1
+    trial_dirs = {t.params["generation.mbr_samples"]: Path(t.user_attrs["trial_dir"]) for t in study.trials}
+    assert len({_sha256(d / "adapter" / "adapter_model.safetensors") for d in trial_dirs.values()}) == 1
+    texts = {n: {side: sorted(json.loads(line)["text"] for line in (d / "scores" / f"{side}_generations.jsonl")
+                               .read_text(encoding="utf-8").splitlines()) for side in ("base", "tuned")}
+             for n, d in trial_dirs.items()}
+    assert texts[0]["base"] != texts[4]["base"] and texts[0]["tuned"] != texts[4]["tuned"]
+    choice = _json(sweep_dir / "choice.json")
+    rows = [json.loads(line) for line in (sweep_dir / "trials.jsonl").read_text().splitlines()]
+    assert choice["winner"]["trial"] == _expected_choice(rows, 0.1)[0]
+
+
 def test_retry_queues_what_failed_or_died_here_and_gives_up_after_three_failures():
     """A (failed 3 times) is given up, B (failed once) and D (RUNNING under a dead pid on this host)
     are queued again with their trial folders, C (complete) and E (running elsewhere) are left alone."""

@@ -1,7 +1,9 @@
 """Batched generation: one prompt path for scoring, `generate` and `serve`.
 
 Four engines (`generation.engine`; `auto` is `graphs` on CUDA where it can decode (greedy, sdpa, not
-quantized by bitsandbytes, full-attention cache), else `static` there, and `dynamic` off CUDA):
+quantized by bitsandbytes, full-attention cache), else `static` there, and `dynamic` off CUDA). MBR
+(`generation.mbr_samples`) samples several candidates per prompt and keeps one (mbr_selection.py); being
+sampled, it never runs on `graphs`:
 
 - dynamic: transformers' growing KV cache; length-sorted batches of `batch_size`, each padded to
   its longest prompt. Interactive generation (streaming) and CPU runs use it.
@@ -71,6 +73,7 @@ class GenerationStats:
     batches: int = 0
     shapes: list[list[int]] = field(default_factory=list)  # [rows, prompt width] of each static shape used
     warmup_s: float = 0.0  # compiled: each shape's warm-up (compile and capture); graphs: each shape's capture
+    candidates: int = 1  # sequences decoded per prompt: generation.mbr_samples under MBR, else 1
 
 
 # Attention kernels whose forward pass gives the same bits every call. Not cuDNN's (by elimination: the
@@ -202,6 +205,28 @@ def batch_rows(gen: GenerationSpec, engine: str) -> int:
     return gen.batch_size if engine == "dynamic" else gen.static_batch_size
 
 
+def sampled(gen: GenerationSpec) -> bool:
+    """Whether decoding samples: `do_sample`, or MBR, whose candidates are sampled whatever do_sample says."""
+    return gen.do_sample or gen.mbr_samples > 0
+
+
+def candidates_per_prompt(gen: GenerationSpec) -> int:
+    """Decodings per prompt: `mbr_samples` candidates with MBR, else one."""
+    return max(gen.mbr_samples, 1)
+
+
+def plan_prompt_batches(lengths: Sequence[int], gen: GenerationSpec, engine: str) -> list[Batch]:
+    """`generate`'s batch plan for prompts of these token lengths on `engine`, fixed by the spec and the data.
+
+    With MBR a batch holds `rows // mbr_samples` prompts, each repeated once per candidate in adjacent rows:
+    rows of one batch draw different samples, whereas two batches both start from `gen.seed`, so candidates
+    of one prompt split over two batches could repeat each other. A batch's `rows` count prompts, filler
+    included; it decodes `rows * candidates_per_prompt(gen)` sequences."""
+    static = engine != "dynamic"
+    return plan_batches(lengths, batch_rows(gen, engine) // candidates_per_prompt(gen),
+                        gen.prompt_buckets if static else None)
+
+
 class OutputPenalties:
     """`repetition_penalty`, then `no_repeat_ngram_size`, over the generated tokens only, as fixed-shape tensor ops.
 
@@ -285,7 +310,7 @@ class _Decoder:
     def __init__(self, model, tokenizer, gen: GenerationSpec, device, engine: str, stats: GenerationStats):
         self.model, self.gen, self.device, self.engine, self.stats = model, gen, device, engine, stats
         self.cache, self.shape = None, None
-        sampling = {"do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p} if gen.do_sample \
+        sampling = {"do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p} if sampled(gen) \
             else {"do_sample": False}
         self.kwargs = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                            **sampling)
@@ -356,22 +381,25 @@ def generate(model, tokenizer, prompts: Sequence[str], gen: GenerationSpec, devi
 
     `streamer` (a transformers streamer, one prompt, dynamic engine) prints tokens as they are produced;
     `stats`, when given, receives the engine, shapes and warm-up time of this call. Sampling is seeded
-    with `gen.seed` before every batch, inside a forked RNG that leaves the caller's random state alone."""
+    with `gen.seed` before every batch, inside a forked RNG that leaves the caller's random state alone.
+    With `gen.mbr_samples` N, each prompt is sampled N times in one batch and the result is the candidate
+    that harness.scoring.mbr_selection chooses (its text, token count and stop)."""
     import torch
 
     stats = stats if stats is not None else GenerationStats()
     stats.engine = resolve_engine(gen, device, model)
     if streamer is not None and stats.engine != "dynamic":
         raise ModelError(f"streaming needs generation.engine=dynamic (this call resolved to {stats.engine})")
+    if streamer is not None and gen.mbr_samples:
+        raise ModelError("streaming shows one decoding as it is produced, and generation.mbr_samples chooses among "
+                         f"{gen.mbr_samples} once all are done: stream without MBR, or turn streaming off")
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    static = stats.engine != "dynamic"
-    plan = plan_batches([len(e) for e in encoded], batch_rows(gen, stats.engine),
-                        gen.prompt_buckets if static else None)
+    plan = plan_prompt_batches([len(e) for e in encoded], gen, stats.engine)
     widths = {b.width for b in plan}
     if stats.engine == "compiled" and len(widths) > MAX_COMPILED_SHAPES:
         raise ModelError(f"generation: prompts of {len(widths)} bucket widths would need as many compiled graphs "
                          f"(torch.compile keeps {MAX_COMPILED_SHAPES}); use fewer, larger generation.prompt_buckets")
-    eos_id = tokenizer.eos_token_id
+    n = stats.candidates = candidates_per_prompt(gen)
     results: list[Generation | None] = [None] * len(prompts)
     model.eval()
     if stats.engine == "graphs":
@@ -384,20 +412,32 @@ def generate(model, tokenizer, prompts: Sequence[str], gen: GenerationSpec, devi
     with torch.random.fork_rng(devices=[device.index] if device.kind == "cuda" else []), torch.no_grad(), \
             deterministic_kernels():
         for batch in plan:
-            rows = [encoded[i] for i in batch.indices]
-            rows += [rows[-1]] * (batch.rows - len(rows))  # filler rows: the batch keeps its compiled shape
-            ids, mask = left_pad(rows, tokenizer.pad_token_id, batch.width)
+            prompt_rows = [encoded[i] for i in batch.indices]
+            prompt_rows += [prompt_rows[-1]] * (batch.rows - len(prompt_rows))  # filler: the batch keeps its shape
+            ids, mask = left_pad([row for row in prompt_rows for _ in range(n)], tokenizer.pad_token_id, batch.width)
             torch.manual_seed(gen.seed)
             new_tokens = decode(ids, mask, streamer)
-            for i, tokens in zip(batch.indices, new_tokens):
-                ended = eos_id in tokens
-                kept = tokens[: tokens.index(eos_id)] if ended else tokens
-                result = Generation(
-                    text=tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                    n_tokens=len(kept),
-                    hit_max_new_tokens=not ended and len(tokens) >= gen.max_new_tokens,
-                )
+            for k, i in enumerate(batch.indices):
+                candidates = [_finished(tokens, tokenizer, gen) for tokens in new_tokens[k * n:(k + 1) * n]]
+                result = candidates[_choose(candidates, gen)]
                 results[i] = result
                 if on_done is not None:
                     on_done(i, result)
     return results  # type: ignore[return-value]
+
+
+def _finished(tokens: list[int], tokenizer, gen: GenerationSpec) -> Generation:
+    """One decoded row as a Generation: cut at the end-of-turn token, decoded, stripped."""
+    ended = tokenizer.eos_token_id in tokens
+    kept = tokens[: tokens.index(tokenizer.eos_token_id)] if ended else tokens
+    return Generation(text=tokenizer.decode(kept, skip_special_tokens=True).strip(), n_tokens=len(kept),
+                      hit_max_new_tokens=not ended and len(tokens) >= gen.max_new_tokens)
+
+
+def _choose(candidates: list[Generation], gen: GenerationSpec) -> int:
+    """The index of the result among a prompt's candidates: the only one, or MBR's choice."""
+    if len(candidates) == 1:
+        return 0
+    from harness.scoring.mbr_selection import mbr_choice
+
+    return mbr_choice([c.text for c in candidates], gen.mbr_utility)

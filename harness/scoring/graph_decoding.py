@@ -28,7 +28,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from harness.errors import ModelError, first_line
-from harness.scoring.generation import GenerationStats, OutputPenalties, deterministic_algorithms, transformers_model
+from harness.scoring.generation import (GenerationStats, OutputPenalties, deterministic_algorithms, sampled,
+                                        transformers_model)
 from harness.spec import GenerationSpec
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,9 @@ SWITCH = "set generation.engine=static (same outputs, no CUDA graphs) or dynamic
 def blocker(gen: GenerationSpec, device, model=None) -> str | None:
     """Why the graphs engine cannot decode these settings with this model, or None (`model` None: the
     settings alone)."""
-    if gen.do_sample:
-        return "generation.engine=graphs decodes greedily only (generation.do_sample is true)"
+    if sampled(gen):
+        why = "generation.mbr_samples samples its candidates" if gen.mbr_samples else "generation.do_sample is true"
+        return f"generation.engine=graphs decodes greedily only ({why})"
     if model is None:
         return None
     inner = transformers_model(model)

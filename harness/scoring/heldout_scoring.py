@@ -28,7 +28,7 @@ from harness.io import atomic_write_json, atomic_write_text
 from harness.scoring import degeneration
 from harness.scoring.constant_baseline import constant_baseline, floor_warnings
 from harness.scoring.generation import (Generation, GenerationStats, batch_rows, generate, left_pad,
-                                        length_sorted_batches, plan_batches, resolve_engine)
+                                        length_sorted_batches, plan_prompt_batches, resolve_engine)
 from harness.scoring.likelihood import reference_nll
 from harness.scoring.metrics import (MetricSettings, ModelOutputs, length_shift_warning, per_example_from_stats,
                                      score_outputs, settings_record, sufficient_stats)
@@ -90,13 +90,12 @@ def fold_rank_parts(path: Path) -> None:
 def generate_sharded(model, tokenizer, prompts: list[str], gen, device, on_done=None,
                      stats: GenerationStats | None = None) -> list[Generation]:
     """`generate` spread over the processes: each decodes whole batches of the one-process batch plan
-    (`generation.plan_batches`), so every output is the one a single process gives on this device; all
+    (`generation.plan_prompt_batches`), so every output is the one a single process gives on this device; all
     processes get all results. `stats` receives this process's share."""
     if distributed.world_size() == 1:
         return generate(model, tokenizer, prompts, gen, device, on_done=on_done, stats=stats)
     engine = resolve_engine(gen, device, model)
-    lengths = [len(encode_prompt(tokenizer, p)) for p in prompts]
-    plan = plan_batches(lengths, batch_rows(gen, engine), gen.prompt_buckets if engine != "dynamic" else None)
+    plan = plan_prompt_batches([len(encode_prompt(tokenizer, p)) for p in prompts], gen, engine)
     mine = distributed.shard_batches(batch.indices for batch in plan)
     results = generate(model, tokenizer, [prompts[i] for i in mine], gen, device, stats=stats,
                        on_done=None if on_done is None else lambda j, result: on_done(mine[j], result))

@@ -161,6 +161,17 @@ def pairwise_rouge_l(texts: list[str], settings: MetricSettings) -> np.ndarray:
     return scores
 
 
+def pairwise_chrf(texts: list[str]) -> np.ndarray:
+    """n x n sentence chrF between every two texts (0 on the diagonal): [i, j] scores text i as the hypothesis
+    against text j as the reference, with the reported chrF's settings (`_chrf_metric`). Not symmetric: chrF2
+    weighs recall twice as much as precision."""
+    metric = _chrf_metric()
+    scores = np.zeros((len(texts), len(texts)))
+    for i, j in itertools.permutations(range(len(texts)), 2):
+        scores[i, j] = metric.sentence_score(texts[i], [texts[j]]).score
+    return scores
+
+
 def sufficient_stats(outputs: ModelOutputs, settings: MetricSettings) -> dict:
     """Per-example statistics (n x k per metric) whose sums determine each corpus score;
     distinct2's is its n-gram incidence (`degeneration.DistinctNgrams`)."""

@@ -51,10 +51,10 @@ def generate_command(args) -> int:
 
 def _print_descriptions(loaded: LoadedRun, title: str, compare: bool, options: dict) -> None:
     """The tuned description (and, with `compare`, the base one), labelled when there are two;
-    streamed word by word on a terminal."""
+    streamed word by word on a terminal, unless MBR chooses it among candidates once all are decoded."""
     for label, use_adapter in ([("tuned", True), ("base", False)] if compare else [(None, True)]):
         prefix = f"{label + ':':<7}" if label else ""
-        if sys.stdout.isatty():
+        if sys.stdout.isatty() and not loaded.spec.generation.mbr_samples:
             from transformers import TextStreamer
 
             print(prefix, end="", flush=True)

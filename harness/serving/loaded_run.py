@@ -60,7 +60,9 @@ class LoadedRun:
 
     def settings(self, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None) -> GenerationSpec:
-        """The run's generation settings with per-call overrides; temperature None or 0 is greedy."""
+        """The run's generation settings with per-call overrides; temperature None or 0 is greedy, or, when the
+        run decodes with MBR (`generation.mbr_samples`), MBR over candidates sampled at the run's temperature
+        and top_p (a temperature > 0 samples the candidates at that temperature instead)."""
         if max_new_tokens is not None and max_new_tokens < 1:
             raise SpecError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
         if temperature is not None and not temperature >= 0:
@@ -74,7 +76,8 @@ class LoadedRun:
         rows = base.static_batch_size if self.device.kind == "cuda" else base.batch_size
         return replace(base, max_new_tokens=max_new_tokens or base.max_new_tokens, do_sample=sample,
                        temperature=temperature if sample else base.temperature,
-                       top_p=top_p if sample and top_p is not None else 1.0,  # greedy ignores it: one value batches
+                       top_p=top_p if sample and top_p is not None  # greedy ignores top_p: one value batches
+                       else base.top_p if base.mbr_samples else 1.0,
                        engine="dynamic", batch_size=rows)
 
     def prompt(self, title: str) -> str:

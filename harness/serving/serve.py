@@ -31,7 +31,9 @@ class GenerateRequest(BaseModel):
     title: str = Field(min_length=1, max_length=MAX_TITLE_CHARS, description="the product title")
     max_new_tokens: int | None = Field(None, ge=1, le=512,
                                        description="default: the run's generation.max_new_tokens")
-    temperature: float = Field(0.0, ge=0, le=2, description="0 = greedy (what the run was scored with)")
+    temperature: float = Field(0.0, ge=0, le=2, description="0 = the decoding the run was scored with (greedy, "
+                               "or MBR over candidates sampled at the run's temperature when its spec sets "
+                               "generation.mbr_samples); > 0 samples (MBR's candidates) at this temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; used only when temperature > 0")
 
     @field_validator("title")
