@@ -45,9 +45,11 @@ def test_fast_paths_are_cuda_only_by_default(tiny_model_dir):
     spec.model.base = str(tiny_model_dir)
     assert fast_path_options(spec, models.Device("cpu")) == {"quantize": False, "packing": False,
                                                               "liger_kernels": False, "attention": "sdpa",
-                                                              "compile": "off"}
+                                                              "compile": "off", "fused_lora": False}
     spec.train.packing = "on"
+    spec.train.fused_lora = "on"
     assert fast_path_options(spec, models.Device("cpu"))["packing"] is True
+    assert fast_path_options(spec, models.Device("cpu"))["fused_lora"] is True
 
 
 def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False, scale=None,
