@@ -264,7 +264,8 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
                                 device, plain_peft=not recipe.startswith("harness"), fast=fast, **overrides)
         clock = StepClock(device.kind, warmup)
         clock.attach(trainer)
-        with fused_lora_add(trainer.model, recipe.startswith("harness") and fast["fused_lora"]):
+        fused = recipe.startswith("harness") and fast["fused_lora"]
+        with fused_lora_add(trainer.model, fused):
             trainer.train()
     job_s = time.perf_counter() - started
     figures = _with_mfu(clock.measure(label, recipe), _flops_per_token(trainer.model.get_base_model(), mean_len),
@@ -272,7 +273,7 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
     per_step = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
     notes = (f"compile {fast['compile']}, "
              f"Liger {'on' if trainer.args.use_liger_kernel else 'off'}, "
-             f"fused LoRA {'on' if recipe.startswith('harness') and fast['fused_lora'] else 'off'}, "
+             f"fused LoRA {'on' if fused else 'off'}, "
              f"LoRA dropout {spec.lora.dropout}, {getattr(trainer.args.optim, 'value', trainer.args.optim)}")
     if train_seed is not None:
         notes += f"; loss-check noise run: seed {train_seed}, data order of seed {spec.train.seed}"

@@ -82,10 +82,10 @@ def fast_path_options(spec: TaskSpec, device: Device) -> dict:
         "varlen" if cuda and packing and varlen_available() else "sdpa",
         # A small model's step is bound by kernel launches (torch.profiler on an H100: ~7,600 kernels
         # and 58 ms of GPU work in a 475 ms SmolLM2 step at batch 16): "on" compiles each decoder layer
-        # into fewer, fused kernels. Opt-in, since it changes the loss curve, for two reasons
-        # (bench/RESULTS.md, "Why compile: on moves the loss curve"): LoRA dropout draws other masks
-        # (inductor's generator: noise, like another seed), and in bf16 the fused kernels keep small
-        # LoRA updates that eager bf16 rounds away, so SmolLM2's loss runs lower, nearer fp32's.
+        # into fewer, fused kernels (1.2-1.3x on SmolLM2, 1.1x on a 1.1B; its loss curve within the
+        # seed-noise band of eager's since the fused LoRA add, bench/RESULTS.md, fourth session). Opt-in,
+        # since compiling costs 20-70 s a job, which a short run does not win back; and LoRA dropout
+        # draws other masks under it (inductor's generator: like another seed).
         "compile": t.compile,
         # LoRA's up-projection, scaling and add in one GEMM while training (harness.training.fused_lora):
         # the same function, fewer kernels; `auto` keeps CPU runs on PEFT's own arithmetic.
