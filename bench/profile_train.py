@@ -8,6 +8,7 @@ with --random-tinyllama only its tokenizer is used, on the random TinyLlama-1.1B
 Prints the wall time of a step next to the GPU's busy time in it (a step far longer than its
 kernels is launch- or host-bound), then the top operators by GPU time and by host (CPU) time.
 """
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,22 +23,24 @@ from harness.spec import load_spec  # noqa: E402
 from harness.training.fused_lora import fused_lora_add  # noqa: E402
 from harness.training.train import build_trainer, fast_path_options, tokenized_dataset  # noqa: E402
 
-args = sys.argv[1:]
-overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
-positional = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or args[i - 1] != "--set")]
-model_ref, batch = positional[0], int(positional[1]) if len(positional) > 1 else 32
-spec = load_spec("amazon_desc", [f"model.base={model_ref}", "train.max_length=512", "train.packing=on", *overrides])
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("model")
+parser.add_argument("batch", nargs="?", type=int, default=32)
+parser.add_argument("--random-tinyllama", action="store_true")
+parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+args = parser.parse_args()
+spec = load_spec("amazon_desc", [f"model.base={args.model}", "train.max_length=512", "train.packing=on", *args.set])
 device = models.pick_device()
 folder = models.resolve_base(spec.model.base)
 tokenizer = models.load_tokenizer(folder, spec.model, uses_chat_template=True)
 fast = fast_path_options(spec, device)
-if "--random-tinyllama" in args:
+if args.random_tinyllama:
     model = bench._random_model_factory(bench.TINYLLAMA_1B, tokenizer, device)(fast["attention"])
 else:
     model = models.load_model(folder, spec.model, tokenizer, device, attn_implementation=fast["attention"])
 data = tokenized_dataset(spec, tokenizer, bench._examples(spec, 4096))
 trainer = build_trainer(spec, model, tokenizer, data, None, Path("/tmp/profile-train"), device, fast=fast,
-                        **{**bench._recipe_overrides("harness", batch, device), "max_steps": 6})
+                        **{**bench._recipe_overrides("harness", args.batch, device), "max_steps": 6})
 activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.kind == "cuda" else [])
 prof = torch.profiler.profile(activities=activities)
 wall = {}
@@ -62,7 +65,7 @@ with fused_lora_add(trainer.model, fast["fused_lora"]):
 events = prof.key_averages()
 # Kernels only: an operator row repeats the device time of the kernels it launched.
 gpu_s = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
-print(f"{model_ref} batch {batch}: wall {wall['s'] / 3:.3f} s a step (profiler on), GPU busy {gpu_s / 3:.3f} s a "
+print(f"{args.model} batch {args.batch}: wall {wall['s'] / 3:.3f} s a step (profiler on), GPU busy {gpu_s / 3:.3f} s a "
       f"step ({100 * gpu_s / wall['s']:.0f}%); fast path {fast}")
 print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
 print(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
