@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", help="comma-separated parts: smollm2,tinyllama,qlora8b,generate (default: all); "
                                   "serve (HTTP micro-batching) runs only when named")
     p.add_argument("--recipes", default="seed,trl_tuned,harness",
-                   help="comma-separated training recipes: seed,trl_tuned,harness_sdpa,harness_eager,harness,unsloth "
+                   help="comma-separated training recipes: seed,trl_tuned,harness_sdpa,harness_nographs,harness_eager,"
+                        "harness,unsloth "
                         "(default: seed,trl_tuned,harness)")
     p.add_argument("--examples", type=int, default=2048, help="training examples per recipe (default 2048)")
     p.add_argument("--max-length", type=int, default=512, help="token length of a (packed) sequence (default 512)")

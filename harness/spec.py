@@ -99,6 +99,7 @@ class TrainSpec:
     attention: Literal["auto", "sdpa", "varlen", "flex_attention", "eager"] = "auto"
     compile: Literal["off", "on"] = "off"
     fused_lora: Literal["auto", "on", "off"] = "auto"
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
     save_steps: int = 20
     # Keep the checkpoint with the lowest eval loss (on the train.eval_fraction slice), not the last.
     keep_best: bool = False

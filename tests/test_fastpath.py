@@ -45,7 +45,7 @@ def test_fast_paths_are_cuda_only_by_default(tiny_model_dir):
     spec.model.base = str(tiny_model_dir)
     assert fast_path_options(spec, models.Device("cpu")) == {"quantize": False, "packing": False,
                                                               "liger_kernels": False, "attention": "sdpa",
-                                                              "compile": "off", "fused_lora": False}
+                                                              "compile": "off", "fused_lora": False, "cuda_graphs": False}
     spec.train.packing = "on"
     spec.train.fused_lora = "on"
     assert fast_path_options(spec, models.Device("cpu"))["packing"] is True

@@ -37,7 +37,7 @@ def test_run_folder_contract(tiny_run):
     assert manifest["stages_done"] == ["prepare", "score_base", "train", "score_tuned", "metrics", "report"]
     assert manifest["packages"]["torch"] and manifest["device"].startswith("cpu")
     assert manifest["fast_path"] == {"quantize": False, "packing": False, "liger_kernels": False, "attention": "sdpa",
-                                     "compile": "off", "fused_lora": False}
+                                     "compile": "off", "fused_lora": False, "cuda_graphs": False}
     assert manifest["data_counts"]["heldout"] == 8 and manifest["train"]["steps"] == 4
     assert manifest["world_size"] == 1 and manifest["train"]["global_batch"] == 4  # batch 4 x 1 process x accum 1
     assert set(manifest["fingerprints"]) >= {"base_model", "tokenizer", "heldout_split", "generation", "adapter"}

@@ -13,6 +13,8 @@ baseline measured in the same run. Recipes:
              to show what the varlen kernel is worth (only when asked for with --recipes);
 - harness_eager: harness with `train.compile: off`, to show what compiling the layers is worth when
              the harness recipe runs with `--set train.compile=on` (only when asked for with --recipes);
+- harness_nographs: harness with `train.cuda_graphs: off` (each step launched kernel by kernel), to show
+             what replaying the step as a CUDA graph is worth (only when asked for with --recipes);
 - unsloth:   Unsloth's FastLanguageModel and its patched trl SFTTrainer on the same pre-tokenized
              examples, LoRA config, packing, batch, sequence length and SFTConfig fields, in its own
              process with its own packages (harness/benchmarks/bench_unsloth.py: Unsloth pins older trl/datasets).
@@ -59,10 +61,10 @@ TINYLLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=
                     num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
-RECIPES = ("seed", "trl_tuned", "harness_sdpa", "harness_eager", "harness", "unsloth")
-BATCHED_RECIPES = ("trl_tuned", "harness_sdpa", "harness_eager", "harness", "unsloth")  # run at each --batch
-# The loss check's reference, the first of these asked: plain (uncompiled) harness numerics first.
-LOSS_REFERENCES = ("harness_eager", "harness", "trl_tuned", "harness_sdpa")
+RECIPES = ("seed", "trl_tuned", "harness_sdpa", "harness_nographs", "harness_eager", "harness", "unsloth")
+BATCHED_RECIPES = RECIPES[1:]  # run at each --batch
+# The loss check's reference, the first of these asked: plain (uncaptured, uncompiled) harness numerics first.
+LOSS_REFERENCES = ("harness_nographs", "harness_eager", "harness", "trl_tuned", "harness_sdpa")
 SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -244,13 +246,15 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
 
     # The spec's liger_kernels stays (auto by default), so `--set train.liger_kernels=off` reaches
     # harness_eager too: harness against harness_eager then differs in compiling alone.
-    harness_spec = replace(spec, train=replace(spec.train, packing="on",
-                                               compile=spec.train.compile if recipe == "harness" else "off"))
+    harness_spec = replace(spec, train=replace(
+        spec.train, packing="on", compile=spec.train.compile if recipe in ("harness", "harness_nographs") else "off",
+        attention="sdpa" if recipe == "harness_sdpa" else spec.train.attention,
+        cuda_graphs="off" if recipe == "harness_nographs" else spec.train.cuda_graphs))
     fast = fast_path_options(harness_spec, device)
     overrides = _recipe_overrides(recipe, batch, device, seed_steps, loss_every)
     if train_seed is not None:
         overrides.update(seed=train_seed, data_seed=spec.train.seed)
-    attention = fast["attention"] if recipe in ("harness", "harness_eager") else "sdpa"
+    attention = fast["attention"] if recipe.startswith("harness") else "sdpa"
     log.info("bench: %s/%s on %d examples (attention %s)", label, recipe, len(examples), attention)
     if device.kind == "cuda":
         torch.cuda.reset_peak_memory_stats(device.index)
@@ -271,7 +275,7 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
     figures = _with_mfu(clock.measure(label, recipe), _flops_per_token(trainer.model.get_base_model(), mean_len),
                         device)
     per_step = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
-    notes = (f"compile {fast['compile']}, "
+    notes = (f"compile {fast['compile']}, CUDA graphs {'on' if fast['cuda_graphs'] and recipe.startswith('harness') else 'off'}, "
              f"Liger {'on' if trainer.args.use_liger_kernel else 'off'}, "
              f"fused LoRA {'on' if fused else 'off'}, "
              f"LoRA dropout {spec.lora.dropout}, {getattr(trainer.args.optim, 'value', trainer.args.optim)}")

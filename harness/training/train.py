@@ -65,7 +65,7 @@ def fast_path_options(spec: TaskSpec, device: Device) -> dict:
     if t.compile == "on" and t.liger_kernels == "on":
         raise HarnessError("train.compile: 'on' cannot compile Liger's kernels (train.liger_kernels: 'on'); "
                            "set liger_kernels to 'auto'")
-    return {
+    fast = {
         # QLoRA saves memory at a speed cost: `auto` uses it on CUDA only for models too big to train
         # comfortably in bf16 (> 4 GB of weights, i.e. >= ~2B parameters).
         "quantize": t.quantization == "nf4" or (t.quantization == "auto" and cuda and _has_bitsandbytes()
@@ -91,6 +91,26 @@ def fast_path_options(spec: TaskSpec, device: Device) -> dict:
         # the same function, fewer kernels; `auto` keeps CPU runs on PEFT's own arithmetic.
         "fused_lora": t.fused_lora == "on" or (t.fused_lora == "auto" and cuda),
     }
+    # The training step's forward and backward replayed as one CUDA graph (harness.training.cuda_graph_step).
+    fast["cuda_graphs"] = t.cuda_graphs == "on" or (t.cuda_graphs == "auto" and not graph_blockers(spec, fast, cuda))
+    if t.cuda_graphs == "on" and graph_blockers(spec, fast, cuda):
+        raise HarnessError(f"train.cuda_graphs: 'on' needs {graph_blockers(spec, fast, cuda)[0]}; use 'auto'")
+    return fast
+
+
+def graph_blockers(spec: TaskSpec, fast: dict, cuda: bool) -> list[str]:
+    """What keeps the training step from being captured as a CUDA graph (empty: nothing)."""
+    t = spec.train
+    needs = {
+        "a CUDA device": cuda,
+        "packing with the varlen attention kernel (fixed-shape packed batches)": fast["packing"]
+        and fast["attention"] == "varlen",
+        "train.grad_accum 1 (a captured backward overwrites gradients)": t.grad_accum == 1,
+        "one process (DDP's gradient all-reduce is not captured)": distributed.world_size() == 1,
+        "no nf4 quantization (bitsandbytes kernels are not checked under capture)": not fast["quantize"],
+        "gradient_checkpointing off (its recompute re-seeds the generator)": not t.gradient_checkpointing,
+    }
+    return [need for need, met in needs.items() if not met]
 
 
 def weight_bytes(model_ref: str) -> int:
@@ -314,8 +334,8 @@ def checkpointing_field() -> str:
 def build_trainer(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, output_dir: Path, device: Device,
                   plain_peft: bool = False, fast: dict | None = None, **overrides):
     """An SFTTrainer for `spec` on pre-tokenized datasets; `overrides` replace SFTConfig fields, and
-    `plain_peft` keeps PEFT's default input casts and compiles nothing (both for the bench's
-    baseline recipes); `fast` as in sft_options."""
+    `plain_peft` keeps PEFT's default input casts and compiles and captures nothing (both for the
+    bench's baseline recipes); `fast` as in sft_options."""
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
@@ -324,6 +344,7 @@ def build_trainer(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, output_di
     # non-quantized weight (embeddings, LM head) costs 2 GB on a Llama-3-8B for no gain in bf16.
     lora = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                       target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
+    fast = fast or fast_path_options(spec, device)
     options = {**sft_options(spec, tokenizer, device, output_dir, evaluate=eval_ds is not None, fast=fast),
                **overrides}
     trainer = SFTTrainer(model=model, args=SFTConfig(**options), train_dataset=train_ds, eval_dataset=eval_ds,
@@ -332,6 +353,11 @@ def build_trainer(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, output_di
         lora_inputs_in_compute_dtype(trainer.model)
     if spec.train.compile == "on" and not plain_peft:
         compile_layers(trainer.model)
+    if fast["cuda_graphs"] and not plain_peft:
+        from harness.training.cuda_graph_step import capture_training_steps
+
+        capture_training_steps(trainer, trainer.args.per_device_train_batch_size, trainer.args.max_length,
+                               trainer.data_collator.pad_token_id)
     return trainer
 
 
