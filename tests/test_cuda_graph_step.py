@@ -120,6 +120,11 @@ def test_the_graphed_step_computes_trls_loss_gradients_and_metrics(tiny_model_di
         assert got_metrics[name] == pytest.approx(expected_metrics[name], rel=1e-5)
     assert got_metrics["num_tokens"] == expected_metrics["num_tokens"] == [tokens_before]
 
+    step.graph = "a captured graph"
+    [release] = [c for c in trainer.callback_handler.callbacks if type(c).__name__ == "Release"]
+    release.on_train_end(trainer.args, trainer.state, trainer.control)
+    assert step.graph is None and step.grads is None  # its memory pool goes back before scoring
+
 
 def test_sft_loss_ignores_what_the_filler_holds(tiny_model_dir, tmp_path):
     """Filler tokens are label-masked and attend only to themselves: other filler ids, same loss."""

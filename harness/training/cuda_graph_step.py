@@ -167,6 +167,14 @@ class GraphedTrainingStep:
         self._log_metrics(tokens)
         return self.loss.clone()  # the next replay overwrites self.loss
 
+    def release(self) -> None:
+        """Free the graph and the memory its pool holds (a step's activations and gradients): what
+        comes after training (scoring, the next bench recipe) needs it. A later train() captures anew."""
+        import torch
+
+        self.graph = self.params = self.grads = self.loss = self.stats = None
+        torch.cuda.empty_cache()
+
     def _log_metrics(self, tokens: int) -> None:
         """What trl's compute_loss logs each training step (it cannot run inside a graph: it reads
         values back from the GPU); one read-back here."""
@@ -202,4 +210,15 @@ def capture_training_steps(trainer, rows: int, max_length: int, pad_token_id: in
     static = StaticBatch(rows, max_length, sequences, pad_token_id, trainer.args.device)
     step = GraphedTrainingStep(trainer, static)
     trainer.training_step = step
+    trainer.add_callback(_released_at_train_end(step))
     return step
+
+
+def _released_at_train_end(step: GraphedTrainingStep):
+    from transformers import TrainerCallback
+
+    class Release(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            step.release()
+
+    return Release()
