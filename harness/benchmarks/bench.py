@@ -596,18 +596,22 @@ def bench_command(args) -> int:
         runs += [(reference, b, spec.train.seed + k) for b in batches for k in range(1, args.noise_seeds + 1)
                  if reference]
         rows = []
+        part_spec = spec
+        if key == "tinyllama" and runs:
+            # Saved, so that what the spec's switches read from the model's folder (weight size) is this model's.
+            folder = _model_folder(label, factory, tokenizer, work)
+            part_spec = replace(spec, model=replace(spec.model, base=str(folder)))
         for r, batch, train_seed in runs:
             try:
                 if r == "unsloth":
                     if unsloth_unavailable:
                         continue
-                    folder = Path(model_ref) if key == "smollm2" else _model_folder(label, factory, tokenizer, work)
                     row, results["unsloth_versions"] = measure_unsloth(
-                        spec, tokenizer, examples, device, label, batch, folder, work, args.unsloth_site,
-                        args.warmup, args.loss_every)
+                        spec, tokenizer, examples, device, label, batch, Path(models.resolve_base(part_spec.model.base)),
+                        work, args.unsloth_site, args.warmup, args.loss_every)
                     rows.append(row)
                 else:
-                    rows.append(measure_training(spec, factory, tokenizer, examples, r, device, label, batch, work,
+                    rows.append(measure_training(part_spec, factory, tokenizer, examples, r, device, label, batch, work,
                                                  seed_steps=args.seed_steps, warmup=args.warmup,
                                                  loss_every=args.loss_every, train_seed=train_seed))
             except UnslothUnavailable as exc:  # one line, then the other recipes go on

@@ -91,11 +91,18 @@ def fast_path_options(spec: TaskSpec, device: Device) -> dict:
         # the same function, fewer kernels; `auto` keeps CPU runs on PEFT's own arithmetic.
         "fused_lora": t.fused_lora == "on" or (t.fused_lora == "auto" and cuda),
     }
-    # The training step's forward and backward replayed as one CUDA graph (harness.training.cuda_graph_step).
-    fast["cuda_graphs"] = t.cuda_graphs == "on" or (t.cuda_graphs == "auto" and not graph_blockers(spec, fast, cuda))
+    # The training step's forward and backward replayed as one CUDA graph (harness.training.cuda_graph_step):
+    # for a launch-bound step. `auto` keeps larger models, whose step is GPU-bound, off: there the graph only
+    # costs (H100, bench/RESULTS.md fifth session: SmolLM2-135M 4.7x at batch 16; the 1.1B architecture at
+    # batch 64 0.95x, its fixed shapes making trl's LM head score every position, not just labelled ones).
+    fast["cuda_graphs"] = t.cuda_graphs == "on" or (t.cuda_graphs == "auto" and not graph_blockers(spec, fast, cuda)
+                                                    and weight_bytes(spec.model.base) < GRAPHS_MAX_WEIGHT_BYTES)
     if t.cuda_graphs == "on" and graph_blockers(spec, fast, cuda):
         raise HarnessError(f"train.cuda_graphs: 'on' needs {graph_blockers(spec, fast, cuda)[0]}; use 'auto'")
     return fast
+
+
+GRAPHS_MAX_WEIGHT_BYTES = 1e9  # bf16 weights of a ~500M-parameter model: between the two measured sizes
 
 
 def graph_blockers(spec: TaskSpec, fast: dict, cuda: bool) -> list[str]:
