@@ -8,7 +8,8 @@ baseline measured in the same run. Recipes:
 - trl_tuned: the same with packing (padding-free) at each --batch: a well-tuned plain trl baseline;
 - harness:   harness' own CUDA default (pre-tokenized, padding-free packing, FlashAttention varlen
              kernel, Liger layer kernels, bf16, LoRA inputs kept in bf16, LoRA's up-projection and add
-             fused into one GEMM) at each --batch size;
+             fused into one GEMM; for a model under 1 GB of weights each step replayed as one CUDA
+             graph) at each --batch size;
 - harness_sdpa: the same with sdpa attention (a dense block-diagonal mask over the packed row),
              to show what the varlen kernel is worth (only when asked for with --recipes);
 - harness_eager: harness with `train.compile: off`, to show what compiling the layers is worth when

@@ -83,7 +83,8 @@ def fast_path_options(spec: TaskSpec, device: Device) -> dict:
         # A small model's step is bound by kernel launches (torch.profiler on an H100: ~7,600 kernels
         # and 58 ms of GPU work in a 475 ms SmolLM2 step at batch 16): "on" compiles each decoder layer
         # into fewer, fused kernels (1.2-1.3x on SmolLM2, 1.1x on a 1.1B; its loss curve within the
-        # seed-noise band of eager's in bench/RESULTS.md's fourth session). Opt-in,
+        # seed-noise band of eager's in bench/RESULTS.md's fourth session; once cuda_graphs removes the
+        # launches, 1.04x on SmolLM2, fifth session). Opt-in,
         # since compiling costs 20-70 s a job, which a short run does not win back; and LoRA dropout
         # draws other masks under it (inductor's generator: like another seed).
         "compile": t.compile,
