@@ -107,22 +107,25 @@ def test_the_graphed_step_computes_trls_loss_gradients_and_metrics(tiny_model_di
 
     step = capture_training_steps(trainer, rows=4, max_length=64, pad_token_id=trainer.data_collator.pad_token_id)
     assert trainer.training_step is step and step.static.capacity == 256
+    [callback] = [c for c in trainer.callback_handler.callbacks if type(c).__name__ == "GraphedStepCallback"]
     tokens = step.static.fill(batch)
     assert tokens == batch["input_ids"].shape[1] < step.static.capacity  # so filler is in play
     step.loss, step.stats = step.forward_backward(model)
-    step._log_metrics(tokens)
+    step.record(tokens)
+    assert not trainer._metrics["train"]["entropy"]  # nothing read back inside a step
 
     torch.testing.assert_close(step.loss, loss.detach(), rtol=1e-5, atol=1e-6)
     for got, want in zip((p.grad for p in params), expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    trainer.control.should_log = True  # as DefaultFlowCallback sets it on a logging step
+    callback.on_step_end(trainer.args, trainer.state, trainer.control)
     got_metrics = trainer._metrics["train"]
     for name in ("entropy", "mean_token_accuracy"):
         assert got_metrics[name] == pytest.approx(expected_metrics[name], rel=1e-5)
     assert got_metrics["num_tokens"] == expected_metrics["num_tokens"] == [tokens_before]
 
     step.graph = "a captured graph"
-    [release] = [c for c in trainer.callback_handler.callbacks if type(c).__name__ == "Release"]
-    release.on_train_end(trainer.args, trainer.state, trainer.control)
+    callback.on_train_end(trainer.args, trainer.state, trainer.control)
     assert step.graph is None and step.grads is None  # its memory pool goes back before scoring
 
 

@@ -14,7 +14,7 @@ bfd packing fills rows almost completely.
 Inside the graph nothing may wait for the GPU, so the step computes trl's SFT loss itself (the same
 sum of token log-probabilities over labelled tokens, through trl's fused LM head scoring every
 position rather than gathering the labelled ones, a data-dependent shape) and reads trl's logged
-metrics (entropy, token accuracy, tokens) once after each replay. The optimizer step, clipping and
+metrics (entropy, token accuracy, tokens) at logging steps only. The optimizer step, clipping and
 scheduler stay the Trainer's, outside the graph: the gradients live at the graph's fixed addresses
 and are handed back to the parameters after each replay.
 """
@@ -122,6 +122,7 @@ class GraphedTrainingStep:
         self.graph = None
         self.params = self.grads = None
         self.loss = self.stats = None
+        self._pending = []
 
     def forward_backward(self, model):
         loss, stats = sft_loss(model, self.static)
@@ -164,8 +165,29 @@ class GraphedTrainingStep:
         self.graph.replay()
         for p, g in zip(self.params, self.grads):
             p.grad = g  # the Trainer sets them to None after each optimizer step
-        self._log_metrics(tokens)
+        self.record(tokens)
         return self.loss.clone()  # the next replay overwrites self.loss
+
+    def record(self, tokens: int) -> None:
+        """Keep this step's metric sums on the device (read back at the next logging step, so the host
+        never waits for the GPU inside a step) and count its tokens as trl does."""
+        self._pending.append(self.stats.clone())
+        self.trainer._total_train_tokens += tokens
+        self.trainer._metrics["train"]["num_tokens"] = [self.trainer._total_train_tokens]
+
+    def flush_metrics(self) -> None:
+        """Hand trl the per-step entropy and token accuracy its compute_loss would have logged (it
+        cannot run inside a graph: it reads values back every step); one read-back for all steps."""
+        import torch
+
+        if not self._pending:
+            return
+        rows = torch.stack(self._pending).tolist()
+        self._pending.clear()
+        metrics = self.trainer._metrics["train"]
+        for entropy, correct, labelled in rows:
+            metrics["entropy"].append(entropy / labelled if labelled else 0.0)
+            metrics["mean_token_accuracy"].append(correct / labelled if labelled else 0.0)
 
     def release(self) -> None:
         """Free the graph and the memory its pool holds (a step's activations and gradients): what
@@ -174,16 +196,6 @@ class GraphedTrainingStep:
 
         self.graph = self.params = self.grads = self.loss = self.stats = None
         torch.cuda.empty_cache()
-
-    def _log_metrics(self, tokens: int) -> None:
-        """What trl's compute_loss logs each training step (it cannot run inside a graph: it reads
-        values back from the GPU); one read-back here."""
-        entropy, correct, labelled = self.stats.tolist()
-        metrics = self.trainer._metrics["train"]
-        metrics["entropy"].append(entropy / labelled if labelled else 0.0)
-        metrics["mean_token_accuracy"].append(correct / labelled if labelled else 0.0)
-        self.trainer._total_train_tokens += tokens
-        metrics["num_tokens"] = [self.trainer._total_train_tokens]
 
 
 def max_packed_sequences(dataset, rows: int) -> int:
@@ -210,15 +222,21 @@ def capture_training_steps(trainer, rows: int, max_length: int, pad_token_id: in
     static = StaticBatch(rows, max_length, sequences, pad_token_id, trainer.args.device)
     step = GraphedTrainingStep(trainer, static)
     trainer.training_step = step
-    trainer.add_callback(_released_at_train_end(step))
+    trainer.add_callback(_step_callback(step))
     return step
 
 
-def _released_at_train_end(step: GraphedTrainingStep):
+def _step_callback(step: GraphedTrainingStep):
+    """Flushes the step's metrics when the Trainer is about to log (DefaultFlowCallback, registered
+    first, has set should_log by then) and on the last step; frees the graph at train end."""
     from transformers import TrainerCallback
 
-    class Release(TrainerCallback):
+    class GraphedStepCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if control.should_log or state.global_step >= state.max_steps:
+                step.flush_metrics()
+
         def on_train_end(self, args, state, control, **kwargs):
             step.release()
 
-    return Release()
+    return GraphedStepCallback()

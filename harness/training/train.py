@@ -313,6 +313,9 @@ def sft_options(spec: TaskSpec, tokenizer, device: Device, output_dir: Path, eva
         use_liger_kernel=fast["liger_kernels"],
         eos_token=tokenizer.eos_token,
         dataloader_num_workers=0,
+        # A non-finite loss is logged as it is: the filter replaced it with the running mean (hiding
+        # it), and its check read each step's loss back from the GPU, so the host waited every step.
+        logging_nan_inf_filter=False,
         disable_tqdm=False,
         # Under DDP: every LoRA parameter gets a gradient each step, so DDP need not search the graph
         # for unused ones (an extra traversal per step).
