@@ -94,7 +94,7 @@ def fast_path_options(spec: TaskSpec, device: Device) -> dict:
     }
     # The training step's forward and backward replayed as one CUDA graph (harness.training.cuda_graph_step):
     # for a launch-bound step. `auto` keeps larger models, whose step is GPU-bound, off: there the graph only
-    # costs (H100, bench/RESULTS.md fifth session: SmolLM2-135M 4.7x at batch 16; the 1.1B architecture at
+    # costs (H100, bench/RESULTS.md fifth session: SmolLM2-135M 6.2x at batch 16; the 1.1B architecture at
     # batch 64 0.95x, its fixed shapes making trl's LM head score every position, not just labelled ones).
     fast["cuda_graphs"] = t.cuda_graphs == "on" or (t.cuda_graphs == "auto" and not graph_blockers(spec, fast, cuda)
                                                     and weight_bytes(spec.model.base) < GRAPHS_MAX_WEIGHT_BYTES)
