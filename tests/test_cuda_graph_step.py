@@ -105,7 +105,7 @@ def test_the_graphed_step_computes_trls_loss_gradients_and_metrics(tiny_model_di
     tokens_before = trainer._total_train_tokens
     trainer._total_train_tokens = 0
 
-    step = capture_training_steps(trainer, rows=4, max_length=64, pad_token_id=trainer.data_collator.pad_token_id)
+    step = capture_training_steps(trainer)  # batch 4, max_length 64
     assert trainer.training_step is step and step.static.capacity == 256
     [callback] = [c for c in trainer.callback_handler.callbacks if type(c).__name__ == "GraphedStepCallback"]
     tokens = step.static.fill(batch)

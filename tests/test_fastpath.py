@@ -266,3 +266,15 @@ def test_training_patches_to_the_modeling_module_are_undone(tiny_model_dir):
         module.LlamaRMSNorm = object  # what apply_liger_kernel_to_llama does with its own class
         assert module.LlamaRMSNorm is object
     assert module.LlamaRMSNorm is original
+
+
+def test_weight_size_counts_one_format(tmp_path):
+    """The size the `auto` switches read: pickled weights count when there is no safetensors file, and a
+    folder shipping both formats is not counted twice."""
+    from harness.training.train import weight_bytes
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x" * 10)
+    assert weight_bytes(str(tmp_path)) == 10
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 4)
+    assert weight_bytes(str(tmp_path)) == 4

@@ -270,13 +270,14 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
         clock = StepClock(device.kind, warmup)
         clock.attach(trainer)
         fused = recipe.startswith("harness") and fast["fused_lora"]
+        graphs = recipe.startswith("harness") and fast["cuda_graphs"]
         with fused_lora_add(trainer.model, fused):
             trainer.train()
     job_s = time.perf_counter() - started
     figures = _with_mfu(clock.measure(label, recipe), _flops_per_token(trainer.model.get_base_model(), mean_len),
                         device)
     per_step = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
-    notes = (f"compile {fast['compile']}, CUDA graphs {'on' if fast['cuda_graphs'] and recipe.startswith('harness') else 'off'}, "
+    notes = (f"compile {fast['compile']}, CUDA graphs {'on' if graphs else 'off'}, "
              f"Liger {'on' if trainer.args.use_liger_kernel else 'off'}, "
              f"fused LoRA {'on' if fused else 'off'}, "
              f"LoRA dropout {spec.lora.dropout}, {getattr(trainer.args.optim, 'value', trainer.args.optim)}")

@@ -207,8 +207,9 @@ def max_packed_sequences(dataset, rows: int) -> int:
     return rows * max(len(s) for s in dataset["seq_lengths"])
 
 
-def capture_training_steps(trainer, rows: int, max_length: int, pad_token_id: int) -> GraphedTrainingStep:
-    """Make `trainer` train through a GraphedTrainingStep (captured at its first step). The step ignores
+def capture_training_steps(trainer) -> GraphedTrainingStep:
+    """Make `trainer` train through a GraphedTrainingStep (captured at its first step), its buffers
+    sized by the trainer's batch and max_length. The step ignores
     the Trainer's `num_items_in_batch`: fast_path_options allows graphs only with one process and no
     gradient accumulation, where it equals the batch's labelled-token count the loss divides by."""
     if trainer.args.gradient_accumulation_steps != 1:
@@ -218,8 +219,10 @@ def capture_training_steps(trainer, rows: int, max_length: int, pad_token_id: in
         raise HarnessError("train.cuda_graphs: this trl's SFTTrainer keeps its metrics elsewhere; "
                            "set train.cuda_graphs=off")
     # Filler sequences (at most one per row) need boundaries of their own.
+    rows = trainer.args.per_device_train_batch_size
     sequences = max_packed_sequences(trainer.train_dataset, rows) + rows
-    static = StaticBatch(rows, max_length, sequences, pad_token_id, trainer.args.device)
+    static = StaticBatch(rows, trainer.args.max_length, sequences, trainer.data_collator.pad_token_id,
+                         trainer.args.device)
     step = GraphedTrainingStep(trainer, static)
     trainer.training_step = step
     trainer.add_callback(_step_callback(step))

@@ -96,10 +96,11 @@ def fast_path_options(spec: TaskSpec, device: Device) -> dict:
     # for a launch-bound step. `auto` keeps larger models, whose step is GPU-bound, off: there the graph only
     # costs (H100, bench/RESULTS.md fifth session: SmolLM2-135M 6.2x at batch 16; the 1.1B architecture at
     # batch 64 0.95x, its fixed shapes making trl's LM head score every position, not just labelled ones).
-    fast["cuda_graphs"] = t.cuda_graphs == "on" or (t.cuda_graphs == "auto" and not graph_blockers(spec, fast, cuda)
+    blockers = graph_blockers(spec, fast, cuda)
+    if t.cuda_graphs == "on" and blockers:
+        raise HarnessError(f"train.cuda_graphs: 'on' needs {blockers[0]}; use 'auto'")
+    fast["cuda_graphs"] = t.cuda_graphs == "on" or (t.cuda_graphs == "auto" and not blockers
                                                     and weight_bytes(spec.model.base) < GRAPHS_MAX_WEIGHT_BYTES)
-    if t.cuda_graphs == "on" and graph_blockers(spec, fast, cuda):
-        raise HarnessError(f"train.cuda_graphs: 'on' needs {graph_blockers(spec, fast, cuda)[0]}; use 'auto'")
     return fast
 
 
@@ -122,11 +123,15 @@ def graph_blockers(spec: TaskSpec, fast: dict, cuda: bool) -> list[str]:
 
 
 def weight_bytes(model_ref: str) -> int:
-    """Size of a model's weight files (0 when it is not a local folder yet)."""
+    """Size of a model's weight files: safetensors, else pickled `.bin` ones (0 when it is not a local
+    folder yet). Folders that ship both formats hold the same weights twice: one format is counted."""
     from harness.models import resolve_base
 
     folder = Path(resolve_base(model_ref))
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) if folder.is_dir() else 0
+    if not folder.is_dir():
+        return 0
+    files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
+    return sum(p.stat().st_size for p in files)
 
 
 def _has_bitsandbytes() -> bool:
@@ -367,8 +372,7 @@ def build_trainer(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, output_di
     if fast["cuda_graphs"] and not plain_peft:
         from harness.training.cuda_graph_step import capture_training_steps
 
-        capture_training_steps(trainer, trainer.args.per_device_train_batch_size, trainer.args.max_length,
-                               trainer.data_collator.pad_token_id)
+        capture_training_steps(trainer)
     return trainer
 
 
