@@ -23,6 +23,7 @@ from harness import models  # noqa: E402
 from harness.benchmarks import bench  # noqa: E402
 from harness.spec import load_spec  # noqa: E402
 from harness.training.attention import varlen_call  # noqa: E402
+from harness.training.cuda_graph_step import GraphedTrainingStep  # noqa: E402
 from harness.training.fused_lora import fused_lora_add  # noqa: E402
 from harness.training.train import build_trainer, fast_path_options, tokenized_dataset  # noqa: E402
 
@@ -73,13 +74,14 @@ def train_once(spec, tokenizer, data, device, batch: int, steps: int, graphs: st
                                "logging_steps": 1})
     log = StepLog()
     trainer.add_callback(log)
+    captured = isinstance(trainer.training_step, GraphedTrainingStep)  # what trains, not what the switch says
     with fused_lora_add(trainer.model, fast["fused_lora"]):
         trainer.train()
     weights = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     step_s = (log.times[-1] - log.times[WARM - 1]) / (len(log.times) - WARM)
     del trainer, model
     torch.cuda.empty_cache()
-    return log.losses, weights, step_s, fast["cuda_graphs"]
+    return log.losses, weights, step_s, captured
 
 
 def main():
