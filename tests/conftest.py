@@ -1,7 +1,8 @@
-"""Shared fixtures: a tiny random Llama with a ChatML tokenizer, built in the test session.
+"""Shared fixtures: a tiny random Llama with a ChatML tokenizer and a tiny random Gemma 3 base
+model (no chat template, its own vocabulary, sliding-window layers), built in the test session.
 
-Unit tests never download anything: the tokenizer is a word-level vocabulary made from the
-shipped demo data plus ChatML special tokens, and the model is a 2-layer random Llama.
+Unit tests never download anything: the tokenizers are word-level vocabularies made from the
+shipped demo data plus special tokens, and the models are 2-3 layer random networks.
 """
 
 from __future__ import annotations
@@ -64,9 +65,59 @@ def build_tiny_model(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+TINY_GEMMA_WINDOW = 8  # sliding window of the tiny Gemma 3: shorter than its packed rows, so windows matter
+
+
+def build_tiny_gemma3(folder: Path, seed: int = 0) -> Path:
+    """A 3-layer random Gemma 3 base model shaped like google/gemma-3-270m: no chat template, BOS added
+    by the tokenizer, EOS `<eos>`, two sliding-window layers (window 8) and one full-attention layer,
+    and a vocabulary ordered differently from the tiny Llama's (same words, other ids, lower-cased extras)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+
+    words = _words(DEMO_DATA)
+    extras = sorted({w.lower() for w in words} - set(words))
+    vocab = {tok: i for i, tok in enumerate(GEMMA_SPECIALS + ["\n", "#"] + list(reversed(words)) + extras)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
+                                                     pre_tokenizers.Whitespace()])
+    backend.decoder = decoders.WordPiece(prefix="##")
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
+                                                           special_tokens=[("<bos>", vocab["<bos>"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+                                        eos_token="<eos>", bos_token="<bos>")
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                              sliding_window=TINY_GEMMA_WINDOW,
+                              layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                              max_position_embeddings=512, bos_token_id=vocab["<bos>"], eos_token_id=vocab["<eos>"],
+                              pad_token_id=vocab["<pad>"], tie_word_embeddings=True)
+    model = Gemma3ForCausalLM(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory) -> Path:
+    """The tiny Gemma 3 (use it with `prompt.template=alpaca`: it has no chat template)."""
+    return build_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
+
+
+@pytest.fixture(scope="session", params=["llama", "gemma3"])
+def tiny_arch(request, tiny_model_dir, tiny_gemma3_dir) -> tuple[Path, list[str]]:
+    """Both tiny architectures: (model folder, the overrides that architecture needs)."""
+    if request.param == "llama":
+        return tiny_model_dir, []
+    return tiny_gemma3_dir, ["prompt.template=alpaca"]
 
 
 @pytest.fixture(autouse=True)
