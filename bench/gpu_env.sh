@@ -12,7 +12,7 @@ K=/root/chunks
 mkdir -p "$K" && for d in .gpuchunk-*; do [ -d "$d" ] && cp "$d"/chunk.* "$K/"; done
 export PYTHONPATH=/root/extra/site-packages:$PWD HARNESS_CACHE=/root/hcache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-CHUNKS_EXPECTED=${CHUNKS_EXPECTED:-7}
+CHUNKS_EXPECTED=${CHUNKS_EXPECTED:-8}
 if [ ! -f /root/stash/.unpacked ] && [ "$(ls "$K" | wc -l)" -ge "$CHUNKS_EXPECTED" ]; then
   mkdir -p /root/stash && cat $(ls "$K"/chunk.* | sort -t. -k2 -n) | tar -x -C /root/stash && touch /root/stash/.unpacked
 fi

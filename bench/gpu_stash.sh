@@ -11,6 +11,10 @@ cp -r .whl .gpustash/whl && cp -r .whl-arrow .gpustash/whl-arrow && cp -r .whl-c
 cp "$cache"/gguf/*.gguf .gpustash/gguf/
 tar -cf - -C .gpustash . | split -b 62000000 -d -a 1 - .gpustash/chunk.
 n=$(ls .gpustash/chunk.* | wc -l)
-for f in .gpustash/chunk.*; do i=${f##*.}; d=$(( i < n - 1 ? i : (i > 0 && $(stat -c %s "$f") < 8000000 ? i - 1 : i) )); mkdir -p .gpuchunk-$d; mv "$f" .gpuchunk-$d/; done
+for f in .gpustash/chunk.*; do i=${f##*.}; mkdir -p .gpuchunk-$i; mv "$f" .gpuchunk-$i/; done
+last=$((n - 1))
+if [ "$last" -gt 0 ] && [ "$(stat -c %s .gpuchunk-$last/chunk.$last)" -lt 2000000 ]; then  # a small tail rides along
+  mv .gpuchunk-$last/chunk.$last .gpuchunk-$((last - 1))/ && rmdir .gpuchunk-$last
+fi
 rm -rf .gpustash
 ls -la .gpuchunk-*/ && echo "carry each .gpuchunk-N in its own call; CHUNKS_EXPECTED=$n"
