@@ -277,3 +277,96 @@ def test_every_fast_path_off_on_cpu_says_why(tiny_gemma3_dir):
     off = {name for name, value in fast.items() if value in (False, "off", "sdpa")}
     assert off == set(reasons) and off == set(fast)
     assert reasons["cuda_graphs"] == "needs a CUDA device" and reasons["attention"] == "no CUDA device"
+
+
+# -- decoding: every engine keeps the window --------------------------------------------------------
+@pytest.fixture(scope="module")
+def talkative_gemma3(tiny_gemma3_dir):
+    """The tiny Gemma 3 with larger random weights (greedy outputs change from prompt to prompt and over
+    the output), and alpaca prompts of ~50 tokens: prompts and outputs both longer than the window of 8."""
+    from harness.data.prompts import build_prompt
+    from harness.spec import PromptSpec
+
+    tokenizer = models.load_tokenizer(str(tiny_gemma3_dir), ModelSpec(), uses_chat_template=False)
+    model = models.load_model(str(tiny_gemma3_dir), ModelSpec(), tokenizer, models.Device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    titles = ["Garlic Press", "Kids' Rain Boots , Dinosaur Print", "Aquarium Starter Kit", "Mug", "Wireless Mouse",
+              "Yoga Mat"]
+    return model, tokenizer, [build_prompt(tokenizer, PromptSpec(template="alpaca"), t) for t in titles]
+
+
+def _transformers_generate(model, tokenizer, prompts, max_new_tokens: int) -> list[str]:
+    """transformers' own greedy `generate`, one prompt at a time (no padding), decoded as harness does."""
+    from harness.data.prompts import encode_prompt
+
+    texts = []
+    for prompt in prompts:
+        ids = torch.tensor([encode_prompt(tokenizer, prompt)])
+        assert ids.shape[1] > TINY_GEMMA_WINDOW
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+        kept = out[:out.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in out else out
+        texts.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
+    return texts
+
+
+@pytest.mark.parametrize("engine", ["graphs", "static", "dynamic"])
+def test_every_engine_decodes_transformers_own_tokens_past_the_window(talkative_gemma3, engine):
+    """Batched, left-padded decoding of prompts and outputs longer than the window gives what transformers'
+    `generate` gives for each prompt alone (the graphs engine runs its step uncaptured off CUDA)."""
+    from harness.scoring.generation import GenerationStats, generate
+    from harness.spec import GenerationSpec
+
+    model, tokenizer, prompts = talkative_gemma3
+    gen = GenerationSpec(max_new_tokens=14, engine=engine, static_batch_size=4, batch_size=4, prompt_buckets=[64])
+    stats = GenerationStats()
+    ours = generate(model, tokenizer, prompts, gen, models.Device("cpu"), stats=stats)
+    expected = _transformers_generate(model, tokenizer, prompts, gen.max_new_tokens)
+    assert stats.engine == engine and [g.text for g in ours] == expected
+    assert len(set(expected)) == len(prompts) and all(g.n_tokens > TINY_GEMMA_WINDOW for g in ours)
+
+
+def test_the_graphs_engine_without_its_window_differs_so_the_check_has_teeth(talkative_gemma3, monkeypatch):
+    from harness.scoring import graph_decoding
+    from harness.scoring.generation import generate
+    from harness.spec import GenerationSpec
+
+    model, tokenizer, prompts = talkative_gemma3
+    monkeypatch.setattr(graph_decoding, "masked_window", lambda config: 10**6)  # every layer sees everything
+    gen = GenerationSpec(max_new_tokens=14, engine="graphs", static_batch_size=4, prompt_buckets=[64])
+    unwindowed = [g.text for g in generate(model, tokenizer, prompts, gen, models.Device("cpu"))]
+    expected = _transformers_generate(model, tokenizer, prompts, gen.max_new_tokens)
+    assert sum(a != b for a, b in zip(unwindowed, expected)) >= len(prompts) // 2
+
+
+def test_auto_decodes_gemma3_with_graphs_on_cuda_and_says_why_elsewhere(talkative_gemma3, tiny_gemma3_dir):
+    from harness.scoring.generation import auto_engine_reason, resolve_engine
+    from harness.spec import GenerationSpec
+
+    model, tokenizer, _ = talkative_gemma3
+    cuda, cpu = models.Device("cuda"), models.Device("cpu")
+    assert resolve_engine(GenerationSpec(), cuda, model) == "graphs" and auto_engine_reason(GenerationSpec(), cuda, model) == ""
+    assert auto_engine_reason(GenerationSpec(), cpu, model).startswith("no CUDA device")
+    eager = _gemma(tiny_gemma3_dir, "eager")
+    assert resolve_engine(GenerationSpec(), cuda, eager) == "static"
+    assert auto_engine_reason(GenerationSpec(), cuda, eager) == "generation.engine=graphs needs sdpa attention (the model uses eager)"
+
+
+def test_a_sliding_model_without_per_type_masks_is_still_refused_by_graphs(tiny_gemma3_dir):
+    """Only models whose layers are typed (and so take a mask per type) get the masked window."""
+    from transformers import MistralConfig
+
+    from harness.scoring.graph_decoding import _other_cache_layer, masked_window
+
+    class Bare:
+        config = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, sliding_window=8)
+
+    if getattr(Bare.config, "layer_types", None):  # this transformers types Mistral's layers: nothing to refuse
+        pytest.skip("MistralConfig has layer_types here")
+    assert masked_window(Bare.config) is None and _other_cache_layer(Bare()) == "StaticSlidingWindowLayer"
