@@ -370,3 +370,30 @@ def test_a_sliding_model_without_per_type_masks_is_still_refused_by_graphs(tiny_
     if getattr(Bare.config, "layer_types", None):  # this transformers types Mistral's layers: nothing to refuse
         pytest.skip("MistralConfig has layer_types here")
     assert masked_window(Bare.config) is None and _other_cache_layer(Bare()) == "StaticSlidingWindowLayer"
+
+
+def test_the_gpu_check_script_runs_and_passes_on_cpu_with_the_reference_kernel(monkeypatch):
+    """bench/sliding_window_check.py, small and on CPU with the reference kernel standing in for FlashAttention's
+    (the lead runs it on the GPU): every check runs, passes, and tells the old kernel apart."""
+    import importlib.util
+
+    import torch.nn.attention.varlen as varlen_module
+
+    from tests.conftest import REPO
+
+    loaded = importlib.util.spec_from_file_location("sliding_window_check", REPO / "bench" / "sliding_window_check.py")
+    check = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(check)
+    monkeypatch.setattr(check, "DEVICE", "cpu")
+    monkeypatch.setattr(varlen_module, "varlen_attn", flash_varlen_reference)
+    assert all(all(v for k, v in row.items() if isinstance(v, bool)) for row in check.kernel_check())
+    config = check.gemma3_config(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                                 sliding_window=TINY_GEMMA_WINDOW,
+                                 layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    rows, bounds = check.model_check([12, 20, 11], config)
+    for row in rows[1:3]:  # windowed varlen and packed sdpa
+        assert row["logits rel. err"] <= bounds["logits"] and row["LoRA grad rel. err"] <= bounds["grads"], row
+    assert rows[3]["logits rel. err past the window"] > bounds["teeth"]
+    decode = check.decode_check(3, config, (10, 14), 12)
+    assert decode["graphs = transformers generate (rows)"] == 3 and decode["graphs without window = generate (rows)"] < 3
