@@ -3,6 +3,7 @@
 `auto` turns off what would compute something else than the model (with the reason in the manifest)."""
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -397,3 +398,42 @@ def test_the_gpu_check_script_runs_and_passes_on_cpu_with_the_reference_kernel(m
     assert rows[3]["logits rel. err past the window"] > bounds["teeth"]
     decode = check.decode_check(3, config, (10, 14), 12)
     assert decode["graphs = transformers generate (rows)"] == 3 and decode["graphs without window = generate (rows)"] < 3
+
+
+# -- every stage end to end on the tiny Gemma 3 ----------------------------------------------------
+def test_run_eval_and_generate_on_the_tiny_gemma3(tiny_gemma3_dir, tmp_path, monkeypatch, capsys):
+    """A `run` with packing (sdpa's packed window mask on CPU), the fused LoRA path and the graphs decoding
+    engine (uncaptured on CPU) on examples longer than the window; then `eval` of its adapter and `generate`.
+    The manifest says why each fast path is off."""
+    import json
+    import re
+
+    from harness.cli import main
+    from tests.conftest import REPO, run_tiny, tiny_overrides
+
+    monkeypatch.chdir(tmp_path)  # reports/ lands here
+    run_dir = run_tiny(tmp_path, tiny_gemma3_dir, "prompt.template=alpaca", "train.packing=on", "train.fused_lora=on",
+                       "generation.engine=graphs", "generation.static_batch_size=4")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["train"]["steps"] == 4
+    assert manifest["fast_path"]["packing"] is True and manifest["fast_path"]["fused_lora"] is True
+    assert manifest["fast_path_reasons"] == {
+        "quantize": "no CUDA device", "liger_kernels": "no CUDA device", "attention": "no CUDA device",
+        "compile": "train.compile is off (opt-in: compiling costs 20-70 s a job)", "cuda_graphs": "needs a CUDA device"}
+    assert {side: manifest["scoring_engine"][side]["engine"] for side in ("base", "tuned")} == {
+        "base": "graphs", "tuned": "graphs"}
+    rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 8
+
+    sets = [x for o in tiny_overrides(tiny_gemma3_dir, "prompt.template=alpaca") for x in ("--set", o)]
+    code = main(["eval", str(REPO / "tasks" / "amazon_desc.yaml"), "--adapter", str(run_dir),
+                 "--runs-dir", str(tmp_path / "evals"), *sets])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    eval_dir = Path(re.search(r"run folder: (.*)", out).group(1))
+    eval_manifest = json.loads((eval_dir / "manifest.json").read_text())
+    assert eval_manifest["status"] == "completed" and eval_manifest["scoring_engine"]["base"]["engine"] == "dynamic"
+    assert eval_manifest["scoring_engine"]["base"]["engine_reason"].startswith("no CUDA device")
+
+    assert main(["generate", str(run_dir), "--title", "Garlic Press"]) == 0
+    assert capsys.readouterr().out.strip()
