@@ -15,7 +15,10 @@ every projection (random B, so every LoRA weight gets a gradient).
    example alone). Rows: the model's own bf16 sdpa on each example alone (what bf16 itself costs: E),
    harness's windowed varlen kernel on the packed row, sdpa on the packed row (transformers' position_ids
    mask: what `auto` falls back to without the kernel), and the full-causal kernel on every layer (the old
-   behaviour). Tolerance: varlen and packed sdpa within 2 E of float32 on the logits and the gradients
+   behaviour), and where liger-kernel is installed, harness's training path: Liger's kernels as trl applies
+   them (transformers' apply_liger_kernel: gemma3_text's RMSNorm with offset 1, GeGLU, RoPE; fused loss off)
+   with the windowed kernel. Tolerance: varlen, packed sdpa and Liger within 2 E of float32 on the logits and
+   the gradients
    (bf16 keeps 8 significant bits; another kernel sums in another order, so its error is of E's size, not
    E's value); the old kernel beyond 5 E on the positions past the window (or the check has no teeth).
 3. Decoding (float32, so that no near-tie in bf16 decides a token): the graphs engine, captured as a CUDA
@@ -38,6 +41,7 @@ from harness.scoring import graph_decoding  # noqa: E402
 from harness.scoring.generation import GenerationStats  # noqa: E402
 from harness.spec import GenerationSpec  # noqa: E402
 from harness.training import attention  # noqa: E402
+from harness.training.train import modeling_module_restored  # noqa: E402
 
 WINDOW = 512
 BF16_FACTOR, TEETH_FACTOR = 2.0, 5.0
@@ -142,6 +146,22 @@ def run(model, ids, lengths, packed: bool):
     return out
 
 
+LIGER_CASE = "harness training path: Liger kernels (gemma3_text, as trl applies them) + windowed varlen, packed"
+
+
+def liger_available() -> bool:
+    import importlib.util
+
+    return DEVICE == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+
+
+def with_liger(model) -> None:
+    """Liger's kernels on `model` as the Trainer applies them under trl (its fused loss off)."""
+    from transformers.integrations.liger import apply_liger_kernel
+
+    apply_liger_kernel(model, {"fused_linear_cross_entropy": False})
+
+
 def rel(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
@@ -161,13 +181,19 @@ def model_check(lengths: list[int], config) -> tuple[list[dict], dict]:
              ("harness varlen, windowed, packed", "varlen", True, None),
              ("sdpa, packed (position_ids mask)", "sdpa", True, None),
              ("old: full-causal varlen on every layer, packed", "varlen", True, lambda module, kwargs: None)]
+    if liger_available():
+        cases.append((LIGER_CASE, "varlen", True, None))
     rows = []
     for name, implementation, packed, window in cases:
         saved = attention.layer_window
         if window is not None:
             attention.layer_window = window
+        model = variant(master, torch.bfloat16, implementation)
         try:
-            logits, grad = run(variant(master, torch.bfloat16, implementation), ids, lengths, packed)
+            with modeling_module_restored(model):  # Liger patches the Gemma 3 modeling module too
+                if name == LIGER_CASE:
+                    with_liger(model)
+                logits, grad = run(model, ids, lengths, packed)
         finally:
             attention.layer_window = saved
         rows.append({"case": name, "logits rel. err": rel(logits, reference_logits),
@@ -257,9 +283,11 @@ def main() -> int:
           "relative to float32 eager on each example alone\n" + table(rows))
     print(f"bounds: logits <= {bounds['logits']:.2e}, gradients <= {bounds['grads']:.2e} ({BF16_FACTOR:g} E); "
           f"old kernel past the window > {bounds['teeth']:.2e} ({TEETH_FACTOR:g} E)")
-    for r in rows[1:3]:
+    for r in rows[1:3] + rows[4:]:
         if r["logits rel. err"] > bounds["logits"] or r["LoRA grad rel. err"] > bounds["grads"]:
             failures.append(r["case"])
+    if not liger_available():
+        print("(liger-kernel not installed: the Liger row is left out)")
     if rows[3]["logits rel. err past the window"] <= bounds["teeth"]:
         failures.append("the old full-causal kernel is not told apart (no teeth)")
 

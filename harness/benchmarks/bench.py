@@ -634,7 +634,8 @@ def bench_command(args) -> int:
     arches = {"smollm2": lambda: base,
               "gemma3": lambda: _real_model(gemma3_spec(spec, args.gemma3_base), device, GEMMA3_LABEL),
               "tinyllama": lambda: BenchModel("tinyllama-1.1b-arch (random)", spec, tokenizer,
-                                              _random_model_factory(TINYLLAMA_1B, tokenizer, device), real_weights=False)}
+                                              _random_model_factory(TINYLLAMA_1B, tokenizer, device),
+                                              real_weights=False)}
     arches = {key: make() for key, make in arches.items() if key in used}  # only the models asked for are loaded
     unsloth_unavailable = None
     for key, arch in arches.items():
@@ -693,7 +694,8 @@ def bench_command(args) -> int:
             for rows in gen_rows:
                 rows_spec = replace(arch.spec, generation=replace(arch.spec.generation, static_batch_size=rows))
                 measured, loop = measure_generation(rows_spec, model, arch.tokenizer, examples[: args.gen_examples],
-                                                    device, loop_n=min(args.loop_examples, args.gen_examples), loop=loop)
+                                                    device, loop_n=min(args.loop_examples, args.gen_examples),
+                                                    loop=loop)
                 name = arch.label if len(gen_rows) == 1 else f"{arch.label}, {rows} rows"
                 results["generation"][name] = measured
                 results["ratios"].update({f"{name} generation: {k} tokens/s": v for k, v in measured["ratios"].items()})

@@ -231,7 +231,8 @@ class GraphDecoder:
 
         dev, length = self.device.torch_device, self.width + self.gen.max_new_tokens
         long = dict(dtype=torch.long, device=dev)
-        masks = [torch.zeros((rows, 1, 1, length), dtype=torch.bool, device=dev) for _ in range(2 if self.window else 1)]
+        masks = [torch.zeros((rows, 1, 1, length), dtype=torch.bool, device=dev)
+                 for _ in range(2 if self.window else 1)]
         return _Buffers(mask=masks[0], sliding=masks[1] if self.window else None,
                         token=torch.zeros((rows, 1), **long), position=torch.zeros((rows, 1), **long),
                         n_out=torch.zeros(1, **long), out=torch.zeros((rows, self.gen.max_new_tokens), **long),

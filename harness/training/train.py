@@ -115,9 +115,9 @@ def fast_path_options(spec: TaskSpec, device: Device, reasons: dict | None = Non
         why["attention"] = f"train.attention is {t.attention}"
     if t.compile == "off":
         why["compile"] = "train.compile is off (opt-in: compiling costs 20-70 s a job)"
-    for name, setting in (("quantize", t.quantization), ("liger_kernels", t.liger_kernels), ("fused_lora", t.fused_lora)):
-        if setting in ("off", "none"):
-            why[name] = f"train.{'quantization' if name == 'quantize' else name} is {setting}"
+    for name, key in (("quantize", "quantization"), ("liger_kernels", "liger_kernels"), ("fused_lora", "fused_lora")):
+        if getattr(t, key) in ("off", "none"):
+            why[name] = f"train.{key} is {getattr(t, key)}"
     # The training step's forward and backward replayed as one CUDA graph (harness.training.cuda_graph_step):
     # for a launch-bound step. `auto` keeps larger models, whose step is GPU-bound, off: there the graph only
     # costs (H100, bench/RESULTS.md fifth session: SmolLM2-135M 6.2x at batch 16; the 1.1B architecture at
