@@ -21,6 +21,10 @@ baseline measured in the same run. Recipes:
              process with its own packages (harness/benchmarks/bench_unsloth.py: Unsloth pins older trl/datasets).
 The trl recipes get trl 1.16's chunked LM head, which computes the loss without full-vocabulary logits.
 
+Models (`--only`, `--gen-models`): smollm2 (the task's base model), gemma3 (Gemma 3 270M, real weights,
+`--gemma3-base`: a second architecture with sliding-window attention and a 262k vocabulary; the alpaca
+prompt, being a base model without a chat template) and tinyllama (a random 1.1B Llama architecture).
+
 Counted the same way for every recipe: tokens are the non-pad tokens of each micro-batch as it
 reaches the trainer's training step (the attention mask's sum, or the packed row's length: what
 trl itself counts). Steady-state tokens/s covers the optimizer steps after the first --warmup

@@ -10,6 +10,7 @@ writes the log and the adapter.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
@@ -55,7 +56,7 @@ def fast_path_options(spec: TaskSpec, device: Device, reasons: dict | None = Non
     cuda = device.kind == "cuda"
     t = spec.train
     why = reasons if reasons is not None else {}
-    config = _Lazy(lambda: base_config(spec))
+    config = functools.cache(lambda: base_config(spec))  # read once, and only where a decision needs it
     packing = t.packing == "on" or (t.packing == "auto" and cuda)
     if t.attention == "varlen" and not (cuda and varlen_available()):
         raise HarnessError("train.attention: 'varlen' needs a CUDA device and PyTorch >= 2.10; use 'auto'")
@@ -133,18 +134,6 @@ def fast_path_options(spec: TaskSpec, device: Device, reasons: dict | None = Non
     if t.cuda_graphs == "off":
         why["cuda_graphs"] = "train.cuda_graphs is off"
     return fast
-
-
-class _Lazy:
-    """A value computed at its first call (the base model's config: read only where a decision needs it)."""
-
-    def __init__(self, compute):
-        self.compute, self.done, self.value = compute, False, None
-
-    def __call__(self):
-        if not self.done:
-            self.value, self.done = self.compute(), True
-        return self.value
 
 
 def _met(name: str, reasons: dict, needs: list) -> bool:
