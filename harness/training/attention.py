@@ -109,7 +109,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     rows, heads, length, dim = query.shape
     q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], dim) for t in (query, key, value))
     out = varlen_call(q, k, v, cu.to(query.device), max_len, scaling, window)
-    return out.view(rows, length, heads, dim), None  # (batch, seq, heads, head_dim), as transformers' functions return
+    return out.reshape(rows, length, heads, dim), None  # (batch, seq, heads, head_dim), as transformers returns
 
 
 @functools.lru_cache(maxsize=4)
