@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("bench/results.json"))
     p.add_argument("--quick", action="store_true", help="allow a CPU smoke test (numbers mean nothing there)")
     p.add_argument("--only", help="comma-separated parts: smollm2,tinyllama,qlora8b,generate (default: all); "
-                                  "serve (HTTP micro-batching) runs only when named")
+                                  "gemma3 (Gemma 3 270M, --gemma3-base) and serve (HTTP micro-batching) run only "
+                                  "when named")
     p.add_argument("--recipes", default="seed,trl_tuned,harness",
                    help="comma-separated training recipes: seed,trl_tuned,harness_sdpa,harness_nographs,harness_eager,"
                         "harness,unsloth "
@@ -154,7 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-rows", help="rows per static batch for the generation scorers, comma-separated, each "
                                       "measured in turn (default: the task's generation.static_batch_size)")
     p.add_argument("--gen-models", default="smollm2,tinyllama",
-                   help="models the generation part measures, comma-separated (default %(default)s)")
+                   help="models the generation part measures, comma-separated: smollm2,gemma3,tinyllama "
+                        "(default %(default)s)")
+    p.add_argument("--gemma3-base", default="embedded:gemma3-270m",
+                   help="the gemma3 part's model: embedded name or folder (default %(default)s; the alpaca prompt "
+                        "unless --set prompt.template names another)")
     p.add_argument("--work", default="/tmp/harness-bench", help="scratch folder (checkpoints, random 8B weights)")
     _add_overrides(p)
 

@@ -12,9 +12,9 @@ def test_a_run_resolves_the_fast_path_once(tiny_model_dir, tmp_path, monkeypatch
     calls = []
     resolve = train.fast_path_options
 
-    def counted(spec, device):
+    def counted(spec, device, *reasons):
         calls.append(device.kind)
-        return resolve(spec, device)
+        return resolve(spec, device, *reasons)
 
     monkeypatch.setattr(train, "fast_path_options", counted)
     monkeypatch.setattr(run, "fast_path_options", counted)

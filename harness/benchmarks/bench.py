@@ -21,6 +21,10 @@ baseline measured in the same run. Recipes:
              process with its own packages (harness/benchmarks/bench_unsloth.py: Unsloth pins older trl/datasets).
 The trl recipes get trl 1.16's chunked LM head, which computes the loss without full-vocabulary logits.
 
+Models (`--only`, `--gen-models`): smollm2 (the task's base model), gemma3 (Gemma 3 270M, real weights,
+`--gemma3-base`: a second architecture with sliding-window attention and a 262k vocabulary; the alpaca
+prompt, being a base model without a chat template) and tinyllama (a random 1.1B Llama architecture).
+
 Counted the same way for every recipe: tokens are the non-pad tokens of each micro-batch as it
 reaches the trainer's training step (the attention mask's sum, or the packed row's length: what
 trl itself counts). Steady-state tokens/s covers the optimizer steps after the first --warmup
@@ -62,6 +66,14 @@ TINYLLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=
                     num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+# The models the bench measures: the task's base model (the embedded SmolLM2 by default), Gemma 3 270M
+# (real weights, --gemma3-base: a second architecture, sliding-window attention) and a random
+# TinyLlama-1.1B-architecture model. Real-weight models also get the trl_tuned baseline and the loss check
+# against it; the random one runs the harness recipes only.
+MODEL_PARTS = ("smollm2", "gemma3", "tinyllama")
+DEFAULT_PARTS = {"smollm2", "tinyllama", "qlora8b", "generate"}  # gemma3 and serve run when named
+OTHER_PARTS = ("qlora8b", "generate", "serve")
+GEMMA3_LABEL = "gemma3-270m"
 RECIPES = ("seed", "trl_tuned", "harness_sdpa", "harness_nographs", "harness_eager", "harness", "unsloth")
 BATCHED_RECIPES = RECIPES[1:]  # run at each --batch
 # The loss check's reference, the first of these asked: plain (uncaptured, uncompiled) harness numerics first.
@@ -301,6 +313,51 @@ def _model_folder(label: str, factory, tokenizer, work: Path) -> Path:
         tokenizer.save_pretrained(folder)
         del model
     return folder
+
+
+@dataclass
+class BenchModel:
+    """One model the bench trains and decodes, with the spec (model.base, prompt) and tokenizer it is used with."""
+
+    label: str
+    spec: object
+    tokenizer: object
+    build: object  # attention implementation -> a loaded model
+    real_weights: bool  # the trl_tuned baseline runs on it (a random architecture: harness recipes only)
+
+
+def _real_model(spec, device, embedded_label: str) -> BenchModel:
+    """The spec's base model (fetched or converted once), labelled `embedded_label` when it is an embedded one."""
+    from harness import models
+
+    model_ref = models.resolve_base(spec.model.base)
+    tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
+
+    def build(attention: str = "sdpa"):
+        return models.load_model(model_ref, spec.model, tokenizer, device, attn_implementation=attention)
+
+    label = embedded_label if spec.model.base.startswith("embedded:") else Path(spec.model.base).name
+    return BenchModel(label, spec, tokenizer, build, real_weights=True)
+
+
+def gemma3_spec(spec, base: str):
+    """The task's spec on Gemma 3: its base model, and (a base model without a chat template) the alpaca
+    prompt unless the spec names a template."""
+    return replace(spec, model=replace(spec.model, base=base),
+                   prompt=replace(spec.prompt, template=spec.prompt.template or "alpaca"))
+
+
+def parse_parts(only: str | None, gen_models: str) -> tuple[set[str], set[str]]:
+    """The parts (`--only`) and generation models (`--gen-models`) asked for, each name checked."""
+    parts = set(only.split(",")) if only else set(DEFAULT_PARTS)
+    if parts - set(MODEL_PARTS) - set(OTHER_PARTS):
+        raise HarnessError(f"bench --only: unknown {sorted(parts - set(MODEL_PARTS) - set(OTHER_PARTS))} "
+                           f"(known: {', '.join(MODEL_PARTS + OTHER_PARTS)})")
+    models = set(gen_models.split(","))
+    if models - set(MODEL_PARTS):
+        raise HarnessError(f"bench --gen-models: unknown {sorted(models - set(MODEL_PARTS))} "
+                           f"(known: {', '.join(MODEL_PARTS)})")
+    return parts, models
 
 
 def _random_model_factory(arch: dict, tokenizer, device):
@@ -558,63 +615,61 @@ def bench_command(args) -> int:
     device = models.pick_device()
     if device.kind != "cuda" and not args.quick:
         raise HarnessError("bench: no CUDA device; the benchmark measures the GPU path (use --quick for a CPU smoke test)")
-    parts = set(args.only.split(",")) if args.only else {"smollm2", "tinyllama", "qlora8b", "generate"}
+    parts, gen_models = parse_parts(args.only, args.gen_models)
     wanted = set(args.recipes.split(","))
     batches = _int_list(args.batch, "--batch")
     gen_rows = _int_list(args.gen_rows, "--gen-rows") if args.gen_rows else [spec.generation.static_batch_size]
     if args.noise_seeds < 0:
         raise HarnessError(f"bench --noise-seeds: expected 0 or more re-seeded reference runs, got {args.noise_seeds}")
-    gen_models = set(args.gen_models.split(","))
-    if gen_models - {"smollm2", "tinyllama"}:
-        raise HarnessError(f"bench --gen-models: unknown {sorted(gen_models - {'smollm2', 'tinyllama'})} "
-                           "(known: smollm2, tinyllama)")
     if wanted - set(RECIPES):
         raise HarnessError(f"bench --recipes: unknown {sorted(wanted - set(RECIPES))} (known: {', '.join(RECIPES)})")
     work = Path(args.work)
-    model_ref = models.resolve_base(spec.model.base)
-    tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
     spec = replace(spec, lora=replace(spec.lora, r=16, target_modules=SEED_TARGETS),
                    train=replace(spec.train, max_length=args.max_length))
+    base = _real_model(spec, device, "smollm2-135m")
+    tokenizer = base.tokenizer
     examples = _examples(spec, args.examples)
     results = {"command": "python -m harness " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py")
                else " ".join(sys.argv), "device": device.describe(), "platform": platform.platform(),
                "packages": package_versions(), "examples": len(examples), "flops": __doc__.split("FLOPs")[1].strip(),
                "warmup_steps": args.warmup, "train_seed": spec.train.seed, "training": [], "loss_check": [],
                "ratios": {}}
-    def real(attention: str = "sdpa"):
-        return models.load_model(model_ref, spec.model, tokenizer, device, attn_implementation=attention)
-
-    base_label = "smollm2-135m" if spec.model.base.startswith("embedded:") else Path(spec.model.base).name
-    arches = {"smollm2": (base_label, real),
-              "tinyllama": ("tinyllama-1.1b-arch (random)", _random_model_factory(TINYLLAMA_1B, tokenizer, device))}
+    used = parts | (gen_models if "generate" in parts else set())
+    arches = {"smollm2": lambda: base,
+              "gemma3": lambda: _real_model(gemma3_spec(spec, args.gemma3_base), device, GEMMA3_LABEL),
+              "tinyllama": lambda: BenchModel("tinyllama-1.1b-arch (random)", spec, tokenizer,
+                                              _random_model_factory(TINYLLAMA_1B, tokenizer, device),
+                                              real_weights=False)}
+    arches = {key: make() for key, make in arches.items() if key in used}  # only the models asked for are loaded
     unsloth_unavailable = None
-    for key, (label, factory) in arches.items():
+    for key, arch in arches.items():
         if key not in parts:
             continue
-        recipes = [r for r in RECIPES if r in wanted
-                   and (key == "smollm2" or r != "trl_tuned")]
+        label, factory = arch.label, arch.build
+        recipes = [r for r in RECIPES if r in wanted and (arch.real_weights or r != "trl_tuned")]
         reference = next((r for r in LOSS_REFERENCES if r in recipes), None)
         runs = [(r, b, None) for r in recipes for b in (batches if r in BATCHED_RECIPES else [None])]
         runs += [(reference, b, spec.train.seed + k) for b in batches for k in range(1, args.noise_seeds + 1)
                  if reference]
         rows = []
-        part_spec = spec
-        if key == "tinyllama" and runs:
+        part_spec = arch.spec
+        if not arch.real_weights and runs:
             # Saved, so that what the spec's switches read from the model's folder (weight size) is this model's.
-            folder = _model_folder(label, factory, tokenizer, work)
-            part_spec = replace(spec, model=replace(spec.model, base=str(folder)))
+            folder = _model_folder(label, factory, arch.tokenizer, work)
+            part_spec = replace(part_spec, model=replace(part_spec.model, base=str(folder)))
         for r, batch, train_seed in runs:
             try:
                 if r == "unsloth":
                     if unsloth_unavailable:
                         continue
                     row, results["unsloth_versions"] = measure_unsloth(
-                        spec, tokenizer, examples, device, label, batch, Path(models.resolve_base(part_spec.model.base)),
+                        part_spec, arch.tokenizer, examples, device, label, batch,
+                        Path(models.resolve_base(part_spec.model.base)),
                         work, args.unsloth_site, args.warmup, args.loss_every)
                     rows.append(row)
                 else:
-                    rows.append(measure_training(part_spec, factory, tokenizer, examples, r, device, label, batch, work,
-                                                 seed_steps=args.seed_steps, warmup=args.warmup,
+                    rows.append(measure_training(part_spec, factory, arch.tokenizer, examples, r, device, label, batch,
+                                                 work, seed_steps=args.seed_steps, warmup=args.warmup,
                                                  loss_every=args.loss_every, train_seed=train_seed))
             except UnslothUnavailable as exc:  # one line, then the other recipes go on
                 unsloth_unavailable = f"unsloth: not run ({exc})"
@@ -632,19 +687,20 @@ def bench_command(args) -> int:
     if "generate" in parts:
         results["generation_method"] = GENERATION_DOC
         results["generation"] = {}
-        for key, (label, factory) in arches.items():
+        for key, arch in arches.items():
             if key not in gen_models:
                 continue
-            if key == "tinyllama" and device.kind != "cuda":
+            if not arch.real_weights and device.kind != "cuda":
                 log.info("bench: TinyLlama-architecture generation skipped on CPU (1.1B parameters)")
                 continue
-            model = factory()
+            model = arch.build()
             loop = None
             for rows in gen_rows:
-                rows_spec = replace(spec, generation=replace(spec.generation, static_batch_size=rows))
-                measured, loop = measure_generation(rows_spec, model, tokenizer, examples[: args.gen_examples], device,
-                                                    loop_n=min(args.loop_examples, args.gen_examples), loop=loop)
-                name = label if len(gen_rows) == 1 else f"{label}, {rows} rows"
+                rows_spec = replace(arch.spec, generation=replace(arch.spec.generation, static_batch_size=rows))
+                measured, loop = measure_generation(rows_spec, model, arch.tokenizer, examples[: args.gen_examples],
+                                                    device, loop_n=min(args.loop_examples, args.gen_examples),
+                                                    loop=loop)
+                name = arch.label if len(gen_rows) == 1 else f"{arch.label}, {rows} rows"
                 results["generation"][name] = measured
                 results["ratios"].update({f"{name} generation: {k} tokens/s": v for k, v in measured["ratios"].items()})
             del model

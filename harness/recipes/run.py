@@ -157,8 +157,10 @@ def resolve_device(spec: TaskSpec, manifest: Manifest):
 
     `device` is rank 0's; `world_size` says how many processes (one a GPU) share the work."""
     device = models.pick_device()
-    fast = fast_path_options(spec, device)
-    manifest.update(device=device.describe(), world_size=distributed.world_size(), fast_path=fast)
+    reasons: dict[str, str] = {}
+    fast = fast_path_options(spec, device, reasons)
+    manifest.update(device=device.describe(), world_size=distributed.world_size(), fast_path=fast,
+                    fast_path_reasons=reasons)
     return device, fast
 
 

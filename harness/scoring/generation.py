@@ -1,7 +1,8 @@
 """Batched generation: one prompt path for scoring, `generate` and `serve`.
 
 Four engines (`generation.engine`; `auto` is `graphs` on CUDA where it can decode (greedy, sdpa, not
-quantized by bitsandbytes, full-attention cache), else `static` there, and `dynamic` off CUDA). MBR
+quantized by bitsandbytes, full-attention or per-type-masked sliding-window cache), else `static` there, and
+`dynamic` off CUDA; the manifest's `scoring_engine` says why where auto did not choose graphs). MBR
 (`generation.mbr_samples`) samples several candidates per prompt and keeps one (mbr_selection.py); being
 sampled, it never runs on `graphs`:
 
@@ -74,6 +75,7 @@ class GenerationStats:
     shapes: list[list[int]] = field(default_factory=list)  # [rows, prompt width] of each static shape used
     warmup_s: float = 0.0  # compiled: each shape's warm-up (compile and capture); graphs: each shape's capture
     candidates: int = 1  # sequences decoded per prompt: generation.mbr_samples under MBR, else 1
+    engine_reason: str = ""  # why `auto` chose another engine than graphs ("" where it chose graphs, or was named)
 
 
 # Attention kernels whose forward pass gives the same bits every call. Not cuDNN's (by elimination: the
@@ -198,6 +200,17 @@ def resolve_engine(gen: GenerationSpec, device, model=None) -> str:
 
         check_supported(gen, device, model)
     return gen.engine
+
+
+def auto_engine_reason(gen: GenerationSpec, device, model=None) -> str:
+    """Why `auto` decodes with another engine than graphs here ("" where it is graphs, or the engine is named)."""
+    if gen.engine != "auto":
+        return ""
+    if device.kind != "cuda":
+        return "no CUDA device (graphs, static and compiled decode on CUDA; dynamic elsewhere)"
+    from harness.scoring.graph_decoding import blocker
+
+    return blocker(gen, device, model) or ""
 
 
 def batch_rows(gen: GenerationSpec, engine: str) -> int:
@@ -388,6 +401,7 @@ def generate(model, tokenizer, prompts: Sequence[str], gen: GenerationSpec, devi
 
     stats = stats if stats is not None else GenerationStats()
     stats.engine = resolve_engine(gen, device, model)
+    stats.engine_reason = auto_engine_reason(gen, device, model)
     if streamer is not None and stats.engine != "dynamic":
         raise ModelError(f"streaming needs generation.engine=dynamic (this call resolved to {stats.engine})")
     if streamer is not None and gen.mbr_samples:

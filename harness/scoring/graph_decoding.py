@@ -14,6 +14,15 @@ transformers StaticCache of prompt width + max_new_tokens, positions cumsum(mask
 float32 logits after the output penalties, finished rows emit the pad token. The host only looks at
 the GPU every STOP_CHECK_EVERY steps, to stop once every row has ended.
 
+Sliding-window layers (Gemma 3: five of every six) are decoded through masks, not through transformers'
+sliding cache layer: that layer keeps a Python counter of the tokens it holds and picks its code path by
+it (fill, then roll), so a replayed graph would keep repeating the path it was captured on. Here every
+layer keeps every column (a plain StaticLayer; prompt width + max_new_tokens columns, no more than the
+static engine holds while that stays under the window), and the sliding layers read a second mask
+buffer, the full one minus the columns more than window - 1 behind the input token: the keys
+transformers' sliding mask allows (a column's distance is its position's distance, padding being on the
+left). The model gets both as the per-layer-type mask mapping its forward takes (`layer_types` models).
+
 On a device that is not CUDA the very same step runs eagerly, uncaptured: that is what the CPU tests
 exercise. A model quantized by bitsandbytes is refused on CUDA (its kernels are not known to be
 capture-safe), and a capture that fails raises a ModelError naming the setting to change: never a
@@ -54,8 +63,9 @@ def blocker(gen: GenerationSpec, device, model=None) -> str | None:
     if quantizer is not None and device.kind == "cuda":
         return f"generation.engine=graphs does not capture a model quantized by {type(quantizer).__name__}"
     other = _other_cache_layer(inner)
-    if other is not None:  # e.g. sliding-window layers keep a Python counter a replayed graph would not advance
-        return f"generation.engine=graphs decodes full-attention caches only (this model's cache has {other})"
+    if other is not None:  # e.g. chunked layers, or sliding ones of a model without per-layer-type masks
+        return (f"generation.engine=graphs decodes full-attention caches, and sliding-window ones of models that "
+                f"take a mask per layer type, only (this model's cache has {other})")
     return None
 
 
@@ -67,13 +77,35 @@ def check_supported(gen: GenerationSpec, device, model=None) -> None:
 
 
 def _other_cache_layer(model) -> str | None:
-    """The first static-cache layer type of `model` that is not a plain full-attention StaticLayer (a cache
-    allocates its tensors lazily: building one to look costs nothing)."""
+    """The first static-cache layer type of `model` the engine cannot decode: anything but a plain full-attention
+    StaticLayer, or a sliding one where the model takes per-layer-type masks (`masked_window`). A cache
+    allocates its tensors lazily: building one to look costs nothing."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+    known = (StaticLayer, StaticSlidingWindowLayer) if masked_window(model.config) else (StaticLayer,)
+    cache = StaticCache(config=model.config, max_cache_len=1)
+    return next((type(layer).__name__ for layer in cache.layers if type(layer) not in known), None)
+
+
+def masked_window(config) -> int | None:
+    """The sliding window the engine applies through masks, or None: a model whose layers are typed full or
+    sliding (`config.layer_types`, whose forward takes a mask per layer type), with some sliding."""
+    types = set(getattr(config, "layer_types", None) or ())
+    if "sliding_attention" not in types or types - {"full_attention", "sliding_attention"}:
+        return None
+    return int(config.sliding_window)
+
+
+def full_length_cache(config, max_cache_len: int):
+    """A StaticCache of `max_cache_len` columns in every layer (sliding layers too: their window is masked)."""
     from transformers import StaticCache
     from transformers.cache_utils import StaticLayer
 
-    cache = StaticCache(config=model.config, max_cache_len=1)
-    return next((type(layer).__name__ for layer in cache.layers if type(layer) is not StaticLayer), None)
+    cache = StaticCache(config=config, max_cache_len=max_cache_len)
+    cache.layers = [layer if type(layer) is StaticLayer else StaticLayer(max_cache_len=max_cache_len)
+                    for layer in cache.layers]
+    return cache
 
 
 DECODE_ATTENTION = "harness_grouped_decode"  # the attention the captured step runs (registered with transformers)
@@ -118,6 +150,7 @@ class _Buffers:
     """The decoding state of one batch shape: fixed addresses, read and written in place by the captured step."""
 
     mask: object  # [rows, 1, 1, cache length] bool: the 4D sdpa mask transformers uses as given
+    sliding: object  # the same for sliding-window layers (None: the model has none)
     token: object  # [rows, 1] the last generated token, the next step's input
     position: object  # [rows, 1] its position id
     n_out: object  # [1] tokens generated so far (the output column the next token goes to)
@@ -139,6 +172,7 @@ class GraphDecoder:
         self.penalties = OutputPenalties(gen, device.torch_device)
         self.shape = self.cache = self.buffers = self.graph = None
         self.width = 0
+        self.window = masked_window(self.model.config)
 
     def __call__(self, ids, mask, streamer=None) -> list[list[int]]:
         """Every row's `max_new_tokens` output tokens (pad after its end). `streamer` is always None: `generate`
@@ -165,10 +199,8 @@ class GraphDecoder:
         return self.buffers.out.cpu().tolist()
 
     def _new_shape(self, shape: tuple[int, int]) -> None:
-        from transformers import StaticCache
-
         self.graph = self.buffers = self.cache = None  # free the previous shape's graph pool and cache first
-        self.cache = StaticCache(config=self.model.config, max_cache_len=shape[1] + self.gen.max_new_tokens)
+        self.cache = full_length_cache(self.model.config, shape[1] + self.gen.max_new_tokens)
         self.shape, self.width = shape, shape[1]
         self.stats.shapes.append(list(shape))
 
@@ -199,7 +231,9 @@ class GraphDecoder:
 
         dev, length = self.device.torch_device, self.width + self.gen.max_new_tokens
         long = dict(dtype=torch.long, device=dev)
-        return _Buffers(mask=torch.zeros((rows, 1, 1, length), dtype=torch.bool, device=dev),
+        masks = [torch.zeros((rows, 1, 1, length), dtype=torch.bool, device=dev)
+                 for _ in range(2 if self.window else 1)]
+        return _Buffers(mask=masks[0], sliding=masks[1] if self.window else None,
                         token=torch.zeros((rows, 1), **long), position=torch.zeros((rows, 1), **long),
                         n_out=torch.zeros(1, **long), out=torch.zeros((rows, self.gen.max_new_tokens), **long),
                         finished=torch.zeros(rows, dtype=torch.bool, device=dev),
@@ -223,12 +257,18 @@ class GraphDecoder:
 
     def _step(self) -> None:
         """One decoding step: the last token in, the next one chosen. Pure tensor work on the buffers."""
+        import torch
+
         b = self.buffers
         # the input token sits in cache column width + n_out - 1: attend to it from now on
         b.mask.logical_or_(b.cache_columns == b.n_out + (self.width - 1))
         b.position.add_(1)
+        mask = b.mask
+        if self.window:  # columns up to window - 1 behind the input token's: the keys transformers' window allows
+            torch.logical_and(b.mask, b.cache_columns > b.n_out + (self.width - 1 - self.window), out=b.sliding)
+            mask = {"full_attention": b.mask, "sliding_attention": b.sliding}
         with _attention(self.model.config, DECODE_ATTENTION):
-            logits = self.model(input_ids=b.token, attention_mask=b.mask, position_ids=b.position,
+            logits = self.model(input_ids=b.token, attention_mask=mask, position_ids=b.position,
                                 past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         self._choose(logits)
 

@@ -7,8 +7,12 @@ flash kernel. `torch.nn.attention.varlen.varlen_attn` (PyTorch >= 2.10, CUDA) ru
 per example from the same boundaries. transformers ships no binding to it (its own varlen path needs
 the `flash-attn` package or a kernel from the Hub, neither installable offline), hence this module.
 
-Inputs without boundaries (generation with a KV cache, padded evaluation batches) go to `sdpa`
-unchanged, with the mask transformers builds for it.
+Sliding-window layers (Gemma 3: five of every six layers see only the last 512 tokens) get the
+kernel's window, full layers the causal one (`kernel_window`). A row without boundaries is one
+sequence: full layers leave it to `sdpa` (causal, no mask), windowed layers run the kernel over it,
+since `sdpa` without a mask would attend past the window. Inputs with a padding mask or a KV cache
+(generation, padded evaluation batches) go to `sdpa` unchanged, with the mask transformers builds for
+it (the window included).
 """
 
 from __future__ import annotations
@@ -37,8 +41,11 @@ def register() -> None:
 
     def mask(*args, **kwargs):
         # No padding mask: the row is either one plain causal sequence or packed examples whose
-        # boundaries the attention call reads itself, so no (L x L) mask is built.
-        return None if kwargs.get("attention_mask") is None else sdpa_mask(*args, **kwargs)
+        # boundaries the attention call reads itself, so no (L x L) mask is built. A windowed layer
+        # reading a cache (queries fewer than keys) gets transformers' own window mask instead.
+        no_mask = kwargs.get("attention_mask") is None and (kwargs.get("local_size") is None
+                                                            or kwargs.get("q_length") == kwargs.get("kv_length"))
+        return None if no_mask else sdpa_mask(*args, **kwargs)
 
     AttentionInterface.register(NAME, varlen_attention_forward)
     AttentionMaskInterface.register(NAME, mask)
@@ -59,20 +66,50 @@ def boundaries(kwargs: dict):
     return cu, int(cu.diff().max())
 
 
+def layer_window(module, kwargs: dict) -> int | None:
+    """The layer's sliding window in transformers' sense, or None for full attention. Models with
+    windows pass it to every attention call (`sliding_window=`, None on full layers: Gemma 3, Mistral,
+    Qwen 2 in transformers 5.17 and 5.23); the module's own attribute is the fallback."""
+    window = kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
+    return int(window) if window else None
+
+
+def kernel_window(window: int | None) -> tuple[int, int]:
+    """FlashAttention's `window_size=(left, right)` for a transformers window: the kernel lets query i see
+    keys i-left .. i+right of its own sequence (-1: unbounded); transformers' sliding mask lets it see
+    keys j with i - W < j <= i (masking_utils.sliding_window_overlay and causal_mask_function), i.e. W
+    keys ending at itself: (W - 1, 0). Its own flash integration passes the same left bound."""
+    return (-1, 0) if window is None else (window - 1, 0)
+
+
+def row_boundaries(rows: int, length: int, device):
+    """(cu_seq_lens, max_len) treating each of `rows` rows of `length` tokens as one sequence."""
+    import torch
+
+    return torch.arange(0, (rows + 1) * length, length, dtype=torch.int32, device=device), length
+
+
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """transformers' attention signature: query/key/value are (batch, heads, seq, head_dim)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    cu, max_len = boundaries(kwargs) if attention_mask is None and query.shape[0] == 1 else (None, 0)
+    window = layer_window(module, kwargs)
+    cu, max_len = None, 0
+    if attention_mask is None and query.shape[2] == key.shape[2]:  # no padding, no cached keys
+        if query.shape[0] == 1:
+            cu, max_len = boundaries(kwargs)
+        if cu is None and window is not None:  # sdpa without a mask would attend past the window
+            cu, max_len = row_boundaries(query.shape[0], query.shape[2], query.device)
     if cu is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     if dropout:
         raise ValueError("varlen attention: attention dropout is not supported (the kernel has none)")
-    out = varlen_call(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-                      cu.to(query.device), max_len, scaling)
-    return out.unsqueeze(0), None  # (1, seq, heads, head_dim), as transformers' attention functions return
+    rows, heads, length, dim = query.shape
+    q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], dim) for t in (query, key, value))
+    out = varlen_call(q, k, v, cu.to(query.device), max_len, scaling, window)
+    return out.reshape(rows, length, heads, dim), None  # (batch, seq, heads, head_dim), as transformers returns
 
 
 @functools.lru_cache(maxsize=4)
@@ -80,14 +117,50 @@ def _parameters(function) -> frozenset[str]:
     return frozenset(inspect.signature(function).parameters)
 
 
-def varlen_call(q, k, v, cu, max_len: int, scale: float | None):
-    """Causal varlen attention over (tokens, heads, head_dim) tensors, across PyTorch's API versions:
-    2.10 takes `is_causal`, 2.11+ `window_size=(-1, 0)`; grouped-query heads need `enable_gqa` (2.12+)
-    or are repeated here."""
+def kernel_parameters() -> frozenset[str]:
+    """The keyword arguments this PyTorch's varlen_attn takes (empty where it has none)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return frozenset()
+    return _parameters(varlen_attn)
+
+
+def unsupported(config) -> str | None:
+    """Why the kernel cannot compute this model's attention as the model itself does, or None.
+    (Its scale, grouped-query heads and windows are handled; these are not.)"""
+    import torch
+
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model = getattr(config, "model_type", "this model")
+    if getattr(config, "attn_logit_softcapping", None):
+        return f"{model} soft-caps its attention logits (attn_logit_softcapping), which the kernel does not"
+    if getattr(config, "use_bidirectional_attention", False):
+        return f"{model} attends bidirectionally (use_bidirectional_attention)"
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    other = sorted(layer_types - {"full_attention", "sliding_attention"})
+    if other:
+        return f"{model} has {', '.join(other)} layers (the kernel computes full or sliding-window causal attention)"
+    windowed = "sliding_attention" in layer_types or (not layer_types and getattr(config, "sliding_window", None))
+    if windowed and "window_size" not in kernel_parameters():
+        return (f"{model} has sliding-window layers and PyTorch {torch.__version__}'s varlen kernel has no "
+                "window_size (PyTorch >= 2.11 has)")
+    return None
+
+
+def varlen_call(q, k, v, cu, max_len: int, scale: float | None, window: int | None = None):
+    """Causal varlen attention over (tokens, heads, head_dim) tensors, within `window` (transformers'
+    sense, None: unbounded), across PyTorch's API versions: 2.10 takes `is_causal` (no window), 2.11+
+    `window_size`; grouped-query heads need `enable_gqa` (2.12+) or are repeated here."""
     from torch.nn.attention.varlen import varlen_attn
 
     params = _parameters(varlen_attn)
-    options = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "window_size" in params:
+        options = {"window_size": kernel_window(window)}
+    elif window is None:
+        options = {"is_causal": True}
+    else:
+        raise ValueError(f"varlen attention: a sliding window ({window}) needs PyTorch >= 2.11 (window_size)")
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in params:
             options["enable_gqa"] = True
