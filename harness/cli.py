@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import signal
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -89,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="render HTML and Markdown reports from run folders")
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN")
     p.add_argument("--out", type=Path, help="output folder (default: the first run folder)")
+
+    p = sub.add_parser("compare", help="leaderboard of several runs' models on their shared held-out split")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN_OR_EVAL",
+                   help="run folders, or eval folders (each candidate counts as a model)")
+    p.add_argument("--out", type=Path, help="output folder (default: a new folder under comparisons/)")
+    p.add_argument("--rank-by", default="rougeL", metavar="METRIC", help="metric of the ranking (default rougeL)")
 
     p = sub.add_parser("check", help="regression-check a candidate adapter against a baseline")
     p.add_argument("task")
@@ -261,6 +269,17 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    from harness.reporting.leaderboard import summary_lines, write_leaderboard
+
+    # Named now, created only once the leaderboard is computed: a refusal leaves no empty folder.
+    out = args.out or Path("comparisons") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    doc, paths = write_leaderboard(args.runs, out, args.rank_by)
+    print("\n".join(summary_lines(doc)))
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
 def _cmd_check(args) -> int:
     from harness.reporting.gate import run_check
 
@@ -303,7 +322,7 @@ def _cmd_fetch_model(args) -> int:
 COMMANDS = {"run": _cmd_run, "eval": _cmd_eval, "validate": _cmd_validate, "prepare": _cmd_prepare,
             "report": _cmd_report, "check": _cmd_check, "baseline": _cmd_baseline, "generate": _cmd_generate,
             "serve": _cmd_serve, "bench": _cmd_bench, "fetch-model": _cmd_fetch_model,
-            "sweep": _cmd_sweep}
+            "sweep": _cmd_sweep, "compare": _cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
