@@ -39,6 +39,12 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
                    help="override a spec value, e.g. --set train.lr=1e-4 (repeatable)")
 
 
+def _add_models(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", metavar="BASE,BASE,...",
+                   help="several base models (model.base values), each in turn on the same data, then their "
+                        "leaderboard; a model's own settings: --set model@NAME.section.key=value")
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got '{text}'")
@@ -56,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", type=Path, default=Path("runs"))
     p.add_argument("--gpus", type=_positive_int, metavar="N",
                    help="data-parallel on N GPUs of this host: the same command relaunched under torchrun")
+    _add_models(p)
     _add_overrides(p)
 
     p = sub.add_parser("eval", help="score adapters made elsewhere (or merged models) against the base; no training")
@@ -76,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, metavar="SWEEP_DIR", help="continue an interrupted sweep folder")
     p.add_argument("--sweeps-dir", type=Path, default=Path("sweeps"))
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where the winner's run folder goes")
+    _add_models(p)
     _add_overrides(p)
 
     p = sub.add_parser("validate", help="check a task spec without running it")
@@ -171,10 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args) -> int:
+    from harness.recipes import compare
     from harness.recipes.run import run_task, summary_line
 
     if bool(args.task) == bool(args.resume):
         raise HarnessError("run: give a TASK, or --resume RUN (not both)")
+    if args.models or (args.resume and compare.is_models_folder(args.resume)):
+        if args.gpus or distributed.world_size() > 1:
+            raise HarnessError("run --models: runs its models in one process; leave out --gpus and the launcher")
+        if args.resume and (args.models or args.overrides):
+            raise HarnessError("run --resume: the models and --set values are recorded in the folder; give neither")
+        with _sigterm_interrupts():
+            folder = compare.run_models(args.task, args.models, args.overrides, args.runs_dir, resume=args.resume)
+        print("\n".join(compare.models_summary(folder)))
+        return 0
     if args.gpus and args.gpus != distributed.world_size():
         if distributed.world_size() > 1:
             raise HarnessError(f"run --gpus {args.gpus}: the launcher started {distributed.world_size()} "
@@ -204,12 +222,20 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
+    from harness.recipes import compare
     from harness.recipes.sweep import summary_lines, sweep_task
 
     if bool(args.task) == bool(args.resume):
         raise HarnessError("sweep: give a TASK, or --resume SWEEP_DIR (not both)")
-    if args.resume and (args.grid or args.overrides):
-        raise HarnessError("sweep --resume: the grid and --set values are recorded in the sweep folder; give neither")
+    if args.resume and (args.grid or args.overrides or args.models):
+        raise HarnessError("sweep --resume: the grid, models and --set values are recorded in the sweep folder; "
+                           "give none of them")
+    if args.models or (args.resume and compare.is_sweep_models_folder(args.resume)):
+        with _sigterm_interrupts():
+            folder = compare.sweep_models(args.task, args.models, args.grid, args.overrides, args.sweeps_dir,
+                                          args.runs_dir, storage=args.storage, resume=args.resume)
+        print("\n".join(compare.models_summary(folder)))
+        return 0
     with _sigterm_interrupts():
         sweep_dir = sweep_task(args.task, args.grid, args.overrides, args.sweeps_dir, args.runs_dir,
                                storage=args.storage, resume=args.resume)

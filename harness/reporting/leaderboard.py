@@ -27,6 +27,7 @@ import numpy as np
 from harness.errors import RunError
 from harness.io import atomic_write_json, atomic_write_text
 from harness.models import adapter_tensor_shapes
+from harness.recipes.compare import model_label
 from harness.reporting.report import Run, load_runs
 from harness.scoring.metrics import (HIGHER_IS_BETTER, METRICS, MetricSettings, ModelOutputs, paired_comparison,
                                      per_example_from_stats, sufficient_stats)
@@ -183,11 +184,6 @@ def _outputs(run: Run, order: list[str]) -> tuple[ModelOutputs, ModelOutputs]:
         out.append(ModelOutputs([rows[i][side] for i in order], refs, np.array([v[0] for v in values], dtype=float),
                                 np.array([v[1] for v in values])))
     return out[0], out[1]
-
-
-def model_label(base: str) -> str:
-    """A short name for a model.base: `embedded:gemma3-270m` -> gemma3-270m, a folder or hub id -> its last part."""
-    return base.split(":", 1)[1] if base.startswith("embedded:") else Path(base.rstrip("/")).name or base
 
 
 def _entry_names(runs: list[Run]) -> list[str]:

@@ -140,7 +140,7 @@ def context(board) -> dict:
         "settings": doc["metric_settings"], "leaderboard": leaderboard, "per_model": per_model, "pairs": pairs,
         "rankings": rankings, "guard_heads": [label for _, label, _ in GUARD_KEYS], "guards": guards,
         "costs": costs, "notes": doc["notes"],
-        "warnings": [{"name": m["name"], "items": m["warnings"]} for m in models if m["warnings"]],
+        "warnings": [{"name": m["name"], "lines": m["warnings"]} for m in models if m["warnings"]],
         "folders": [{"name": m["name"], "folder": m["folder"]} for m in models],
     }
 
