@@ -142,9 +142,9 @@ def _split_difference(a: Run, b: Run) -> str | None:
     """What differs between two runs' held-out examples (ids, references, the recorded fingerprint), if anything."""
     refs_a = {str(p["id"]): p["reference"] for p in a.predictions}
     refs_b = {str(p["id"]): p["reference"] for p in b.predictions}
-    only = len(refs_a.keys() ^ refs_b.keys())
-    if only:
-        return f"{only} held-out id(s) in one but not the other, of {len(refs_a)} and {len(refs_b)}"
+    only_b, only_a = len(refs_b.keys() - refs_a.keys()), len(refs_a.keys() - refs_b.keys())
+    if only_a or only_b:  # `b vs a`, as the message names them
+        return f"held-out ids: {only_b} only in the first, {only_a} only in the second"
     changed = sum(refs_a[k] != refs_b[k] for k in refs_a)
     if changed:
         return f"same ids, {changed} reference(s) differ"
