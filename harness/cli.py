@@ -180,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args) -> int:
     from harness.recipes import compare
+    from harness.reporting.leaderboard import folder_summary
     from harness.recipes.run import run_task, summary_line
 
     if bool(args.task) == bool(args.resume):
@@ -191,7 +192,7 @@ def _cmd_run(args) -> int:
             raise HarnessError("run --resume: the models and --set values are recorded in the folder; give neither")
         with _sigterm_interrupts():
             folder = compare.run_models(args.task, args.models, args.overrides, args.runs_dir, resume=args.resume)
-        print("\n".join(compare.models_summary(folder)))
+        print("\n".join(folder_summary(folder)))
         return 0
     if args.gpus and args.gpus != distributed.world_size():
         if distributed.world_size() > 1:
@@ -223,6 +224,7 @@ def _cmd_eval(args) -> int:
 
 def _cmd_sweep(args) -> int:
     from harness.recipes import compare
+    from harness.reporting.leaderboard import folder_summary
     from harness.recipes.sweep import summary_lines, sweep_task
 
     if bool(args.task) == bool(args.resume):
@@ -234,7 +236,7 @@ def _cmd_sweep(args) -> int:
         with _sigterm_interrupts():
             folder = compare.sweep_models(args.task, args.models, args.grid, args.overrides, args.sweeps_dir,
                                           args.runs_dir, storage=args.storage, resume=args.resume)
-        print("\n".join(compare.models_summary(folder)))
+        print("\n".join(folder_summary(folder)))
         return 0
     with _sigterm_interrupts():
         sweep_dir = sweep_task(args.task, args.grid, args.overrides, args.sweeps_dir, args.runs_dir,

@@ -80,7 +80,8 @@ def test_separated_models_rank_apart_and_same_tokenizer_compares_perplexity(tmp_
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"ids": [f"other-{i}" for i in range(10)]}, "different held-out splits (held-out ids: 10 only in the first, 10 only in the second)"),
+    ({"ids": [f"other-{i}" for i in range(10)]},
+     "different held-out splits (held-out ids: 10 only in the first, 10 only in the second)"),
     ({"references": REFS[:9] + ["another reference"]}, "different held-out splits (same ids, 1 reference(s) differ)"),
     ({"task": "other_task"}, "different tasks ('other_task' vs 'demo')"),
     ({"replicates": 300}, "different metric settings (metrics.bootstrap_replicates: 300 vs 200)"),

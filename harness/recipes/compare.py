@@ -192,13 +192,3 @@ def _sweep_models_stages(spec, manifest: Manifest) -> None:
         winners.append(Path(json.loads((sweep_dir / CHOICE_FILE).read_text(encoding="utf-8"))["heldout_run"]))
     _leaderboard_stage(manifest, winners)
 
-
-def models_summary(folder: Path) -> list[str]:
-    """What the CLI prints: each model's run folder, the ranking and the leaderboard files."""
-    from harness.reporting.leaderboard import LEADERBOARD_JSON, summary_lines
-
-    doc = json.loads((folder / LEADERBOARD_JSON).read_text(encoding="utf-8"))
-    lines = [f"comparison folder: {folder}"]
-    lines += [f"  {m['name']}: {m['folder']}" for m in doc["models"]]
-    return lines + summary_lines(doc) + [f"leaderboard: {folder / 'leaderboard.html'}  {folder / 'leaderboard.md'}"]
-

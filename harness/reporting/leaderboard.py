@@ -388,7 +388,8 @@ def summary_lines(doc: dict) -> list[str]:
     tuned = {m["name"]: m["tuned"][metric] for m in doc["models"]}
     for row in doc["ranking"][metric]:
         low, high = tuned[row["name"]]["ci95"]
-        tie = f" (CIs do not separate it from {', '.join(row['not_separated_from'])})" if row["not_separated_from"] else ""
+        close = ", ".join(row["not_separated_from"])
+        tie = f" (CIs do not separate it from {close})" if close else ""
         lines.append(f"  {row['rank']}. {row['name']}: {row['value']:.2f} [{low:.2f}, {high:.2f}]{tie}")
     for pair in doc["pairs"]:
         delta = pair["tuned"]["delta"].get(metric)
@@ -396,4 +397,11 @@ def summary_lines(doc: dict) -> list[str]:
             lines.append(f"  {pair['b']} - {pair['a']}: tuned {metric} {delta['value']:+.2f} "
                          f"(95% CI [{delta['ci95'][0]:+.2f}, {delta['ci95'][1]:+.2f}])")
     return lines
+
+
+def folder_summary(folder: Path) -> list[str]:
+    """What `run --models` and `sweep --models` print: each model's run folder, the ranking, the files."""
+    doc = json.loads((Path(folder) / LEADERBOARD_JSON).read_text(encoding="utf-8"))
+    lines = [f"comparison folder: {folder}"] + [f"  {m['name']}: {m['folder']}" for m in doc["models"]]
+    return lines + summary_lines(doc) + [f"leaderboard: {folder / 'leaderboard.html'}  {folder / 'leaderboard.md'}"]
 
