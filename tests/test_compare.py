@@ -227,3 +227,21 @@ def test_sweep_models_chooses_per_model_then_compares(tmp_path, tiny_model_dir, 
         manifest = json.loads((Path(model["folder"]) / "manifest.json").read_text())
         assert manifest["sweep"]["dir"].startswith(str(top / "sweeps"))
     shutil.rmtree(top / "sweeps")  # keep the temp folder small
+
+
+def test_eval_candidates_are_models_beside_run_folders(models_folder, tiny_run, tmp_path, monkeypatch, capsys):
+    """An eval folder of two adapters of the tiny Llama (one base, scored once) next to the tiny Gemma 3's run."""
+    monkeypatch.chdir(tmp_path)
+    folder, _ = models_folder
+    runs = {r["name"]: r["run_dir"] for r in json.loads((folder / "manifest.json").read_text())["models"]}
+    assert main(["eval", str(Path(runs["tiny-llama"]) / "spec.yaml"), "--adapter", runs["tiny-llama"],
+                 "--adapter", str(tiny_run), "--runs-dir", str(tmp_path / "runs")]) == 0
+    (eval_dir,) = (tmp_path / "runs").iterdir()
+    assert main(["compare", str(eval_dir), runs["tiny-gemma3"], "--out", str(tmp_path / "out")]) == 0
+    doc = json.loads((tmp_path / "out" / "leaderboard.json").read_text())
+    names = [m["name"] for m in doc["models"]]
+    assert len(names) == 3 and names[2] == "tiny-gemma3" and all(n.startswith("tiny-llama · ") for n in names[:2])
+    same_base = doc["pairs"][0]  # the two candidates: one base model, one set of base outputs
+    assert all(d["value"] == 0.0 and d["ci95"] == [0.0, 0.0] for d in same_base["base"]["delta"].values())
+    assert "perplexity" in same_base["tuned"]["delta"] and not same_base["omitted"]  # one tokenizer
+    assert all("perplexity" in p["omitted"] for p in doc["pairs"][1:])
