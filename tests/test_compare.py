@@ -212,22 +212,40 @@ def test_compare_reads_the_models_runs_again(models_folder, tmp_path, capsys):
 
 
 def test_sweep_models_chooses_per_model_then_compares(tmp_path, tiny_model_dir, tiny_gemma3_dir, monkeypatch):
+    """Interrupted in the second model's first trial, then resumed: each model's held-out run is its own
+    sweep's winner, and the first sweep is not run again."""
+    from harness.recipes import sweep as sweep_recipe
+
     monkeypatch.chdir(tmp_path)
     gemma = tmp_path / "tiny-gemma3"
     gemma.symlink_to(tiny_gemma3_dir)
+    real_train = sweep_recipe.train_stage
+
+    def interrupted_train(spec, *rest, **kw):
+        if spec.model.base == str(gemma):
+            raise KeyboardInterrupt
+        return real_train(spec, *rest, **kw)
+
+    monkeypatch.setattr(sweep_recipe, "train_stage", interrupted_train)
     args = [a for o in TINY_OVERRIDES for a in ("--set", o)]
     rc = main(["sweep", TASK, "--models", f"{tiny_model_dir},{gemma}", "--grid", "generation.no_repeat_ngram_size=0,3",
                "--sweeps-dir", str(tmp_path / "sweeps"), "--runs-dir", str(tmp_path / "runs"), *args,
                "--set", "sweep.max_validation=4", "--set", "model@tiny-gemma3.prompt.template=alpaca"])
-    assert rc == 0
+    assert rc == 130
     (top,) = (tmp_path / "sweeps").iterdir()
+    (first_sweep,) = (top / "sweeps" / tiny_model_dir.name).iterdir()
+    first_before = (first_sweep / "manifest.json").read_text()
+    monkeypatch.setattr(sweep_recipe, "train_stage", real_train)
+    assert main(["sweep", "--resume", str(top)]) == 0
+    assert (first_sweep / "manifest.json").read_text() == first_before
     doc = json.loads((top / "leaderboard.json").read_text())
-    assert len(doc["models"]) == 2
+    assert [m["prompt_template"] for m in doc["models"]] == [None, "alpaca"]
     for model in doc["models"]:  # each model's held-out run is its own sweep's winner
         manifest = json.loads((Path(model["folder"]) / "manifest.json").read_text())
         assert manifest["sweep"]["dir"].startswith(str(top / "sweeps"))
+        assert model["cost"]["adapter_from"] == manifest["sweep"]["trial_dir"]
+    assert any("sweep winner" in note for note in doc["notes"])
     shutil.rmtree(top / "sweeps")  # keep the temp folder small
-
 
 def test_eval_candidates_are_models_beside_run_folders(models_folder, tiny_run, tmp_path, monkeypatch, capsys):
     """An eval folder of two adapters of the tiny Llama (one base, scored once) next to the tiny Gemma 3's run."""
