@@ -102,20 +102,31 @@ def build_leaderboard(folders: list[Path], rank_by: str = "rougeL") -> Leaderboa
 def _read_runs(folders: list[Path]) -> list[Run]:
     if not folders:
         raise RunError("compare: give two or more run or eval folders")
-    seen: dict[Path, Path] = {}
+    seen: set[Path] = set()
     runs = []
     for folder in folders:
-        key = Path(folder).resolve()
-        if key in seen:
+        if Path(folder).resolve() in seen:
             raise RunError(f"compare: {folder} is given twice")
-        seen[key] = folder
+        seen.add(Path(folder).resolve())
         for run in load_runs(Path(folder))[0]:
             if run.manifest.get("status") != "completed":
                 raise RunError(f"{run.path}: run is {run.manifest.get('status')!r}, not completed; resume it first")
+            _check_metric_keys(run)
             runs.append(run)
     if len(runs) < 2:
         raise RunError(f"compare: {folders[0]} holds one model; give two or more run or eval folders")
     return runs
+
+
+def _check_metric_keys(run: Run) -> None:
+    """spec.yaml's scoring settings, and a metrics.json entry for each of its metrics.names."""
+    metrics = _dict(run.spec.get("metrics"))
+    for key in SCORING_KEYS:
+        if key not in metrics:
+            raise RunError(f"{run.path / 'spec.yaml'}: metrics.{key} missing; not a run folder's resolved spec")
+    for name in metrics["names"]:
+        if name not in METRICS or name not in run.metrics["base"]:
+            raise RunError(f"{run.path / 'metrics.json'}: no {name!r} scores, though spec.yaml metrics.names lists it")
 
 
 def _check_comparable(runs: list[Run]) -> None:
