@@ -229,9 +229,10 @@ def _cmd_sweep(args) -> int:
 
     if bool(args.task) == bool(args.resume):
         raise HarnessError("sweep: give a TASK, or --resume SWEEP_DIR (not both)")
-    if args.resume and (args.grid or args.overrides or args.models):
-        raise HarnessError("sweep --resume: the grid, models and --set values are recorded in the sweep folder; "
-                           "give none of them")
+    if args.resume and (args.grid or args.overrides):
+        raise HarnessError("sweep --resume: the grid and --set values are recorded in the sweep folder; give neither")
+    if args.resume and args.models:
+        raise HarnessError("sweep --resume: the models are recorded in the sweep folder; leave out --models")
     if args.models or (args.resume and compare.is_sweep_models_folder(args.resume)):
         with _sigterm_interrupts():
             folder = compare.sweep_models(args.task, args.models, args.grid, args.overrides, args.sweeps_dir,
