@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import signal
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,6 +39,12 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
                    help="override a spec value, e.g. --set train.lr=1e-4 (repeatable)")
 
 
+def _add_models(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", metavar="BASE,BASE,...",
+                   help="several base models (model.base values), each in turn on the same data, then their "
+                        "leaderboard; a model's own settings: --set model@NAME.section.key=value")
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got '{text}'")
@@ -54,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", type=Path, default=Path("runs"))
     p.add_argument("--gpus", type=_positive_int, metavar="N",
                    help="data-parallel on N GPUs of this host: the same command relaunched under torchrun")
+    _add_models(p)
     _add_overrides(p)
 
     p = sub.add_parser("eval", help="score adapters made elsewhere (or merged models) against the base; no training")
@@ -74,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, metavar="SWEEP_DIR", help="continue an interrupted sweep folder")
     p.add_argument("--sweeps-dir", type=Path, default=Path("sweeps"))
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where the winner's run folder goes")
+    _add_models(p)
     _add_overrides(p)
 
     p = sub.add_parser("validate", help="check a task spec without running it")
@@ -89,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="render HTML and Markdown reports from run folders")
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN")
     p.add_argument("--out", type=Path, help="output folder (default: the first run folder)")
+
+    p = sub.add_parser("compare", help="leaderboard of several runs' models on their shared held-out split")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN_OR_EVAL",
+                   help="run folders, or eval folders (each candidate counts as a model)")
+    p.add_argument("--out", type=Path, help="output folder (default: a new folder under comparisons/)")
+    p.add_argument("--rank-by", default="rougeL", metavar="METRIC", help="metric of the ranking (default rougeL)")
 
     p = sub.add_parser("check", help="regression-check a candidate adapter against a baseline")
     p.add_argument("task")
@@ -168,10 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args) -> int:
+    from harness.recipes import compare
+    from harness.reporting.leaderboard import folder_summary
     from harness.recipes.run import run_task, summary_line
 
     if bool(args.task) == bool(args.resume):
         raise HarnessError("run: give a TASK, or --resume RUN (not both)")
+    if args.models or (args.resume and compare.is_models_folder(args.resume)):
+        if args.gpus or distributed.world_size() > 1:
+            raise HarnessError("run --models: runs its models in one process; leave out --gpus and the launcher")
+        if args.resume and (args.models or args.overrides):
+            raise HarnessError("run --resume: the models and --set values are recorded in the folder; give neither")
+        with _sigterm_interrupts():
+            folder = compare.run_models(args.task, args.models, args.overrides, args.runs_dir, resume=args.resume)
+        print("\n".join(folder_summary(folder)))
+        return 0
     if args.gpus and args.gpus != distributed.world_size():
         if distributed.world_size() > 1:
             raise HarnessError(f"run --gpus {args.gpus}: the launcher started {distributed.world_size()} "
@@ -201,12 +228,22 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
+    from harness.recipes import compare
+    from harness.reporting.leaderboard import folder_summary
     from harness.recipes.sweep import summary_lines, sweep_task
 
     if bool(args.task) == bool(args.resume):
         raise HarnessError("sweep: give a TASK, or --resume SWEEP_DIR (not both)")
     if args.resume and (args.grid or args.overrides):
         raise HarnessError("sweep --resume: the grid and --set values are recorded in the sweep folder; give neither")
+    if args.resume and args.models:
+        raise HarnessError("sweep --resume: the models are recorded in the sweep folder; leave out --models")
+    if args.models or (args.resume and compare.is_sweep_models_folder(args.resume)):
+        with _sigterm_interrupts():
+            folder = compare.sweep_models(args.task, args.models, args.grid, args.overrides, args.sweeps_dir,
+                                          args.runs_dir, storage=args.storage, resume=args.resume)
+        print("\n".join(folder_summary(folder)))
+        return 0
     with _sigterm_interrupts():
         sweep_dir = sweep_task(args.task, args.grid, args.overrides, args.sweeps_dir, args.runs_dir,
                                storage=args.storage, resume=args.resume)
@@ -266,6 +303,17 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    from harness.reporting.leaderboard import summary_lines, write_leaderboard
+
+    # Named now, created only once the leaderboard is computed: a refusal leaves no empty folder.
+    out = args.out or Path("comparisons") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    doc, paths = write_leaderboard(args.runs, out, args.rank_by)
+    print("\n".join(summary_lines(doc)))
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
 def _cmd_check(args) -> int:
     from harness.reporting.gate import run_check
 
@@ -308,7 +356,7 @@ def _cmd_fetch_model(args) -> int:
 COMMANDS = {"run": _cmd_run, "eval": _cmd_eval, "validate": _cmd_validate, "prepare": _cmd_prepare,
             "report": _cmd_report, "check": _cmd_check, "baseline": _cmd_baseline, "generate": _cmd_generate,
             "serve": _cmd_serve, "bench": _cmd_bench, "fetch-model": _cmd_fetch_model,
-            "sweep": _cmd_sweep}
+            "sweep": _cmd_sweep, "compare": _cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

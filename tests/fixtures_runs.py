@@ -140,3 +140,65 @@ def make_run(tmp_path: Path, name: str = "run-a", n: int = 24, *, seed: int = 1,
         lines.append({"step": 120, "epoch": 1.0, "train_runtime": 305.2, "train_loss": 1.3})
         (run / "train_log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
     return run
+
+
+def make_scored_run(root: Path, name: str, *, references: list[str], tuned: list[str], base: list[str] | None = None,
+                    nll: dict | None = None, model: str = "embedded:smollm2-135m-instruct", tokenizer: str = "tok-a",
+                    task: str = "demo", ids: list[str] | None = None, replicates: int = 200,
+                    manifest: dict | None = None) -> Path:
+    """A completed run folder whose metrics.json, predictions.jsonl and scores/ are computed by the harness's
+    own scorers from the texts given (so every number is checkable by hand), as `compare` reads them.
+
+    `nll`: {"base": (nll_sum list, n_tokens list), "tuned": ...} (default: 1 nat per token, 4 tokens each);
+    `tokenizer` is the recorded tokenizer fingerprint (perplexity compares only between equal ones)."""
+    from dataclasses import asdict
+
+    from harness import fingerprint
+    from harness.scoring.heldout_scoring import guards
+    from harness.scoring.metrics import MetricSettings, ModelOutputs, per_example_scores, score_outputs
+    from harness.spec import MetricsSpec, TaskSpec, spec_to_dict
+
+    n = len(references)
+    ids = ids or [f"ex-{i:04d}" for i in range(n)]
+    base = base or ["plain words here"] * n
+    nll = nll or {side: ([4.0] * n, [4] * n) for side in ("base", "tuned")}
+    settings = MetricSettings(bootstrap_replicates=replicates)
+    outputs = {side: ModelOutputs(texts, list(references), np.array(nll[side][0], dtype=float),
+                                  np.array(nll[side][1]))
+               for side, texts in (("base", base), ("tuned", tuned))}
+    metrics = score_outputs(outputs["base"], outputs["tuned"], settings)
+    titles = [f"Item {i}" for i in range(n)]
+    gens = {side: [{"n_tokens": len(t.split()), "hit_max_new_tokens": False} for t in outputs[side].predictions]
+            for side in outputs}
+    metrics["guards"] = {side: guards(outputs[side].predictions, list(references), titles, gens[side], "Write")
+                         for side in outputs}
+    metrics["constant_baseline"], metrics["warnings"] = None, []
+    metrics["constant_baseline_absent"] = "not computed by this fixture"
+    scores = {side: per_example_scores(outputs[side], settings) for side in outputs}
+
+    run = Path(root) / name
+    (run / "scores").mkdir(parents=True)
+    spec = TaskSpec(name=task, metrics=MetricsSpec(bootstrap_replicates=replicates))
+    spec.model.base = model
+    spec_dict = spec_to_dict(spec)
+    from harness.scoring.metrics import settings_record
+
+    prints = {"heldout_split": fingerprint.hash_json([[i, t, r] for i, t, r in zip(ids, titles, references)]),
+              "tokenizer": tokenizer, "base_model": fingerprint.hash_json(model),
+              "metrics": fingerprint.hash_json(settings_record(settings)),
+              "prompt": fingerprint.hash_json(asdict(spec.prompt))}
+    metrics["fingerprints"] = prints
+    record = {"run_id": name, "task": task, "status": "completed", "device": "cpu (test)", "world_size": 1,
+              "fingerprints": prints, "train": {"steps": 4, "train_tokens": 1000, "seconds": 2.0},
+              **(manifest or {})}
+    rows = [{"id": ids[i], "title": titles[i], "reference": references[i], "base": base[i], "tuned": tuned[i],
+             "scores": {side: {m: float(scores[side][m][i]) for m in METRICS} for side in outputs},
+             "base_truncated": False, "tuned_truncated": False} for i in range(n)]
+    (run / "manifest.json").write_text(json.dumps(record), encoding="utf-8")
+    (run / "spec.yaml").write_text(yaml.safe_dump(spec_dict, sort_keys=False), encoding="utf-8")
+    (run / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    for side in outputs:
+        (run / "scores" / f"{side}_nll.json").write_text(json.dumps(
+            {"ids": ids, "nll_sum": list(nll[side][0]), "n_tokens": list(nll[side][1])}), encoding="utf-8")
+    return run

@@ -49,3 +49,36 @@ def test_report_renders_in_headless_chromium(tmp_path):
     result = _chromium(tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1280,2000", url)
     assert result.returncode == 0, result.stderr[-2000:]
     assert shot.stat().st_size > 10_000
+
+
+LEADERBOARD_SECTIONS = ("Leaderboard", "Every metric, per model", "Between models (paired 95% CIs)",
+                        "Ranking per metric", "Cost", "Guards", "Plots", "Run folders")
+
+
+def test_leaderboard_renders_in_headless_chromium(tmp_path):
+    from fixtures_runs import make_scored_run
+    from harness.reporting.leaderboard import write_leaderboard
+
+    refs = [f"blue steel bottle keeps drinks cold {i}" for i in range(12)]
+    hostile = "embedded:<img src=x onerror=alert(1)>"  # a model name is text, never markup
+    runs = [make_scored_run(tmp_path, "a", references=refs, tuned=[r if i % 2 else "x" for i, r in enumerate(refs)]),
+            make_scored_run(tmp_path, "b", references=refs, tuned=refs[:9] + ["<script>alert(1)</script>"] * 3,
+                            model=hostile, tokenizer="tok-b")]
+    _doc, paths = write_leaderboard(runs, tmp_path / "out")
+    html_path = paths[-1]
+    assert "<img src=x" not in html_path.read_text() and "&lt;img src=x" in html_path.read_text()
+    url = html_path.resolve().as_uri()
+
+    dom = _chromium(tmp_path / "profile-dom", "--enable-logging=stderr", "--v=0", "--dump-dom", url)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
+    assert not [line for line in console if "Uncaught" in line or "Content Security Policy" in line], console
+    for section in LEADERBOARD_SECTIONS:
+        assert f">{section}</h2>" in dom.stdout
+    assert len(re.findall(r'<img src="data:image/png;base64,', dom.stdout)) == 2
+    assert "&lt;img src=x onerror=alert(1)&gt;" in dom.stdout
+
+    shot = tmp_path / "shot.png"
+    result = _chromium(tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1280,2000", url)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert shot.stat().st_size > 10_000

@@ -222,13 +222,29 @@ def train_stage(spec: TaskSpec, manifest: Manifest, train_examples, model_ref: s
     run_dir = manifest.run_dir
     model = models.load_model(model_ref, spec.model, tokenizer, device, quantize=fast["quantize"],
                               attn_implementation=fast["attention"])
+    parameters = model.num_parameters()  # transformers' count: a 4-bit model's packed weights counted unpacked
+    peak_memory = _peak_gpu_memory(device, reset=True)
     resume_from = latest_checkpoint(run_dir / "checkpoints")
     result = train(spec, model, tokenizer, train_examples, run_dir, device, resume_from=resume_from, fast=fast)
+    peak_memory = _peak_gpu_memory(device)
     t = spec.train
     manifest.update(train={"steps": result.steps, "train_tokens": result.train_tokens,
                            "seconds": round(result.seconds, 2), "resumed_from": str(resume_from or ""),
                            "global_batch": t.batch_size * distributed.world_size() * t.grad_accum,
+                           "base_parameters": parameters,
+                           **({"peak_gpu_memory_bytes": peak_memory} if peak_memory is not None else {}),
                            **({"best": result.best} if result.best else {})})
+
+
+def _peak_gpu_memory(device, reset: bool = False) -> int | None:
+    """Rank 0's peak CUDA memory allocated by tensors since the last reset (None off CUDA)."""
+    if device.kind != "cuda":
+        return None
+    import torch
+
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device.torch_device)
+    return int(torch.cuda.max_memory_allocated(device.torch_device))
 
 
 @main_only
