@@ -571,7 +571,9 @@ def bench_command(args) -> int:
     if wanted - set(RECIPES):
         raise HarnessError(f"bench --recipes: unknown {sorted(wanted - set(RECIPES))} (known: {', '.join(RECIPES)})")
     work = Path(args.work)
+    prompt = models.resolve_prompt_template(spec)
     model_ref = models.resolve_base(spec.model.base)
+    probe = models.check_base_probe(spec.model, model_ref)  # no speed figures for a broken model
     tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
     spec = replace(spec, lora=replace(spec.lora, r=16, target_modules=SEED_TARGETS),
                    train=replace(spec.train, max_length=args.max_length))
@@ -580,7 +582,7 @@ def bench_command(args) -> int:
                else " ".join(sys.argv), "device": device.describe(), "platform": platform.platform(),
                "packages": package_versions(), "examples": len(examples), "flops": __doc__.split("FLOPs")[1].strip(),
                "warmup_steps": args.warmup, "train_seed": spec.train.seed, "training": [], "loss_check": [],
-               "ratios": {}}
+               "ratios": {}, "base_probe": {**probe, "prompt_template": prompt}}
     def real(attention: str = "sdpa"):
         return models.load_model(model_ref, spec.model, tokenizer, device, attn_implementation=attention)
 
@@ -602,7 +604,7 @@ def bench_command(args) -> int:
         if key == "tinyllama" and runs:
             # Saved, so that what the spec's switches read from the model's folder (weight size) is this model's.
             folder = _model_folder(label, factory, tokenizer, work)
-            part_spec = replace(spec, model=replace(spec.model, base=str(folder)))
+            part_spec = replace(spec, model=replace(spec.model, base=str(folder), random_weights=True))
         for r, batch, train_seed in runs:
             try:
                 if r == "unsloth":

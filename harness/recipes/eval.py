@@ -76,7 +76,7 @@ def _stages(spec: TaskSpec, manifest: Manifest, adapters: list[Path]) -> None:
 
     run_dir = manifest.run_dir
     device, _fast = resolve_device(spec, manifest)
-    model_ref, tokenizer = load_base_tokenizer(spec)
+    model_ref, tokenizer = load_base_tokenizer(spec, manifest)
     candidates = resolve_candidates(adapters)
     tokenizer = check_candidates(candidates, spec, model_ref, tokenizer)
     manifest.update(candidates=[c.record() for c in candidates])

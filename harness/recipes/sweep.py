@@ -357,7 +357,7 @@ def _trial_stages(sweep: Sweep, spec: TaskSpec, manifest: Manifest) -> None:
     run_dir = manifest.run_dir
     manifest.update(recipe="sweep-trial", scored_on="validation", sweep_dir=str(sweep.dir))
     device, fast = resolve_device(spec, manifest)
-    model_ref, tokenizer = load_base_tokenizer(spec)
+    model_ref, tokenizer = load_base_tokenizer(spec, manifest)
     session = ScoringSession(spec, tokenizer, sweep.validation, run_dir, device, model_ref, manifest,
                              train=sweep.train)
 
