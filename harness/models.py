@@ -372,7 +372,7 @@ def check_embedded_probe(model: EmbeddedModel, folder: Path, perplexity: float) 
     if abs(perplexity / model.probe_perplexity - 1) <= model.probe_tolerance:
         return
     by = conversion_record(folder).get("transformers", "an unrecorded version")
-    raise BrokenModelError(f"{folder}: the {model.name} converted by transformers {by} has probe perplexity "
+    raise BrokenModelError(f"embedded model {model.name}: the copy converted by transformers {by} has probe perplexity "
                            f"{perplexity:.1f}, not {model.probe_perplexity:g} ± {model.probe_tolerance:.0%}: a broken "
                            f"conversion; pip install transformers=={PINNED_TRANSFORMERS} and run "
                            f"`python -m harness fetch-model {model.name}` again")

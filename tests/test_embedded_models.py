@@ -255,3 +255,15 @@ def test_the_probe_is_one_cheap_forward_remembered_per_folder_state(tiny_model_d
     monkeypatch.undo()
     scrambled_copy(folder, folder)  # re-saved: measured again
     assert models.probe_perplexity(str(folder)) != first
+
+
+def test_bench_and_the_gate_refuse_a_random_model_not_declared_random(tmp_path, capsys, tiny_gemma3_dir):
+    out = tmp_path / "bench.json"
+    assert main(["bench", TASK, "--quick", "--only", "smollm2", "--recipes", "harness", "--out", str(out),
+                 "--work", str(tmp_path / "work"), "--set", f"model.base={tiny_gemma3_dir}"]) == 4
+    assert not out.exists()
+    gate_out = tmp_path / "gate"
+    assert main(["check", TASK, "--candidate", str(tmp_path), "--baseline", str(tmp_path), "--out", str(gate_out),
+                 "--set", f"model.base={tiny_gemma3_dir}"]) == 4
+    verdict = json.loads((gate_out / "verdict.json").read_text())
+    assert (verdict["verdict"], verdict["exit_code"]) == ("cannot_judge", 4) and "probe perplexity" in verdict["reason"]
