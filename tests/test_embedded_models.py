@@ -215,6 +215,10 @@ def test_a_scrambled_model_is_refused_with_exit_4_before_any_training(arch, tmp_
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "probe perplexity" in manifest["error"]
     assert not {"score_base", "train"} & set(manifest.get("stages_done", []))
+    sweeps = tmp_path / "sweeps"
+    assert main(["sweep", TASK, "--grid", "lora.r=4,8", "--sweeps-dir", str(sweeps), *sets]) == 4
+    (sweep,) = sweeps.iterdir()
+    assert not (sweep / "trials").exists()  # stopped before any trial
     # The same model declared random on purpose runs.
     assert main(["run", TASK, "--runs-dir", str(tmp_path / "runs"), *sets, "--set", "model.random_weights=true"]) == 0
 
