@@ -386,9 +386,9 @@ def check_embedded_probe(model: EmbeddedModel, folder: Path, perplexity: float) 
     if abs(perplexity / model.probe_perplexity - 1) <= model.probe_tolerance:
         return
     by = conversion_record(folder).get("transformers", "an unrecorded version")
+    expected = f"{model.probe_perplexity:g} ± {model.probe_tolerance:.0%}"
     raise BrokenModelError(f"embedded model {model.name}: the copy converted by transformers {by} has probe "
-                           f"perplexity {perplexity:.1f}, not {model.probe_perplexity:g} ± {model.probe_tolerance:.0%}: "
-                           f"a broken conversion; pip install transformers=={PINNED_TRANSFORMERS} and run "
+                           f"perplexity {perplexity:.1f}, not {expected}: a broken conversion; pip install transformers=={PINNED_TRANSFORMERS} and run "
                            f"`python -m harness fetch-model {model.name}` again")
 
 
