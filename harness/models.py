@@ -388,7 +388,8 @@ def check_embedded_probe(model: EmbeddedModel, folder: Path, perplexity: float) 
     by = conversion_record(folder).get("transformers", "an unrecorded version")
     expected = f"{model.probe_perplexity:g} ± {model.probe_tolerance:.0%}"
     raise BrokenModelError(f"embedded model {model.name}: the copy converted by transformers {by} has probe "
-                           f"perplexity {perplexity:.1f}, not {expected}: a broken conversion; pip install transformers=={PINNED_TRANSFORMERS} and run "
+                           f"perplexity {perplexity:.1f}, not {expected}: a broken conversion; "
+                           f"pip install transformers=={PINNED_TRANSFORMERS} and run "
                            f"`python -m harness fetch-model {model.name}` again")
 
 
