@@ -219,8 +219,12 @@ def test_a_scrambled_model_is_refused_with_exit_4_before_any_training(arch, tmp_
     assert main(["sweep", TASK, "--grid", "lora.r=4,8", "--sweeps-dir", str(sweeps), *sets]) == 4
     (sweep,) = sweeps.iterdir()
     assert not (sweep / "trials").exists()  # stopped before any trial
-    # The same model declared random on purpose runs.
+    # The same model declared random on purpose runs; `eval` of its adapter without the switch is refused.
     assert main(["run", TASK, "--runs-dir", str(tmp_path / "runs"), *sets, "--set", "model.random_weights=true"]) == 0
+    (trained,) = [r for r in (tmp_path / "runs").iterdir() if (r / "adapter").is_dir()]
+    assert main(["eval", TASK, "--adapter", str(trained), "--runs-dir", str(tmp_path / "evals"), *sets]) == 4
+    (evaluated,) = (tmp_path / "evals").iterdir()
+    assert not (evaluated / "scores").exists()
 
 
 def test_check_base_probe_thresholds(monkeypatch, tiny_model_dir, embedded_tiny_gemma3):

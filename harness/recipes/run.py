@@ -213,9 +213,14 @@ def load_base_tokenizer(spec: TaskSpec, manifest: Manifest | None = None):
     first and recorded; a broken model stops the run here (models.check_base_probe)."""
     model_ref = main_only(models.resolve_base)(spec.model.base)  # fetched or converted once, by rank 0
     if manifest is not None:
-        manifest.update(base_probe=main_only(models.check_base_probe)(spec.model, model_ref))
+        probe_base(spec, manifest, model_ref)
     tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
     return model_ref, tokenizer
+
+
+def probe_base(spec: TaskSpec, manifest: Manifest, model_ref: str) -> None:
+    """Measure the base model's probe perplexity and record it; a broken model stops here (exit 4)."""
+    manifest.update(base_probe=main_only(models.check_base_probe)(spec.model, model_ref))
 
 
 def train_stage(spec: TaskSpec, manifest: Manifest, train_examples, model_ref: str, tokenizer, device,
