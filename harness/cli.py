@@ -2,7 +2,9 @@
 
 Exit codes: 0 success; 1 a regression found by `check`, or input lines `generate` could not
 describe (named on stderr; the rest were described); 2 bad input or a result that cannot
-be judged (one line on stderr, no traceback); 3 an unexpected crash (traceback);
+be judged (one line on stderr, no traceback); 3 an unexpected crash (traceback); 4 a broken
+base model: its perplexity on the shipped probe text is absurd (scrambled or random weights, a bad
+GGUF conversion) and the spec does not say `model.random_weights: true` (one line, no verdict given);
 130 interrupted (the run folder says where to resume).
 """
 
@@ -179,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default="/tmp/harness-bench", help="scratch folder (checkpoints, random 8B weights)")
     _add_overrides(p)
 
-    p = sub.add_parser("fetch-model", help="fetch and convert the embedded default model (once)")
+    p = sub.add_parser("fetch-model", help="fetch, convert and probe an embedded model (once)")
+    p.add_argument("name", nargs="?", help="the embedded model (default: the default model, "
+                                           "smollm2-135m-instruct; also gemma3-270m)")
     return parser
 
 
@@ -346,10 +350,10 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_fetch_model(args) -> int:
-    from harness.models import resolve_base
+    from harness.models import embedded_model, fetch_embedded
     from harness.spec import EMBEDDED_MODEL
 
-    print(resolve_base(EMBEDDED_MODEL))
+    print(fetch_embedded(embedded_model(f"embedded:{args.name}" if args.name else EMBEDDED_MODEL)))
     return 0
 
 

@@ -35,3 +35,10 @@ class MetricError(HarnessError):
 
 class RunError(HarnessError):
     """A run folder that is missing, incomplete or not writable."""
+
+
+class BrokenModelError(ModelError):
+    """A base model whose probe perplexity says it is broken (a bad conversion, scrambled or random
+    weights): no verdict is given from it. Its own exit code, so scripts can tell it apart."""
+
+    exit_code = 4

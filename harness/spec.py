@@ -67,6 +67,9 @@ class ModelSpec:
     base_aliases: list[str] = field(default_factory=list)
     # Score with the tokenizer saved next to an adapter (`eval`) when it differs from the base's.
     adapter_tokenizer: bool = False
+    # The base model is random on purpose (bench architectures, test models): skip the probe's refusal
+    # of a model whose perplexity on plain English is absurd (it is still measured and recorded).
+    random_weights: bool = False
 
 
 @dataclass

@@ -135,6 +135,7 @@ TINY_OVERRIDES = [
     "train.max_steps=4", "train.batch_size=4", "train.lr=0.02", "train.save_steps=2", "train.logging_steps=1",
     "train.max_length=96", "data.max_heldout=8", "data.max_train=40", "generation.max_new_tokens=8",
     "generation.batch_size=3", "metrics.bootstrap_replicates=200",
+    "model.random_weights=true",  # random test models: the probe measures them but does not refuse them
 ]
 
 

@@ -5,6 +5,7 @@ recipe trains on the same examples, that rates and ratios are computed from meas
 that the output table and JSON carry them."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -48,10 +49,13 @@ def test_bench_quick_runs_every_recipe_and_generation(tmp_path, tiny_model_dir, 
                  "--batch", "8", "--seed-steps", "6", "--warmup", "2", "--loss-every", "1", "--gen-examples", "6",
                  "--loop-examples", "3", "--work", str(tmp_path / "work"), "--out", str(out),
                  "--unsloth-site", _site(tmp_path, FAKE_UNSLOTH),
-                 "--set", f"model.base={tiny_model_dir}", "--set", "generation.max_new_tokens=4",
+                 "--set", f"model.base={tiny_model_dir}", "--set", "model.random_weights=true",
+                 "--set", "generation.max_new_tokens=4",
                  "--gen-rows", "4,2"])
     assert code == 0
     results = json.loads(out.read_text())
+    probe = results["base_probe"][Path(tiny_model_dir).name]
+    assert probe["random_weights"] and probe["perplexity"] > 1000  # measured, declared
     assert [(r["recipe"], r["batch"], r["train_seed"]) for r in results["training"]] == \
         [("seed", 8, 42), ("trl_tuned", 8, 42), ("harness", 8, 42), ("unsloth", 8, 42),
          ("harness", 8, 43)] and "failures" not in results  # last: the loss check's re-seeded reference
@@ -130,7 +134,7 @@ def test_bench_says_in_one_line_why_unsloth_cannot_run(tmp_path, tiny_model_dir,
     site = _site(tmp_path, "raise NotImplementedError('Unsloth cannot find any torch accelerator')\n")
     code = main(["-q", "bench", "amazon_desc", "--quick", "--only", "smollm2", "--recipes", "unsloth",
                  "--batch", "8,16", "--work", str(tmp_path / "work"), "--out", str(out), "--unsloth-site", site,
-                 "--set", f"model.base={tiny_model_dir}"])
+                 "--set", f"model.base={tiny_model_dir}", "--set", "model.random_weights=true"])
     assert code == 0
     expected = "unsloth: not run (NotImplementedError: Unsloth cannot find any torch accelerator)"
     assert json.loads(out.read_text())["skipped"] == [expected]  # asked once, not once per batch

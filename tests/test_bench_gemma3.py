@@ -6,6 +6,7 @@ import json
 import pytest
 
 from harness.benchmarks.bench import DEFAULT_PARTS, gemma3_spec, parse_parts
+from harness import models
 from harness.cli import build_parser, main
 from harness.errors import HarnessError
 from harness.spec import TaskSpec
@@ -26,10 +27,11 @@ def test_gemma3_base_defaults_to_the_embedded_model_with_the_alpaca_prompt():
     args = build_parser().parse_args(["bench", "amazon_desc", "--only", "gemma3"])
     assert args.gemma3_base == "embedded:gemma3-270m"
     spec = gemma3_spec(TaskSpec(name="t"), args.gemma3_base)
-    assert spec.model.base == "embedded:gemma3-270m" and spec.prompt.template == "alpaca"
-    named = TaskSpec(name="t")
+    assert spec.model.base == "embedded:gemma3-270m"
+    assert models.resolve_prompt_template(spec)["template"] == "alpaca"  # the embedded model's declared preset
+    named = gemma3_spec(TaskSpec(name="t"), args.gemma3_base)
     named.prompt.template = "llama2_inst"
-    assert gemma3_spec(named, "/m").prompt.template == "llama2_inst"  # a template the spec names stays
+    assert models.resolve_prompt_template(named)["template"] == "llama2_inst"  # a template the spec names stays
 
 
 @pytest.mark.parametrize("flag, value, message", [("--only", "gemma3,gemma4", "--only: unknown ['gemma4']"),
@@ -47,7 +49,8 @@ def test_bench_gemma3_part_trains_checks_losses_and_decodes(tmp_path, tiny_model
                  "--gen-models", "gemma3", "--gemma3-base", str(tiny_gemma3_dir), "--recipes", "trl_tuned,harness",
                  "--examples", "48", "--max-length", "96", "--batch", "4,8", "--warmup", "1", "--loss-every", "1",
                  "--gen-examples", "5", "--loop-examples", "2", "--gen-rows", "4", "--work", str(tmp_path / "work"),
-                 "--out", str(out), "--set", f"model.base={tiny_model_dir}", "--set", "generation.max_new_tokens=4"])
+                 "--out", str(out), "--set", f"model.base={tiny_model_dir}", "--set", "model.random_weights=true",
+                 "--set", "generation.max_new_tokens=4"])
     assert code == 0
     results = json.loads(out.read_text())
     label = tiny_gemma3_dir.name

@@ -17,7 +17,8 @@ def test_bench_serve_measures_serial_and_batched_servers(tmp_path, tiny_model_di
     out = tmp_path / "bench.json"
     code = main(["-q", "bench", str(REPO / "tasks" / "amazon_desc.yaml"), "--quick", "--only", "serve",
                  "--examples", "300", "--work", str(tmp_path / "work"), "--out", str(out),
-                 "--set", f"model.base={tiny_model_dir}", "--set", "generation.max_new_tokens=4"])
+                 "--set", f"model.base={tiny_model_dir}", "--set", "model.random_weights=true",
+                 "--set", "generation.max_new_tokens=4"])
     assert code == 0
     serve = json.loads(out.read_text())["serve"]
     serial, batched = serve["serial"], serve["batched"]

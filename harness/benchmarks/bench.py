@@ -324,27 +324,30 @@ class BenchModel:
     tokenizer: object
     build: object  # attention implementation -> a loaded model
     real_weights: bool  # the trl_tuned baseline runs on it (a random architecture: harness recipes only)
+    probe: dict | None = None  # the base model's probe perplexity and prompt template (real weights)
 
 
 def _real_model(spec, device, embedded_label: str) -> BenchModel:
     """The spec's base model (fetched or converted once), labelled `embedded_label` when it is an embedded one."""
     from harness import models
 
+    spec = replace(spec, prompt=replace(spec.prompt))  # settled below for this model alone
+    prompt = models.resolve_prompt_template(spec)
     model_ref = models.resolve_base(spec.model.base)
+    probe = models.check_base_probe(spec.model, model_ref)  # no speed figures for a broken model
     tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
 
     def build(attention: str = "sdpa"):
         return models.load_model(model_ref, spec.model, tokenizer, device, attn_implementation=attention)
 
     label = embedded_label if spec.model.base.startswith("embedded:") else Path(spec.model.base).name
-    return BenchModel(label, spec, tokenizer, build, real_weights=True)
+    return BenchModel(label, spec, tokenizer, build, real_weights=True, probe={**probe, "prompt_template": prompt})
 
 
 def gemma3_spec(spec, base: str):
-    """The task's spec on Gemma 3: its base model, and (a base model without a chat template) the alpaca
-    prompt unless the spec names a template."""
-    return replace(spec, model=replace(spec.model, base=base),
-                   prompt=replace(spec.prompt, template=spec.prompt.template or "alpaca"))
+    """The task's spec on Gemma 3 (a base model without a chat template: its prompt is settled in
+    `_real_model`, the alpaca preset unless the spec names a template)."""
+    return replace(spec, model=replace(spec.model, base=base))
 
 
 def parse_parts(only: str | None, gen_models: str) -> tuple[set[str], set[str]]:
@@ -633,7 +636,7 @@ def bench_command(args) -> int:
                else " ".join(sys.argv), "device": device.describe(), "platform": platform.platform(),
                "packages": package_versions(), "examples": len(examples), "flops": __doc__.split("FLOPs")[1].strip(),
                "warmup_steps": args.warmup, "train_seed": spec.train.seed, "training": [], "loss_check": [],
-               "ratios": {}}
+               "ratios": {}, "base_probe": {}}
     used = parts | (gen_models if "generate" in parts else set())
     arches = {"smollm2": lambda: base,
               "gemma3": lambda: _real_model(gemma3_spec(spec, args.gemma3_base), device, GEMMA3_LABEL),
@@ -641,6 +644,7 @@ def bench_command(args) -> int:
                                               _random_model_factory(TINYLLAMA_1B, tokenizer, device),
                                               real_weights=False)}
     arches = {key: make() for key, make in arches.items() if key in used}  # only the models asked for are loaded
+    results["base_probe"] = {arch.label: arch.probe for arch in arches.values() if arch.probe}
     unsloth_unavailable = None
     for key, arch in arches.items():
         if key not in parts:
@@ -656,7 +660,7 @@ def bench_command(args) -> int:
         if not arch.real_weights and runs:
             # Saved, so that what the spec's switches read from the model's folder (weight size) is this model's.
             folder = _model_folder(label, factory, arch.tokenizer, work)
-            part_spec = replace(part_spec, model=replace(part_spec.model, base=str(folder)))
+            part_spec = replace(part_spec, model=replace(part_spec.model, base=str(folder), random_weights=True))
         for r, batch, train_seed in runs:
             try:
                 if r == "unsloth":

@@ -25,8 +25,8 @@ from harness import models
 from harness.distributed import main_only
 from harness.errors import HarnessError, ModelError
 from harness.io import atomic_write_json, atomic_write_text
-from harness.recipes.run import (SPEC_FILE, execute, load_base_tokenizer, load_run_spec, prepare_stage, report_stage,
-                                 resolve_device, results_stage, stage, start_run, summary_line)
+from harness.recipes.run import (SPEC_FILE, execute, load_base_tokenizer, load_run_spec, prepare_stage, probe_base,
+                                 report_stage, resolve_device, results_stage, stage, start_run, summary_line)
 from harness.runfolder import Manifest
 from harness.scoring.metrics import paired_comparison
 from harness.spec import TaskSpec
@@ -80,6 +80,7 @@ def _stages(spec: TaskSpec, manifest: Manifest, adapters: list[Path]) -> None:
     candidates = resolve_candidates(adapters)
     tokenizer = check_candidates(candidates, spec, model_ref, tokenizer)
     manifest.update(candidates=[c.record() for c in candidates])
+    probe_base(spec, manifest, model_ref)  # after the cheap checks of the candidates, before any scoring
     prepared = prepare_stage(spec, manifest)
     if not spec.data.heldout_path:
         log.warning("held-out examples are a hash split of data.path: the scores mean something only if the "

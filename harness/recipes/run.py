@@ -60,10 +60,11 @@ def start_run(task: str, overrides: list[str], runs_root: Path,
               label: str | None = None) -> tuple[TaskSpec, Manifest]:
     """A new run folder `<runs_root>/<label or task name>-<time>-<rand>` with its resolved spec."""
     spec = load_spec(task, overrides)
+    prompt = models.resolve_prompt_template(spec)  # recorded in spec.yaml: every later stage reads it there
     run_dir = new_run_dir(runs_root, label or spec.name)
     atomic_write_text(run_dir / SPEC_FILE, yaml.safe_dump(spec_to_dict(spec), sort_keys=False))
     manifest = Manifest.create(run_dir, spec.name)
-    manifest.update(overrides=list(overrides))
+    manifest.update(overrides=list(overrides), prompt_template=prompt)
     return load_run_spec(run_dir), manifest
 
 
@@ -141,7 +142,7 @@ def _stages(spec: TaskSpec, manifest: Manifest) -> None:
     run_dir = manifest.run_dir
     device, fast = resolve_device(spec, manifest)
     prepared = prepare_stage(spec, manifest)
-    model_ref, tokenizer = load_base_tokenizer(spec)
+    model_ref, tokenizer = load_base_tokenizer(spec, manifest)
     session = ScoringSession(spec, tokenizer, prepared.heldout, run_dir, device, model_ref, manifest,
                              train=prepared.train)
 
@@ -207,11 +208,21 @@ def _check_split(spec: TaskSpec, manifest: Manifest, prepared: data_mod.Prepared
                            f"(got {len(prepared.train)} train, {len(prepared.heldout)} held-out)")
 
 
-def load_base_tokenizer(spec: TaskSpec):
-    """The base model's reference (fetched/converted once) and its tokenizer, set up for the prompt."""
+def load_base_tokenizer(spec: TaskSpec, manifest: Manifest | None = None):
+    """The base model's reference (fetched/converted once) and its tokenizer, set up for the prompt.
+
+    With a manifest (a recipe about to train or score), the base model's probe perplexity is measured
+    first and recorded; a broken model stops the run here (models.check_base_probe)."""
     model_ref = main_only(models.resolve_base)(spec.model.base)  # fetched or converted once, by rank 0
+    if manifest is not None:
+        probe_base(spec, manifest, model_ref)
     tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
     return model_ref, tokenizer
+
+
+def probe_base(spec: TaskSpec, manifest: Manifest, model_ref: str) -> None:
+    """Measure the base model's probe perplexity and record it; a broken model stops here (exit 4)."""
+    manifest.update(base_probe=main_only(models.check_base_probe)(spec.model, model_ref))
 
 
 def train_stage(spec: TaskSpec, manifest: Manifest, train_examples, model_ref: str, tokenizer, device,

@@ -95,6 +95,7 @@ def _sweep_stages(shared_storage, spec: TaskSpec, manifest: Manifest) -> None:
     sweep_dir = manifest.run_dir.resolve()  # trial folders are recorded in the study: absolute paths
     done = set(manifest.data.get("stages_done", []))
     prepared = prepare_stage(spec, manifest)
+    load_base_tokenizer(spec, manifest)  # the probe: a broken base model stops the sweep before any trial
     train, validation = carve_validation(prepared.train, spec.sweep)
     _record_validation(sweep_dir, spec.sweep, prepared.train, validation)
     grid = manifest.data["sweep"]["grid"]
@@ -357,7 +358,7 @@ def _trial_stages(sweep: Sweep, spec: TaskSpec, manifest: Manifest) -> None:
     run_dir = manifest.run_dir
     manifest.update(recipe="sweep-trial", scored_on="validation", sweep_dir=str(sweep.dir))
     device, fast = resolve_device(spec, manifest)
-    model_ref, tokenizer = load_base_tokenizer(spec)
+    model_ref, tokenizer = load_base_tokenizer(spec, manifest)
     session = ScoringSession(spec, tokenizer, sweep.validation, run_dir, device, model_ref, manifest,
                              train=sweep.train)
 

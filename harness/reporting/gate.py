@@ -92,6 +92,7 @@ class Context:
     settings: MetricSettings
     prints: dict[str, str]
     warnings: list[str] = field(default_factory=list)
+    base_probe: dict = field(default_factory=dict)  # models.check_base_probe's record, and the prompt used
 
 
 # -- rules (pure functions, unit-tested without a model) --------------------------------------
@@ -182,11 +183,13 @@ def select_subset(examples: list, size: int | None, seed: int) -> list:
 
 def build_context(task: str, overrides: list[str]) -> Context:
     spec = load_spec(task, overrides)  # validates gate.rules, margins and subset
+    prompt = models.resolve_prompt_template(spec)  # as `run` recorded it for the baseline
     heldout = data.prepare(spec).heldout
     if not heldout:
         raise CannotJudge(f"{spec.name}: the held-out split is empty; nothing to judge on")
     examples = select_subset(heldout, spec.gate.subset, spec.gate.subset_seed)
     model_ref = models.resolve_base(spec.model.base)
+    probe = models.check_base_probe(spec.model, model_ref)  # no verdict from a broken base model
     tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
     settings = metric_settings(spec)
     prints = {"base_model": fingerprint.model_fingerprint(model_ref),
@@ -194,7 +197,8 @@ def build_context(task: str, overrides: list[str]) -> Context:
               "heldout_split": fingerprint.split_fingerprint(heldout),
               "evaluated_split": fingerprint.split_fingerprint(examples),
               **fingerprint.settings_fingerprints(spec, settings_record(settings))}
-    return Context(spec, examples, len(heldout), model_ref, tokenizer, models.pick_device(), settings, prints)
+    return Context(spec, examples, len(heldout), model_ref, tokenizer, models.pick_device(), settings, prints,
+                   base_probe={**probe, "prompt_template": prompt})
 
 
 def _side(ctx: Context, gens: list[dict], nll, counts, adapter: str, source: str, device: str) -> Side:
@@ -355,7 +359,7 @@ def judge(record: dict, task: str, candidate: Path, baseline: Path, overrides: l
     ctx = build_context(task, overrides)
     record.update(task=ctx.spec.name, n=len(ctx.examples), heldout_size=ctx.heldout_size,
                   subset={"size": ctx.spec.gate.subset, "seed": ctx.spec.gate.subset_seed},
-                  fingerprints=dict(ctx.prints))
+                  fingerprints=dict(ctx.prints), base_probe=ctx.base_probe)
     base = load_side(baseline, ctx, "baseline")  # first: a mismatched baseline fails before any scoring
     cand = load_side(candidate, ctx, "candidate")
     record["fingerprints"].update(baseline_adapter=base.adapter, candidate_adapter=cand.adapter)

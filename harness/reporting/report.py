@@ -589,6 +589,17 @@ def _spec_differences(runs: list[Run]) -> list[dict]:
     return [row for row in rows if len(set(row["values"])) > 1]
 
 
+def _model_check(manifest: dict) -> str:
+    """Which prompt format the run used and the base model's probe perplexity (models.check_base_probe)."""
+    prompt, probe = _dict(manifest.get("prompt_template")), _dict(manifest.get("base_probe"))
+    template = f"{prompt['template']} ({prompt.get('source')})" if prompt.get("template") else "not recorded"
+    if not _is_num(probe.get("perplexity")):
+        return f"prompt: {template} · probe perplexity: not recorded"
+    note = (" (random weights on purpose)" if probe.get("random_weights") else
+            f" (expected {probe['expected']:g})" if _is_num(probe.get("expected")) else "")
+    return f"prompt: {template} · base model probe perplexity {probe['perplexity']:.1f}{note}"
+
+
 def build_context(runs: list[Run], comparisons: list[dict] = ()) -> dict:
     """Everything both templates show, as pre-formatted strings (templates only lay out);
     `comparisons` are an eval's candidates against each other (metrics.json `comparisons`)."""
@@ -599,6 +610,7 @@ def build_context(runs: list[Run], comparisons: list[dict] = ()) -> dict:
     return {
         "task": tasks.pop() if len(tasks) == 1 else "several tasks",
         "model": _plain(model),
+        "model_check": _model_check(first.manifest),
         "runs": [{"label": r.label, "color": PALETTE[k % len(PALETTE)],
                   "n": len(r.predictions), "status": _plain(r.manifest.get("status")),
                   "started": _plain(r.manifest.get("started_at")), "device": _plain(r.manifest.get("device")),
