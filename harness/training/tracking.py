@@ -137,14 +137,18 @@ def _mlflow_run(spec: TaskSpec, run_dir: Path, previous: dict | None):
         run_id = previous["run_id"]
     else:
         run_id = client.create_run(_experiment_id(client, target, run_dir), run_name=run_dir.name).info.run_id
+    # set_tracking_uri also sets MLFLOW_TRACKING_URI for the process: the caller's setting comes back after, or
+    # the next run in this process would log into this run's store.
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
     mlflow.set_tracking_uri(target["tracking_uri"])
-    mlflow.start_run(run_id=run_id)
     status = "KILLED"
     try:
+        mlflow.start_run(run_id=run_id)
         yield {**target, "run_id": run_id}
         status = "FINISHED"
     finally:
         mlflow.end_run(status=status)
+        mlflow.set_tracking_uri(previous)
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from harness import distributed
 from harness.data.prompts import build_prompt, encode_examples
 from harness.errors import HarnessError
 from harness.io import atomic_write_text
-from harness.models import Device, public_model_id, sync_eos
+from harness.models import Device, embedded_model, sync_eos
 from harness.spec import TaskSpec
 from harness.training import tracking
 from harness.training.fused_lora import fused_lora_add
@@ -480,8 +480,8 @@ def _train(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, run_dir: Path, d
     adapter_dir = run_dir / "adapter"
     sync_eos(trainer.model, tokenizer)
     if trainer.is_world_process_zero():
-        name_public_base(trainer.model, spec.model.base)
         trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
+        name_public_base(adapter_dir, spec.model.base)
     trainer.accelerator.wait_for_everyone()  # the others score with the adapter next
     n_tokens = sum(len(ids) for ids in train_ds["input_ids"]) * max(spec.train.epochs, 1)
     best = None
@@ -493,10 +493,22 @@ def _train(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, run_dir: Path, d
                        seconds=time.perf_counter() - started, best=best, trackers=tracked or None)
 
 
-def name_public_base(peft_model, base: str) -> None:
-    """Have the saved adapter name an embedded base model by its public id (adapter_config.json's
-    base_model_name_or_path), not by this machine's cache folder; `eval` matches that id to the base."""
-    public = public_model_id(base)
-    if public is not None:
-        for config in peft_model.peft_config.values():
-            config.base_model_name_or_path = public
+def name_public_base(adapter_dir: Path, base: str) -> None:
+    """Have a saved adapter of an embedded base model name it by its public id (adapter_config.json's
+    base_model_name_or_path, and the front matter of PEFT's README) rather than by this machine's cache
+    folder; `eval` matches that id to the embedded model. Rewritten after saving, so PEFT's own checks at
+    save time still read the local folder (with a hub id they would query the Hub)."""
+    embedded = embedded_model(base)
+    if embedded is None:
+        return
+    path = adapter_dir / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    atomic_write_text(path, json.dumps({**config, "base_model_name_or_path": embedded.public_id}, indent=2,
+                                       sort_keys=True))
+    readme = adapter_dir / "README.md"
+    if readme.is_file():
+        from huggingface_hub import ModelCard
+
+        card = ModelCard.load(readme)
+        card.data.base_model = embedded.public_id
+        atomic_write_text(readme, str(card))
