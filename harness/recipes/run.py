@@ -80,6 +80,7 @@ def resume_run(run_dir: Path) -> tuple[TaskSpec, Manifest]:
     if status == "running":
         log.warning("%s: its process (pid %s) is gone without a word (killed?); resuming", run_dir, pid)
     spec = load_run_spec(run_dir)
+    tracking.require_packages(spec)
     manifest = Manifest.load(run_dir)
     manifest.update(status="running", pid=os.getpid(), pid_started=process_start(os.getpid()),
                     resumed_at=time.time())
@@ -90,7 +91,8 @@ def resume_run(run_dir: Path) -> tuple[TaskSpec, Manifest]:
 def open_run(task: str | None, overrides: list[str], runs_root: Path, resume: Path | None = None) -> Path:
     """Start a new run folder, or take over `resume`; the other processes get its path. A tracker that
     train.report_to names but is not installed fails here, before either."""
-    tracking.require_packages(load_run_spec(resume) if resume else load_spec(task, overrides))
+    if not resume:
+        tracking.require_packages(load_spec(task, overrides))
     _spec, manifest = resume_run(resume) if resume else start_run(task, overrides, runs_root,
                                                                    command=command_line("run", task, overrides))
     return manifest.run_dir

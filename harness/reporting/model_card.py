@@ -260,6 +260,10 @@ def _guard(metrics: dict, side: str, key: str) -> str:
 
 def _command(manifest: dict) -> str:
     command = manifest.get("command")
+    sweep = manifest.get("sweep") or {}
+    if not command and sweep.get("dir"):
+        return f"# trial {sweep.get('trial')} of the sweep in {Path(sweep['dir']).name}, scored once on held-out " \
+               "(the sweep's manifest.json and choice.json say how it was chosen)"
     if not command:
         return "# not recorded by this run (made before harness recorded commands, or by a sweep trial)"
     return "python -m harness " + shlex.join(command)
