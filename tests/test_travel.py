@@ -333,3 +333,19 @@ def test_export_refuses_qlora_runs_and_used_folders(travelled, tmp_path, capsys)
     assert "exists and is not an empty folder" in capsys.readouterr().err
     assert (tmp_path / "used" / "keep.txt").read_text(encoding="utf-8") == "mine"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_resumed_run_writes_its_card(travelled, tmp_path):
+    """A run stopped before its report stage gets the card when `--resume` finishes it."""
+    run = tmp_path / travelled.name
+    shutil.copytree(travelled, run, ignore=shutil.ignore_patterns("checkpoints"))
+    (run / "adapter" / "README.md").unlink()
+    manifest = read(run / "manifest.json")
+    manifest.update(status="interrupted", stages_done=[s for s in manifest["stages_done"] if s != "report"])
+    (run / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    assert main(["-q", "run", "--resume", str(run)]) == 0
+    logged = {m["type"]: m["value"] for m in
+              front_matter((run / "adapter" / "README.md").read_text(encoding="utf-8"))["model-index"][0]["results"][0]["metrics"]}
+    assert logged == {m: s["value"] for m, s in read(run / "metrics.json")["tuned"].items()}
+    assert read(run / "manifest.json")["stages_done"][-1] == "report"
