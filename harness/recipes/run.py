@@ -247,9 +247,7 @@ def train_stage(spec: TaskSpec, manifest: Manifest, train_examples, model_ref: s
                               attn_implementation=fast["attention"])
     resume_from = latest_checkpoint(run_dir / "checkpoints")
     result = train(spec, model, tokenizer, train_examples, run_dir, device, resume_from=resume_from, fast=fast,
-                   tracked=manifest.data.get("tracking"))
-    if result.trackers:
-        manifest.update(tracking=result.trackers)
+                   tracked=manifest.data.get("tracking"), on_tracking=lambda record: manifest.update(tracking=record))
     t = spec.train
     manifest.update(train={"steps": result.steps, "train_tokens": result.train_tokens,
                            "seconds": round(result.seconds, 2), "resumed_from": str(resume_from or ""),

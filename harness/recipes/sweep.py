@@ -399,7 +399,10 @@ def _copy_training(source: Path, manifest: Manifest) -> None:
     shutil.copytree(source / "adapter", run_dir / "adapter", dirs_exist_ok=True)
     if (source / "train_log.jsonl").is_file():
         shutil.copyfile(source / "train_log.jsonl", run_dir / "train_log.jsonl")
-    manifest.update(train={**read_manifest(source).get("train", {}), "adapter_from": str(source)})
+    recorded = read_manifest(source)
+    # Trackers: the held-out metrics go to the run that trained (train.report_to).
+    manifest.update(train={**recorded.get("train", {}), "adapter_from": str(source)},
+                    **({"tracking": recorded["tracking"]} if "tracking" in recorded else {}))
     log.info("adapter copied from %s", source)
 
 

@@ -44,7 +44,6 @@ class TrainResult:
     train_tokens: int
     seconds: float
     best: dict | None = None  # with train.keep_best: the checkpoint the adapter was restored from
-    trackers: dict | None = None  # where train.report_to's trackers logged (harness.training.tracking)
 
 
 def fast_path_options(spec: TaskSpec, device: Device) -> dict:
@@ -446,10 +445,12 @@ def modeling_module_restored(model):
 
 
 def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, device: Device,
-          resume_from: Path | None = None, fast: dict | None = None, tracked: dict | None = None) -> TrainResult:
+          resume_from: Path | None = None, fast: dict | None = None, tracked: dict | None = None,
+          on_tracking=None) -> TrainResult:
     """Train a LoRA adapter on `train_examples`; save it in standard PEFT format under run_dir/adapter.
     `fast`: fast_path_options(spec, device), where the caller resolved it already (run does, up front);
-    `tracked`: the manifest's `tracking` record of an earlier session of this run (a resume)."""
+    `tracked`: the manifest's `tracking` record of an earlier session of this run (a resume); `on_tracking(record)`
+    is told where the trackers log before training starts (so an interrupted run resumes into the same runs)."""
     train_part, eval_part = split_eval(train_examples, spec.train.eval_fraction)
     if spec.train.keep_best and not eval_part:
         raise HarnessError(f"train.keep_best: train.eval_fraction {spec.train.eval_fraction} of "
@@ -457,11 +458,12 @@ def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, devic
     train_ds = tokenized_dataset(spec, tokenizer, train_part)
     eval_ds = tokenized_dataset(spec, tokenizer, eval_part) if eval_part else None
     with modeling_module_restored(model):
-        return _train(spec, model, tokenizer, train_ds, eval_ds, run_dir, device, resume_from, fast, tracked)
+        return _train(spec, model, tokenizer, train_ds, eval_ds, run_dir, device, resume_from, fast, tracked,
+                      on_tracking)
 
 
 def _train(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, run_dir: Path, device: Device,
-           resume_from: Path | None, fast: dict | None, tracked: dict | None) -> TrainResult:
+           resume_from: Path | None, fast: dict | None, tracked: dict | None, on_tracking) -> TrainResult:
     fast = fast or fast_path_options(spec, device)
     trainer = build_trainer(spec, model, tokenizer, train_ds, eval_ds, run_dir / "checkpoints", device, fast=fast)
     stopper = _StopOnSignal()
@@ -473,6 +475,8 @@ def _train(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, run_dir: Path, d
     started = time.perf_counter()
     with _signals_to(stopper), fused_lora_add(trainer.model, fast["fused_lora"]), \
             tracking.training_session(spec, run_dir, trainer, tracked) as tracked:
+        if tracked and on_tracking is not None:
+            on_tracking(tracked)
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if stopper.received is not None:
         raise TrainingInterrupted(f"training interrupted by signal {stopper.received}; "
@@ -490,7 +494,7 @@ def _train(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, run_dir: Path, d
         log.info("keep_best: adapter restored from %s (eval loss %s)", best["checkpoint"], best["eval_loss"])
     return TrainResult(adapter_dir=adapter_dir,
                        steps=trainer.state.global_step, train_tokens=int(n_tokens),
-                       seconds=time.perf_counter() - started, best=best, trackers=tracked or None)
+                       seconds=time.perf_counter() - started, best=best)
 
 
 def name_public_base(adapter_dir: Path, base: str) -> None:
