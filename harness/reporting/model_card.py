@@ -104,7 +104,8 @@ def _body(run: _Run, kind: str, base: str, public: str | None, embedded, export:
     task = manifest.get("task") or spec.get("name")
     base_name = public or f"a local model folder ({Path(base).name})"
     what = {"adapter": f"A LoRA adapter for {base_name}", "run": f"A LoRA adapter for {base_name}",
-            "merged": f"{base_name} with a LoRA adapter merged into its weights"}[kind]
+            "merged": f"A full model fine-tuned from {base_name}" if run.candidate
+            else f"{base_name} with a LoRA adapter merged into its weights"}[kind]
     description = (spec.get("description") or "").strip().rstrip(".")
     if run.candidate:
         summary = (f"{what}, scored by `harness eval` on task `{task}`{': ' + description if description else ''}. "
