@@ -83,7 +83,7 @@ def attach(trainer, first_callbacks: list) -> None:
     """Put `first_callbacks` before the trackers the Trainer created, so what they add to a log is logged."""
     from transformers.integrations import INTEGRATION_TO_CALLBACK
 
-    integrations = [trainer.pop_callback(cls) for cls in {INTEGRATION_TO_CALLBACK[n] for n in PACKAGES}]
+    integrations = [trainer.pop_callback(INTEGRATION_TO_CALLBACK[name]) for name in PACKAGES]
     for callback in first_callbacks + [c for c in integrations if c is not None]:
         trainer.add_callback(callback)
 
@@ -104,7 +104,7 @@ def training_session(spec: TaskSpec, run_dir: Path, trainer, record: dict | None
         if "mlflow" in names and trainer.is_world_process_zero():
             record["mlflow"] = stack.enter_context(_mlflow_run(spec, run_dir, record.get("mlflow")))
         if "wandb" in names:
-            record["wandb"] = stack.enter_context(_wandb_env(run_dir, record.get("wandb")))
+            record["wandb"] = stack.enter_context(_wandb_env(run_dir, spec.name, record.get("wandb")))
         yield record
 
 
@@ -152,17 +152,20 @@ def _mlflow_run(spec: TaskSpec, run_dir: Path, previous: dict | None):
 
 
 @contextmanager
-def _wandb_env(run_dir: Path, previous: dict | None = None):
+def _wandb_env(run_dir: Path, project: str, previous: dict | None = None):
     """Weights & Biases offline, its files in the run folder, unless the user configured it; the W&B run id is
-    the run folder's name, so the held-out metrics (and a resumed run) join the run training started."""
+    the run folder's name and the project the task's (unless WANDB_PROJECT says), so the held-out metrics
+    (and a resumed run) join the run training started."""
     configured = bool(os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"))
-    changes = {"WANDB_DIR": str(run_dir.resolve()), "WANDB_RUN_ID": (previous or {}).get("run_id", run_dir.name),
-               "WANDB_RESUME": "allow"} | ({} if configured else {"WANDB_MODE": "offline"})
+    previous = previous or {}
+    changes = {"WANDB_DIR": str(run_dir.resolve()), "WANDB_RUN_ID": previous.get("run_id", run_dir.name),
+               "WANDB_PROJECT": previous.get("project", project), "WANDB_RESUME": "allow"} | \
+        ({} if configured else {"WANDB_MODE": "offline"})
     changes = {k: v for k, v in changes.items() if k not in os.environ}
     os.environ.update(changes)
     try:
         yield {"mode": os.environ.get("WANDB_MODE", "online"), "dir": os.environ["WANDB_DIR"],
-               "run_id": os.environ["WANDB_RUN_ID"]}
+               "run_id": os.environ["WANDB_RUN_ID"], "project": os.environ["WANDB_PROJECT"]}
     finally:
         for key in changes:
             os.environ.pop(key, None)
@@ -211,8 +214,8 @@ def log_heldout(spec: TaskSpec, run_dir: Path, record: dict | None, metrics: dic
     if "wandb" in names:
         import wandb
 
-        with _wandb_env(run_dir, record.get("wandb")) as target:
-            run = wandb.init(id=target["run_id"], resume="allow")
+        with _wandb_env(run_dir, spec.name, record.get("wandb")) as target:
+            run = wandb.init(project=target["project"], id=target["run_id"], resume="allow")
             run.summary.update(scalars)
             run.finish()
     log.info("tracking: held-out metrics logged to %s", ", ".join(names))
