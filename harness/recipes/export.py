@@ -12,11 +12,12 @@ difference stays: harness counts `repetition_penalty` and `no_repeat_ngram_size`
 transformers over the prompt too (docs/results-schema.md), so with those on, an output that repeats
 words of its own prompt can decode differently.
 
-A QLoRA run (its manifest's fast_path.quantize) trained its adapter on the nf4-quantized base; merged
-into the original weights it would sit on another base than it learned on, so export refuses unless
-`--dequantize`: the base is loaded in nf4 as in training (CUDA and bitsandbytes), de-quantized to bf16
-and merged there. That costs the base its 4-bit rounding error, baked into every weight: the export is
-no longer the original base plus the adapter, and no smaller than a bf16 model.
+A QLoRA run (its manifest's fast_path.quantize) trained its adapter on the nf4-quantized base, so export
+refuses it unless `--dequantize`: the base is loaded in nf4 as in training (CUDA and bitsandbytes),
+de-quantized to bf16 and the adapter merged there. What that costs: the base's 4-bit rounding error stays
+in every weight (the export is not the original base plus the adapter, and no smaller than a bf16 model),
+and it is not the model the run's held-out numbers measured: harness scores a QLoRA adapter on the
+original bf16 base.
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "bf16", dequantize: bo
                        f"`harness run --resume {run_dir}`)")
     quantized = bool((manifest.get("fast_path") or {}).get("quantize"))
     if quantized and not dequantize:
-        raise RunError(f"{run_dir}: a QLoRA run (its adapter learned on the nf4-quantized base); merging it into the "
-                       "original weights gives a model it was never trained or scored as. Pass --dequantize to merge "
-                       "into the de-quantized nf4 base (the 4-bit rounding stays in every weight)")
+        raise RunError(f"{run_dir}: a QLoRA run (its adapter learned on the nf4-quantized base); pass --dequantize "
+                       "to merge it into that base de-quantized to bf16 (the 4-bit rounding stays in every weight, "
+                       "and the run's held-out scores were measured on the original bf16 base, not on this one)")
     if dequantize and not quantized:
         raise HarnessError(f"export --dequantize: {run_dir} is no QLoRA run (fast_path.quantize is false); leave it out")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
