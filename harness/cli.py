@@ -181,6 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default="/tmp/harness-bench", help="scratch folder (checkpoints, random 8B weights)")
     _add_overrides(p)
 
+    p = sub.add_parser("export", help="the run's base model with its adapter merged: a transformers folder to deploy")
+    p.add_argument("run", type=Path)
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="a new folder for the merged model")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                   help="weight dtype of the export (default %(default)s; the merge itself runs in fp32)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="QLoRA runs only: merge into the de-quantized nf4 base the adapter learned on (the 4-bit "
+                        "rounding stays in the weights; needs CUDA and bitsandbytes)")
+
     p = sub.add_parser("fetch-model", help="fetch, convert and probe an embedded model (once)")
     p.add_argument("name", nargs="?", help="the embedded model (default: the default model, "
                                            "smollm2-135m-instruct; also gemma3-270m)")
@@ -349,6 +358,13 @@ def _cmd_bench(args) -> int:
     return bench_command(args)
 
 
+def _cmd_export(args) -> int:
+    from harness.recipes.export import export_run, summary
+
+    print(summary(export_run(args.run, args.out, args.dtype, args.dequantize)))
+    return 0
+
+
 def _cmd_fetch_model(args) -> int:
     from harness.models import embedded_model, fetch_embedded
     from harness.spec import EMBEDDED_MODEL
@@ -360,7 +376,7 @@ def _cmd_fetch_model(args) -> int:
 COMMANDS = {"run": _cmd_run, "eval": _cmd_eval, "validate": _cmd_validate, "prepare": _cmd_prepare,
             "report": _cmd_report, "check": _cmd_check, "baseline": _cmd_baseline, "generate": _cmd_generate,
             "serve": _cmd_serve, "bench": _cmd_bench, "fetch-model": _cmd_fetch_model,
-            "sweep": _cmd_sweep, "compare": _cmd_compare}
+            "sweep": _cmd_sweep, "compare": _cmd_compare, "export": _cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

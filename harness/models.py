@@ -75,7 +75,9 @@ class EmbeddedModel:
     parts: tuple[WheelPart, ...]
     gguf_name: str
     sha256: str
-    hub_id: str  # the model the GGUF was made from, for the README and the report
+    # The model the GGUF was made from, on the Hugging Face Hub: what adapters and model cards name
+    # instead of this machine's cache folder, and the README and the report show.
+    hub_id: str
     license: str
     size: str  # parameters and download size, for people choosing a model
     instruction_tuned: bool
@@ -85,6 +87,9 @@ class EmbeddedModel:
     # a converted copy outside it is refused (a transformers version that converts this GGUF wrongly).
     probe_perplexity: float
     probe_tolerance: float = PROBE_TOLERANCE
+
+    # The Hub's identifier of that license, for model cards' front matter.
+    hub_license: str
 
     @property
     def packages(self) -> list[str]:
@@ -100,6 +105,7 @@ EMBEDDED_MODELS = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         license="Apache-2.0",
+        hub_license="apache-2.0",
         size="135M parameters; 93 MB download, 270 MB converted",
         instruction_tuned=True,
         prompt_template=None,
@@ -115,6 +121,7 @@ EMBEDDED_MODELS = {
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         hub_id="google/gemma-3-270m",
         license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        hub_license="gemma",
         size="268M parameters; 253 MB download, 536 MB converted",
         instruction_tuned=False,
         prompt_template="alpaca",  # a pre-trained base model: no chat template
@@ -442,6 +449,17 @@ def resolve_prompt_template(spec) -> dict:
     return {"template": template if template is not None else "chat template", "source": source}
 
 
+def public_model_id(base: str) -> str | None:
+    """The name of `base` that means something on another machine: an embedded model's Hub id, a hub id
+    itself; None for a local folder (its path names nothing elsewhere)."""
+    embedded = embedded_model(base)
+    if embedded is not None:
+        return embedded.hub_id
+    if base.startswith("embedded:") or base.startswith((".", "/", "~")) or Path(base).expanduser().exists():
+        return None
+    return base
+
+
 def check_safe_weights(folder: Path, allow_pickle: bool, what: str) -> None:
     """Refuse pickle checkpoints (arbitrary code on load) unless the user opted in."""
     if not folder.is_dir():
@@ -671,8 +689,10 @@ def check_adapter_fits(adapter_dir: Path, model_ref: str, spec_model) -> None:
     check_safe_weights(adapter_dir, spec_model.allow_pickle, "adapter")
     config = _json_object(adapter_dir / "adapter_config.json")
     claimed = config.get("base_model_name_or_path")
+    # An embedded model's public id is one of its names: its adapters name it (not this machine's cache).
+    public = [e.hub_id] if (e := embedded_model(spec_model.base)) else []
     if claimed and not any(_same_model(str(claimed), n) for n in (spec_model.base, model_ref,
-                                                                   *spec_model.base_aliases)):
+                                                                   *spec_model.base_aliases, *public)):
         raise ModelError(f"{adapter_dir}: adapter_config.json names base model '{claimed}', not the spec's "
                          f"model.base '{spec_model.base}' (if it is the same model under another name, "
                          "add that name to model.base_aliases)")

@@ -24,6 +24,8 @@ EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 METRIC_NAMES = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf", "perplexity", "rep4", "loops", "distinct2")
 # Named prompt formats of the fine-tuning notebooks (texts in harness/data/prompts.py PRESETS).
 PROMPT_PRESETS = ("alpaca", "llama2_inst")
+# Experiment trackers `train.report_to` may name (harness.training.tracking), besides "none".
+TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
 @dataclass
@@ -106,6 +108,8 @@ class TrainSpec:
     save_steps: int = 20
     # Keep the checkpoint with the lowest eval loss (on the train.eval_fraction slice), not the last.
     keep_best: bool = False
+    # Experiment trackers that watch training: none, tensorboard, mlflow, wandb, or a list of them.
+    report_to: str | list[str] = "none"
 
 
 @dataclass
@@ -418,6 +422,7 @@ def _check_values(spec: TaskSpec, path: Path) -> None:
             raise SpecError(f"{path}: gate.rules[{i}].metric: unknown metric '{rule.metric}'"
                             f"{_did_you_mean(rule.metric, list(METRIC_NAMES))}")
     _check_select(spec, path)
+    _check_report_to(spec, path)
     template = spec.prompt.template
     if template is not None and template not in PROMPT_PRESETS and "{title}" not in template:
         close = difflib.get_close_matches(template, PROMPT_PRESETS, n=1, cutoff=0.6)
@@ -439,6 +444,31 @@ def _check_select(spec: TaskSpec, path: Path) -> None:
             raise SpecError(f"{path}: {key}: unknown metric '{name}'{_did_you_mean(name, list(METRIC_NAMES))}")
         if name not in spec.metrics.names:
             raise SpecError(f"{path}: {key}: '{name}' is not among metrics.names")
+        if name in seen:
+            raise SpecError(f"{path}: {key}: '{name}' is listed twice")
+        seen.add(name)
+
+
+def report_to_names(report_to: str | list[str]) -> list[str]:
+    """`train.report_to` as a list of tracker names ([] for "none")."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    return [n for n in names if n != "none"]
+
+
+def _check_report_to(spec: TaskSpec, path: Path) -> None:
+    """train.report_to: "none", or trackers from TRACKERS (a list without "none" and without repeats)."""
+    report_to = spec.train.report_to
+    names = [report_to] if isinstance(report_to, str) else report_to
+    if not names:
+        raise SpecError(f"{path}: train.report_to: must name a tracker, a list of them, or none")
+    seen = set()
+    for i, name in enumerate(names):
+        key = "train.report_to" if isinstance(report_to, str) else f"train.report_to[{i}]"
+        if name == "none" and len(names) == 1:
+            continue
+        if name not in TRACKERS:
+            allowed = list(TRACKERS) + (["none"] if isinstance(report_to, str) else [])
+            raise SpecError(f"{path}: {key}: unknown tracker '{name}'{_did_you_mean(name, allowed)}")
         if name in seen:
             raise SpecError(f"{path}: {key}: '{name}' is listed twice")
         seen.add(name)

@@ -25,8 +25,9 @@ from harness import models
 from harness.distributed import main_only
 from harness.errors import HarnessError, ModelError
 from harness.io import atomic_write_json, atomic_write_text
-from harness.recipes.run import (SPEC_FILE, execute, load_base_tokenizer, load_run_spec, prepare_stage, probe_base,
-                                 report_stage, resolve_device, results_stage, stage, start_run, summary_line)
+from harness.recipes.run import (SPEC_FILE, command_line, execute, load_base_tokenizer, load_run_spec, prepare_stage,
+                                 probe_base, record_prompt, report_stage, resolve_device, results_stage, stage,
+                                 start_run, summary_line)
 from harness.runfolder import Manifest
 from harness.scoring.metrics import paired_comparison
 from harness.spec import TaskSpec
@@ -58,15 +59,16 @@ def eval_task(task: str, adapters: list[Path], overrides: list[str], runs_root: 
         raise HarnessError("eval: give at least one --adapter DIR")
     # Trained elsewhere, the adapters may have seen any of data.path: every training title counts in
     # the leak check, so data.max_train (a cap on what `run` trains on) does not apply here.
-    run_dir = _open_eval(task, [*overrides, "data.max_train=null"], runs_root)
+    command = command_line("eval", task, overrides, *(x for a in adapters for x in ("--adapter", str(a))))
+    run_dir = _open_eval(task, [*overrides, "data.max_train=null"], runs_root, command)
     log.info("run folder: %s", run_dir)
     return execute(load_run_spec(run_dir), Manifest.load(run_dir),
                    stages=lambda s, m: _stages(s, m, [Path(a) for a in adapters]))
 
 
 @main_only
-def _open_eval(task: str, overrides: list[str], runs_root: Path) -> Path:
-    _spec, manifest = start_run(task, overrides, runs_root)
+def _open_eval(task: str, overrides: list[str], runs_root: Path, command: list[str]) -> Path:
+    _spec, manifest = start_run(task, overrides, runs_root, command=command)
     manifest.update(recipe="eval")
     return manifest.run_dir
 
@@ -79,6 +81,7 @@ def _stages(spec: TaskSpec, manifest: Manifest, adapters: list[Path]) -> None:
     model_ref, tokenizer = load_base_tokenizer(spec)
     candidates = resolve_candidates(adapters)
     tokenizer = check_candidates(candidates, spec, model_ref, tokenizer)
+    record_prompt(manifest, spec, tokenizer)
     manifest.update(candidates=[c.record() for c in candidates])
     probe_base(spec, manifest, model_ref)  # after the cheap checks of the candidates, before any scoring
     prepared = prepare_stage(spec, manifest)

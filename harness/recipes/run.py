@@ -27,6 +27,7 @@ from harness.errors import HarnessError, RunError
 from harness.io import atomic_write_text, os_error_message
 from harness.runfolder import Manifest, new_run_dir, pid_alive, process_start, read_manifest
 from harness.spec import TaskSpec, build, load_spec, spec_to_dict
+from harness.training import tracking
 from harness.training.train import fast_path_options
 
 log = logging.getLogger(__name__)
@@ -57,14 +58,15 @@ def load_run_spec(run_dir: Path) -> TaskSpec:
 
 
 def start_run(task: str, overrides: list[str], runs_root: Path,
-              label: str | None = None) -> tuple[TaskSpec, Manifest]:
-    """A new run folder `<runs_root>/<label or task name>-<time>-<rand>` with its resolved spec."""
+              label: str | None = None, command: list[str] | None = None) -> tuple[TaskSpec, Manifest]:
+    """A new run folder `<runs_root>/<label or task name>-<time>-<rand>` with its resolved spec;
+    `command`: the harness command line that made it (recorded for the model card)."""
     spec = load_spec(task, overrides)
     prompt = models.resolve_prompt_template(spec)  # recorded in spec.yaml: every later stage reads it there
     run_dir = new_run_dir(runs_root, label or spec.name)
     atomic_write_text(run_dir / SPEC_FILE, yaml.safe_dump(spec_to_dict(spec), sort_keys=False))
     manifest = Manifest.create(run_dir, spec.name)
-    manifest.update(overrides=list(overrides), prompt_template=prompt)
+    manifest.update(overrides=list(overrides), prompt_template=prompt, **({"command": command} if command else {}))
     return load_run_spec(run_dir), manifest
 
 
@@ -79,6 +81,7 @@ def resume_run(run_dir: Path) -> tuple[TaskSpec, Manifest]:
     if status == "running":
         log.warning("%s: its process (pid %s) is gone without a word (killed?); resuming", run_dir, pid)
     spec = load_run_spec(run_dir)
+    tracking.require_packages(spec)
     manifest = Manifest.load(run_dir)
     manifest.update(status="running", pid=os.getpid(), pid_started=process_start(os.getpid()),
                     resumed_at=time.time())
@@ -87,9 +90,18 @@ def resume_run(run_dir: Path) -> tuple[TaskSpec, Manifest]:
 
 @main_only
 def open_run(task: str | None, overrides: list[str], runs_root: Path, resume: Path | None = None) -> Path:
-    """Start a new run folder, or take over `resume`; the other processes get its path."""
-    _spec, manifest = resume_run(resume) if resume else start_run(task, overrides, runs_root)
+    """Start a new run folder, or take over `resume`; the other processes get its path. A tracker that
+    train.report_to names but is not installed fails here, before either."""
+    if not resume:
+        tracking.require_packages(load_spec(task, overrides))
+    _spec, manifest = resume_run(resume) if resume else start_run(task, overrides, runs_root,
+                                                                   command=command_line("run", task, overrides))
     return manifest.run_dir
+
+
+def command_line(recipe: str, task: str, overrides: list[str], *options: str) -> list[str]:
+    """The `python -m harness` arguments that start `recipe` on `task` with these `--set` overrides."""
+    return [recipe, task, *options, *(x for o in overrides for x in ("--set", o))]
 
 
 def execute(spec: TaskSpec, manifest: Manifest, stages=None) -> Path:
@@ -143,12 +155,17 @@ def _stages(spec: TaskSpec, manifest: Manifest) -> None:
     device, fast = resolve_device(spec, manifest)
     prepared = prepare_stage(spec, manifest)
     model_ref, tokenizer = load_base_tokenizer(spec, manifest)
+    record_prompt(manifest, spec, tokenizer)
     session = ScoringSession(spec, tokenizer, prepared.heldout, run_dir, device, model_ref, manifest,
                              train=prepared.train)
 
+    def results() -> None:
+        results_stage(session, run_dir)
+        log_heldout_stage(spec, manifest)
+
     scoring_stages(manifest, session,
                    train=lambda: train_stage(spec, manifest, prepared.train, model_ref, tokenizer, device, fast),
-                   results=lambda: results_stage(session, run_dir))
+                   results=results)
     report_stage(spec, manifest)
 
 
@@ -225,6 +242,14 @@ def probe_base(spec: TaskSpec, manifest: Manifest, model_ref: str) -> None:
     manifest.update(base_probe=main_only(models.check_base_probe)(spec.model, model_ref))
 
 
+def record_prompt(manifest: Manifest, spec: TaskSpec, tokenizer) -> None:
+    """The prompt's shape (title left as `{title}`) and the EOS that ends an answer, for model cards and exports."""
+    from harness.data.prompts import build_prompt
+
+    manifest.update(prompt_format={"example": build_prompt(tokenizer, spec.prompt, "{title}"),
+                                   "eos_token": tokenizer.eos_token})
+
+
 def train_stage(spec: TaskSpec, manifest: Manifest, train_examples, model_ref: str, tokenizer, device,
                 fast: dict) -> None:
     """Train a LoRA adapter into `<run>/adapter`, continuing from the last checkpoint if there is one."""
@@ -236,7 +261,8 @@ def train_stage(spec: TaskSpec, manifest: Manifest, train_examples, model_ref: s
     parameters = model.num_parameters()  # transformers' count: a 4-bit model's packed weights counted unpacked
     peak_memory = _peak_gpu_memory(device, reset=True)
     resume_from = latest_checkpoint(run_dir / "checkpoints")
-    result = train(spec, model, tokenizer, train_examples, run_dir, device, resume_from=resume_from, fast=fast)
+    result = train(spec, model, tokenizer, train_examples, run_dir, device, resume_from=resume_from, fast=fast,
+                   tracked=manifest.data.get("tracking"), on_tracking=lambda record: manifest.update(tracking=record))
     peak_memory = _peak_gpu_memory(device)
     t = spec.train
     manifest.update(train={"steps": result.steps, "train_tokens": result.train_tokens,
@@ -265,8 +291,18 @@ def results_stage(session, run_dir: Path) -> None:
 
 
 @main_only
+def log_heldout_stage(spec: TaskSpec, manifest: Manifest) -> None:
+    """The held-out metrics with their CIs, to the trackers training logged to (train.report_to)."""
+    metrics = json.loads((manifest.run_dir / "metrics.json").read_text(encoding="utf-8"))
+    tracking.log_heldout(spec, manifest.run_dir, manifest.data.get("tracking"), metrics,
+                         step=manifest.data.get("train", {}).get("steps", 0))
+
+
+@main_only
 def report_stage(spec: TaskSpec, manifest: Manifest) -> None:
-    """Every result is in: mark the run completed (a report failure resets it), then write the reports."""
+    """Every result is in: mark the run completed (a report failure resets it), then write the reports
+    and the model card(s) (harness.reporting.model_card)."""
+    from harness.reporting.model_card import write_model_cards
     from harness.reporting.report import write_reports
 
     run_dir = manifest.run_dir
@@ -274,6 +310,7 @@ def report_stage(spec: TaskSpec, manifest: Manifest) -> None:
     with stage(manifest, "report"):
         write_reports([run_dir], run_dir)
         write_reports([run_dir], Path("reports") / spec.name / run_dir.name)
+        write_model_cards(run_dir)
 
 
 def summary_line(run_dir: Path) -> str:

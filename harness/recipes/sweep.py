@@ -36,6 +36,7 @@ from harness.recipes.run import (SPEC_FILE, execute, load_base_tokenizer, load_r
 from harness.runfolder import Manifest, pid_alive, process_start, read_manifest
 from harness.scoring.metrics import HIGHER_IS_BETTER
 from harness.spec import SweepSpec, TaskSpec, load_spec, spec_to_dict
+from harness.training import tracking
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,9 @@ def sweep_task(task: str | None, grid_args: list[str], overrides: list[str], swe
             raise RunError(f"{resume}: not a sweep folder (no sweep record in manifest.json)")
         url = _resumed_storage(record["storage"], storage)
     else:
-        grid = parse_grid(grid_args, task, overrides, spec_sweep=load_spec(task, overrides).sweep)
+        spec = load_spec(task, overrides)
+        tracking.require_packages(spec)  # every trial trains with train.report_to's trackers
+        grid = parse_grid(grid_args, task, overrides, spec_sweep=spec.sweep)
         url = storage
     shared = open_storage(url) if url else None  # a bad URL or server fails before any work
     if resume:
@@ -397,7 +400,10 @@ def _copy_training(source: Path, manifest: Manifest) -> None:
     shutil.copytree(source / "adapter", run_dir / "adapter", dirs_exist_ok=True)
     if (source / "train_log.jsonl").is_file():
         shutil.copyfile(source / "train_log.jsonl", run_dir / "train_log.jsonl")
-    manifest.update(train={**read_manifest(source).get("train", {}), "adapter_from": str(source)})
+    recorded = read_manifest(source)
+    # Trackers: the held-out metrics go to the run that trained (train.report_to).
+    manifest.update(train={**recorded.get("train", {}), "adapter_from": str(source)},
+                    **({"tracking": recorded["tracking"]} if "tracking" in recorded else {}))
     log.info("adapter copied from %s", source)
 
 

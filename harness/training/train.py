@@ -24,8 +24,9 @@ from harness import distributed
 from harness.data.prompts import build_prompt, encode_examples
 from harness.errors import HarnessError
 from harness.io import atomic_write_text
-from harness.models import Device, sync_eos
+from harness.models import Device, embedded_model, sync_eos
 from harness.spec import TaskSpec
+from harness.training import tracking
 from harness.training.fused_lora import fused_lora_add
 
 log = logging.getLogger(__name__)
@@ -381,7 +382,7 @@ def sft_options(spec: TaskSpec, tokenizer, device: Device, output_dir: Path, eva
         data_seed=t.seed,
         bf16=device.kind == "cuda",
         use_cpu=device.kind == "cpu",
-        report_to="none",
+        report_to=tracking.report_to_option(spec),
         max_length=t.max_length,
         packing=fast["packing"],
         padding_free=fast["packing"],
@@ -514,9 +515,12 @@ def modeling_module_restored(model):
 
 
 def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, device: Device,
-          resume_from: Path | None = None, fast: dict | None = None) -> TrainResult:
+          resume_from: Path | None = None, fast: dict | None = None, tracked: dict | None = None,
+          on_tracking=None) -> TrainResult:
     """Train a LoRA adapter on `train_examples`; save it in standard PEFT format under run_dir/adapter.
-    `fast`: fast_path_options(spec, device), where the caller resolved it already (run does, up front)."""
+    `fast`: fast_path_options(spec, device), where the caller resolved it already (run does, up front);
+    `tracked`: the manifest's `tracking` record of an earlier session of this run (a resume); `on_tracking(record)`
+    is told where the trackers log before training starts (so an interrupted run resumes into the same runs)."""
     train_part, eval_part = split_eval(train_examples, spec.train.eval_fraction)
     if spec.train.keep_best and not eval_part:
         raise HarnessError(f"train.keep_best: train.eval_fraction {spec.train.eval_fraction} of "
@@ -524,20 +528,25 @@ def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, devic
     train_ds = tokenized_dataset(spec, tokenizer, train_part)
     eval_ds = tokenized_dataset(spec, tokenizer, eval_part) if eval_part else None
     with modeling_module_restored(model):
-        return _train(spec, model, tokenizer, train_ds, eval_ds, run_dir, device, resume_from, fast)
+        return _train(spec, model, tokenizer, train_ds, eval_ds, run_dir, device, resume_from, fast, tracked,
+                      on_tracking)
 
 
 def _train(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, run_dir: Path, device: Device,
-           resume_from: Path | None, fast: dict | None) -> TrainResult:
+           resume_from: Path | None, fast: dict | None, tracked: dict | None, on_tracking) -> TrainResult:
     fast = fast or fast_path_options(spec, device)
     trainer = build_trainer(spec, model, tokenizer, train_ds, eval_ds, run_dir / "checkpoints", device, fast=fast)
     stopper = _StopOnSignal()
     trainer.add_callback(stopper.callback(trainer.accelerator))
-    trainer.add_callback(_LossLog(run_dir / "train_log.jsonl").callback())
+    # Before the trackers: what these add to a log (tokens/s) is tracked too.
+    tracking.attach(trainer, [tracking.TokensPerSecond().callback(), _LossLog(run_dir / "train_log.jsonl").callback()])
     if trainer.is_world_process_zero():
         _trim_log(run_dir / "train_log.jsonl", int(Path(resume_from).name.split("-")[-1]) if resume_from else 0)
     started = time.perf_counter()
-    with _signals_to(stopper), fused_lora_add(trainer.model, fast["fused_lora"]):
+    with _signals_to(stopper), fused_lora_add(trainer.model, fast["fused_lora"]), \
+            tracking.training_session(spec, run_dir, trainer, tracked) as tracked:
+        if tracked and on_tracking is not None:
+            on_tracking(tracked)
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if stopper.received is not None:
         raise TrainingInterrupted(f"training interrupted by signal {stopper.received}; "
@@ -546,6 +555,7 @@ def _train(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, run_dir: Path, d
     sync_eos(trainer.model, tokenizer)
     if trainer.is_world_process_zero():
         trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
+        name_public_base(adapter_dir, spec.model.base)
     trainer.accelerator.wait_for_everyone()  # the others score with the adapter next
     n_tokens = sum(len(ids) for ids in train_ds["input_ids"]) * max(spec.train.epochs, 1)
     best = None
@@ -555,3 +565,24 @@ def _train(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, run_dir: Path, d
     return TrainResult(adapter_dir=adapter_dir,
                        steps=trainer.state.global_step, train_tokens=int(n_tokens),
                        seconds=time.perf_counter() - started, best=best)
+
+
+def name_public_base(adapter_dir: Path, base: str) -> None:
+    """Have a saved adapter of an embedded base model name it by its public id (adapter_config.json's
+    base_model_name_or_path, and the front matter of PEFT's README) rather than by this machine's cache
+    folder; `eval` matches that id to the embedded model. Rewritten after saving, so PEFT's own checks at
+    save time still read the local folder (with a hub id they would query the Hub)."""
+    embedded = embedded_model(base)
+    if embedded is None:
+        return
+    path = adapter_dir / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    atomic_write_text(path, json.dumps({**config, "base_model_name_or_path": embedded.hub_id}, indent=2,
+                                       sort_keys=True))
+    readme = adapter_dir / "README.md"
+    if readme.is_file():
+        from huggingface_hub import ModelCard
+
+        card = ModelCard.load(readme)
+        card.data.base_model = embedded.hub_id
+        atomic_write_text(readme, str(card))
