@@ -142,6 +142,7 @@ def _stages(spec: TaskSpec, manifest: Manifest) -> None:
     device, fast = resolve_device(spec, manifest)
     prepared = prepare_stage(spec, manifest)
     model_ref, tokenizer = load_base_tokenizer(spec)
+    count_long_prompts(spec, manifest, tokenizer, prepared.heldout, prepared.train)
     session = ScoringSession(spec, tokenizer, prepared.heldout, run_dir, device, model_ref, manifest,
                              train=prepared.train)
 
@@ -210,6 +211,34 @@ def load_base_tokenizer(spec: TaskSpec):
     model_ref = main_only(models.resolve_base)(spec.model.base)  # fetched or converted once, by rank 0
     tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
     return model_ref, tokenizer
+
+
+def count_long_prompts(spec: TaskSpec, manifest: Manifest, tokenizer, heldout: list, train: list | None) -> None:
+    """Count the titles whose prompt leaves too little room for a description within train.max_length
+    (harness.data.prompts.fit_prompts): in `train` cut or left out (`train.long_prompts`), in `heldout` always
+    cut. Recorded once in the manifest (`long_prompts`), with a warning naming the counts; the cutting
+    itself happens where prompts are built. The data stage knows the titles, not the tokenizer: hence here."""
+    from harness.data.prompts import fit_prompts, max_prompt_tokens
+
+    if "long_prompts" in manifest.data:
+        return
+    t = spec.train
+    cut = {name: sum(f.truncated for f in fit_prompts(tokenizer, spec.prompt, [e.title for e in examples],
+                                                      t.max_length))
+           for name, examples in (("train", train or []), ("heldout", heldout))}
+    record = {"policy": t.long_prompts, "max_length": t.max_length,
+              "max_prompt_tokens": max_prompt_tokens(t.max_length), "heldout": {"truncated": cut["heldout"]}}
+    if train is not None:
+        record["train"] = {"truncated": cut["train"] if t.long_prompts == "truncate" else 0,
+                           "skipped": cut["train"] if t.long_prompts == "skip" else 0}
+    manifest.update(long_prompts=record)
+    if any(cut.values()):
+        done = "left out of training" if t.long_prompts == "skip" else "cut to fit"
+        parts = ([f"{cut['train']} of {len(train)} train titles {done}"] if train is not None else []) + \
+            [f"{cut['heldout']} of {len(heldout)} held-out titles cut to fit"]
+        log.warning("long prompts: %s (train.max_length %d keeps prompts of at most %d tokens; "
+                    "train.long_prompts: %s)", ", ".join(parts), t.max_length, record["max_prompt_tokens"],
+                    t.long_prompts)
 
 
 def train_stage(spec: TaskSpec, manifest: Manifest, train_examples, model_ref: str, tokenizer, device,

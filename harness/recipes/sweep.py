@@ -31,8 +31,9 @@ from harness.data import records as data_mod
 from harness.errors import RunError, SpecError
 from harness.fingerprint import hash_json, split_fingerprint
 from harness.io import atomic_write_json, atomic_writer
-from harness.recipes.run import (SPEC_FILE, execute, load_base_tokenizer, load_run_spec, prepare_stage, resolve_device,
-                                 resume_run, scoring_stages, stage, start_run, summary_line, train_stage)
+from harness.recipes.run import (SPEC_FILE, count_long_prompts, execute, load_base_tokenizer, load_run_spec,
+                                 prepare_stage, resolve_device, resume_run, scoring_stages, stage, start_run,
+                                 summary_line, train_stage)
 from harness.runfolder import Manifest, pid_alive, process_start, read_manifest
 from harness.scoring.metrics import HIGHER_IS_BETTER
 from harness.spec import SweepSpec, TaskSpec, load_spec, spec_to_dict
@@ -358,6 +359,7 @@ def _trial_stages(sweep: Sweep, spec: TaskSpec, manifest: Manifest) -> None:
     manifest.update(recipe="sweep-trial", scored_on="validation", sweep_dir=str(sweep.dir))
     device, fast = resolve_device(spec, manifest)
     model_ref, tokenizer = load_base_tokenizer(spec)
+    count_long_prompts(spec, manifest, tokenizer, sweep.validation, sweep.train)
     session = ScoringSession(spec, tokenizer, sweep.validation, run_dir, device, model_ref, manifest,
                              train=sweep.train)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import distributed
-from harness.data.prompts import build_prompt, encode_examples
+from harness.data.prompts import encode_fitted, fit_prompts
 from harness.errors import HarnessError
 from harness.io import atomic_write_text
 from harness.models import Device, sync_eos
@@ -150,7 +150,8 @@ _TOKENIZE_PER_PROCESS = 5_000  # fewer examples per process do not repay startin
 
 
 def tokenized_dataset(spec: TaskSpec, tokenizer, examples):
-    """input_ids/labels rows (harness.data.prompts.encode_examples) with a progress bar.
+    """input_ids/labels rows (harness.data.prompts.encode_fitted) with a progress bar; a title whose prompt
+    leaves too little room within train.max_length is cut, or its example dropped (`train.long_prompts`).
 
     Batched tokenizer calls, spread by datasets.map over up to one process per CPU core: a
     100k-example set takes seconds on a 16-core machine rather than minutes in one process.
@@ -166,14 +167,16 @@ def tokenized_dataset(spec: TaskSpec, tokenizer, examples):
     procs = min(cpus, len(titles) // _TOKENIZE_PER_PROCESS)
     return Dataset.from_dict({"title": titles, "content": [ex.content for ex in examples]}).map(
         _encode_batch, batched=True, remove_columns=["title", "content"], num_proc=procs if procs > 1 else None,
-        fn_kwargs={"tokenizer": tokenizer, "prompt": spec.prompt, "max_length": spec.train.max_length},
+        fn_kwargs={"tokenizer": tokenizer, "prompt": spec.prompt, "max_length": spec.train.max_length,
+                   "skip_long": spec.train.long_prompts == "skip"},
         # An in-memory dataset has no cache to key; naming the result skips hashing the tokenizer.
         new_fingerprint=uuid.uuid4().hex, desc="tokenizing")
 
 
-def _encode_batch(batch: dict, tokenizer, prompt, max_length: int) -> dict:
-    prompts = [build_prompt(tokenizer, prompt, title) for title in batch["title"]]
-    encoded = encode_examples(tokenizer, prompts, batch["content"], max_length)
+def _encode_batch(batch: dict, tokenizer, prompt, max_length: int, skip_long: bool) -> dict:
+    fitted = fit_prompts(tokenizer, prompt, batch["title"], max_length)
+    keep = [i for i, f in enumerate(fitted) if not (skip_long and f.truncated)]
+    encoded = encode_fitted(tokenizer, [fitted[i] for i in keep], [batch["content"][i] for i in keep], max_length)
     return {"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded]}
 
 
@@ -453,6 +456,13 @@ def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, devic
                            f"{len(train_examples)} examples leaves no eval example; raise it")
     train_ds = tokenized_dataset(spec, tokenizer, train_part)
     eval_ds = tokenized_dataset(spec, tokenizer, eval_part) if eval_part else None
+    for part, ds in (("training", train_ds), ("eval", eval_ds)):
+        if ds is not None and not len(ds) and (part == "training" or spec.train.keep_best):
+            raise HarnessError(f"train.long_prompts: skip drops every {part} example (no prompt leaves room for "
+                               f"a description within train.max_length {spec.train.max_length}); raise "
+                               "train.max_length or set train.long_prompts: truncate")
+    if eval_ds is not None and not len(eval_ds):
+        eval_ds = None  # skip dropped the whole eval slice, which only logs a loss here
     with modeling_module_restored(model):
         return _train(spec, model, tokenizer, train_ds, eval_ds, run_dir, device, resume_from, fast)
 
