@@ -94,7 +94,7 @@ def test_a_frame_that_leaves_no_room_is_a_spec_error(tiny_arch):
 
 
 def test_skip_drops_and_truncate_keeps_every_example(tiny_arch):
-    from harness.training.train import tokenized_dataset
+    from harness.training.train import tokenize_counting
 
     model_dir, extra = tiny_arch
     spec, tok = spec_and_tokenizer(model_dir, arch_template(extra))
@@ -104,14 +104,29 @@ def test_skip_drops_and_truncate_keeps_every_example(tiny_arch):
     long = sum(f.truncated for f in fit_prompts(tok, spec.prompt, titles, max_length))
     assert 0 < long < len(titles)
     spec.train.max_length = max_length
-    cut = tokenized_dataset(spec, tok, examples)
-    assert len(cut) == len(titles)
+    cut, counts = tokenize_counting(spec, tok, examples)
+    assert len(cut) == len(titles) and counts == {"truncated": long, "skipped": 0}
+    assert cut.column_names == ["input_ids", "labels"]
     assert all(len(ids) <= max_length and any(t != -100 for t in labels)
                for ids, labels in zip(cut["input_ids"], cut["labels"]))
     spec.train.long_prompts = "skip"
-    skipped = tokenized_dataset(spec, tok, examples)
-    assert len(skipped) == len(titles) - long
+    skipped, counts = tokenize_counting(spec, tok, examples)
+    assert len(skipped) == len(titles) - long and counts == {"truncated": 0, "skipped": long}
     assert all(len(ids) <= max_length for ids in skipped["input_ids"])
+    nothing, counts = tokenize_counting(spec, tok, examples[-1:])  # every example too long
+    assert len(nothing) == 0 and counts == {"truncated": 0, "skipped": 1}
+
+
+def test_skip_that_leaves_nothing_to_train_on_stops_in_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from tests.conftest import tiny_overrides
+
+    spec, tok = spec_and_tokenizer(tiny_model_dir, None)
+    max_length = length_for_room(frame_tokens(tok, spec), 1)  # every demo title is longer than one token
+    monkeypatch.chdir(tmp_path)
+    sets = [arg for o in tiny_overrides(tiny_model_dir, f"train.max_length={max_length}", "train.long_prompts=skip")
+            for arg in ("--set", o)]
+    assert main(["run", str(REPO / "tasks" / "amazon_desc.yaml"), "--runs-dir", str(tmp_path / "runs"), *sets]) == 2
+    assert "train.long_prompts: skip drops every training example" in capsys.readouterr().err
 
 
 def test_fingerprint_changes_only_when_a_prompt_is_cut(tiny_model_dir):

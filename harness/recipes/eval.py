@@ -25,8 +25,8 @@ from harness import models
 from harness.distributed import main_only
 from harness.errors import HarnessError, ModelError
 from harness.io import atomic_write_json, atomic_write_text
-from harness.recipes.run import (SPEC_FILE, count_long_prompts, execute, load_base_tokenizer, load_run_spec,
-                                 prepare_stage, report_stage, resolve_device, results_stage, stage, start_run,
+from harness.recipes.run import (SPEC_FILE, execute, load_base_tokenizer, load_run_spec, prepare_stage,
+                                 record_long_prompts, report_stage, resolve_device, results_stage, stage, start_run,
                                  summary_line)
 from harness.runfolder import Manifest
 from harness.scoring.metrics import paired_comparison
@@ -85,9 +85,9 @@ def _stages(spec: TaskSpec, manifest: Manifest, adapters: list[Path]) -> None:
     if not spec.data.heldout_path:
         log.warning("held-out examples are a hash split of data.path: the scores mean something only if the "
                     "adapters were not trained on them (data.heldout_path scores a test file instead)")
-    count_long_prompts(spec, manifest, tokenizer, prepared.heldout, train=None)  # nothing trains here
     session = ScoringSession(spec, tokenizer, prepared.heldout, run_dir, device, model_ref, manifest,
                              train=prepared.train)
+    record_long_prompts(spec, manifest, session)
     with stage(manifest, "score_base"):
         session.score_base()
     if len(candidates) == 1:

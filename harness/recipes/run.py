@@ -142,9 +142,9 @@ def _stages(spec: TaskSpec, manifest: Manifest) -> None:
     device, fast = resolve_device(spec, manifest)
     prepared = prepare_stage(spec, manifest)
     model_ref, tokenizer = load_base_tokenizer(spec)
-    count_long_prompts(spec, manifest, tokenizer, prepared.heldout, prepared.train)
     session = ScoringSession(spec, tokenizer, prepared.heldout, run_dir, device, model_ref, manifest,
                              train=prepared.train)
+    record_long_prompts(spec, manifest, session)
 
     scoring_stages(manifest, session,
                    train=lambda: train_stage(spec, manifest, prepared.train, model_ref, tokenizer, device, fast),
@@ -213,32 +213,20 @@ def load_base_tokenizer(spec: TaskSpec):
     return model_ref, tokenizer
 
 
-def count_long_prompts(spec: TaskSpec, manifest: Manifest, tokenizer, heldout: list, train: list | None) -> None:
-    """Count the titles whose prompt leaves too little room for a description within train.max_length
-    (harness.data.prompts.fit_prompts): in `train` cut or left out (`train.long_prompts`), in `heldout` always
-    cut. Recorded once in the manifest (`long_prompts`), with a warning naming the counts; the cutting
-    itself happens where prompts are built. The data stage knows the titles, not the tokenizer: hence here."""
-    from harness.data.prompts import fit_prompts, max_prompt_tokens
+def record_long_prompts(spec: TaskSpec, manifest: Manifest, session) -> None:
+    """The held-out side of the manifest's `long_prompts`: how many of the titles `session` scores were cut
+    to fit train.max_length (harness.data.prompts.fit_prompts; never skipped, whatever train.long_prompts
+    says), with a warning naming the count. train_stage adds the training side, counted as it tokenizes."""
+    from harness.data.prompts import max_prompt_tokens
 
-    if "long_prompts" in manifest.data:
-        return
     t = spec.train
-    cut = {name: sum(f.truncated for f in fit_prompts(tokenizer, spec.prompt, [e.title for e in examples],
-                                                      t.max_length))
-           for name, examples in (("train", train or []), ("heldout", heldout))}
-    record = {"policy": t.long_prompts, "max_length": t.max_length,
-              "max_prompt_tokens": max_prompt_tokens(t.max_length), "heldout": {"truncated": cut["heldout"]}}
-    if train is not None:
-        record["train"] = {"truncated": cut["train"] if t.long_prompts == "truncate" else 0,
-                           "skipped": cut["train"] if t.long_prompts == "skip" else 0}
-    manifest.update(long_prompts=record)
-    if any(cut.values()):
-        done = "left out of training" if t.long_prompts == "skip" else "cut to fit"
-        parts = ([f"{cut['train']} of {len(train)} train titles {done}"] if train is not None else []) + \
-            [f"{cut['heldout']} of {len(heldout)} held-out titles cut to fit"]
-        log.warning("long prompts: %s (train.max_length %d keeps prompts of at most %d tokens; "
-                    "train.long_prompts: %s)", ", ".join(parts), t.max_length, record["max_prompt_tokens"],
-                    t.long_prompts)
+    cut = len(session.cut_prompts)
+    manifest.update(long_prompts={**manifest.data.get("long_prompts", {}), "policy": t.long_prompts,
+                                  "max_length": t.max_length, "max_prompt_tokens": max_prompt_tokens(t.max_length),
+                                  "heldout": {"truncated": cut}})
+    if cut:
+        log.warning("long prompts: %d of %d held-out titles cut to fit train.max_length %d (prompts of at most "
+                    "%d tokens)", cut, len(session.heldout), t.max_length, max_prompt_tokens(t.max_length))
 
 
 def train_stage(spec: TaskSpec, manifest: Manifest, train_examples, model_ref: str, tokenizer, device,
@@ -255,7 +243,8 @@ def train_stage(spec: TaskSpec, manifest: Manifest, train_examples, model_ref: s
     manifest.update(train={"steps": result.steps, "train_tokens": result.train_tokens,
                            "seconds": round(result.seconds, 2), "resumed_from": str(resume_from or ""),
                            "global_batch": t.batch_size * distributed.world_size() * t.grad_accum,
-                           **({"best": result.best} if result.best else {})})
+                           **({"best": result.best} if result.best else {})},
+                    long_prompts={**manifest.data.get("long_prompts", {}), "train": result.long_prompts})
 
 
 @main_only
