@@ -224,7 +224,7 @@ def record_long_prompts(spec: TaskSpec, manifest: Manifest, session) -> None:
     manifest.update(long_prompts={**manifest.data.get("long_prompts", {}), "policy": t.long_prompts,
                                   "max_length": t.max_length, "max_prompt_tokens": max_prompt_tokens(t.max_length),
                                   "heldout": {"truncated": cut}})
-    if cut:
+    if cut and distributed.is_main():
         log.warning("long prompts: %d of %d held-out titles cut to fit train.max_length %d (prompts of at most "
                     "%d tokens)", cut, len(session.heldout), t.max_length, max_prompt_tokens(t.max_length))
 

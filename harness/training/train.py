@@ -467,7 +467,7 @@ def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, devic
     train_ds, counts = tokenize_counting(spec, tokenizer, train_part)
     eval_ds, eval_counts = tokenize_counting(spec, tokenizer, eval_part) if eval_part else (None, {})
     counts = {k: n + eval_counts.get(k, 0) for k, n in counts.items()}
-    if any(counts.values()):
+    if any(counts.values()) and distributed.is_main():
         log.warning("long prompts: %d of %d train titles %s to fit train.max_length %d (train.long_prompts: %s)",
                     sum(counts.values()), len(train_examples), "cut" if counts["truncated"] else "left out",
                     spec.train.max_length, spec.train.long_prompts)
