@@ -61,9 +61,15 @@ def generation_record(gen) -> dict:
     return {**record, "semantics": GENERATION_SEMANTICS}
 
 
-def settings_fingerprints(spec, metric_settings_record: dict) -> dict[str, str]:
+def settings_fingerprints(spec, metric_settings_record: dict, cut_prompts: list[str] = ()) -> dict[str, str]:
+    """`cut_prompts`: the held-out prompts whose titles were cut to fit train.max_length
+    (harness.data.prompts.fit_prompts), in split order. They join the prompt fingerprint only when there are
+    any: a split whose prompts all fit keeps the fingerprint it had before titles could be cut."""
     from dataclasses import asdict
 
     generation = generation_record(spec.generation)
-    return {"prompt": hash_json(asdict(spec.prompt)), "generation": hash_json(generation),
+    prompt = asdict(spec.prompt)
+    if cut_prompts:
+        prompt["cut_prompts"] = list(cut_prompts)
+    return {"prompt": hash_json(prompt), "generation": hash_json(generation),
             "metrics": hash_json(metric_settings_record)}

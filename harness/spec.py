@@ -92,6 +92,10 @@ class TrainSpec:
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 256
+    # A title whose prompt leaves less than max_length // 8 tokens for the description: truncate cuts the
+    # title's tokens (the prompt's frame stays whole), skip leaves the example out of training. Held-out
+    # titles are always cut, never skipped (harness/data/prompts.py fit_prompts).
+    long_prompts: Literal["truncate", "skip"] = "truncate"
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     seed: int = 42

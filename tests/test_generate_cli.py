@@ -57,7 +57,7 @@ def expected(loaded, line: int, title: str, max_new_tokens: int | None = None, c
     """The record for `title`, from generating it alone (greedy, fp32: batching changes nothing)."""
     tuned = loaded.describe(title, max_new_tokens=max_new_tokens)
     record = {"line": line, "title": title, "description": tuned.text, "tokens": tuned.n_tokens,
-              "truncated": tuned.hit_max_new_tokens}
+              "truncated": tuned.hit_max_new_tokens, "title_truncated": False}
     if compare:
         base = loaded.describe(title, max_new_tokens=max_new_tokens, use_adapter=False)
         record.update(base_description=base.text, base_tokens=base.n_tokens, base_truncated=base.hit_max_new_tokens)

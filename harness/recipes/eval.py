@@ -26,8 +26,8 @@ from harness.distributed import main_only
 from harness.errors import HarnessError, ModelError
 from harness.io import atomic_write_json, atomic_write_text
 from harness.recipes.run import (SPEC_FILE, command_line, execute, load_base_tokenizer, load_run_spec, prepare_stage,
-                                 probe_base, record_prompt, report_stage, resolve_device, results_stage, stage,
-                                 start_run, summary_line)
+                                 probe_base, record_long_prompts, record_prompt, report_stage, resolve_device,
+                                 results_stage, stage, start_run, summary_line)
 from harness.runfolder import Manifest
 from harness.scoring.metrics import paired_comparison
 from harness.spec import TaskSpec
@@ -90,6 +90,7 @@ def _stages(spec: TaskSpec, manifest: Manifest, adapters: list[Path]) -> None:
                     "adapters were not trained on them (data.heldout_path scores a test file instead)")
     session = ScoringSession(spec, tokenizer, prepared.heldout, run_dir, device, model_ref, manifest,
                              train=prepared.train)
+    record_long_prompts(spec, manifest, session)
     with stage(manifest, "score_base"):
         session.score_base()
     if len(candidates) == 1:

@@ -158,6 +158,7 @@ def _stages(spec: TaskSpec, manifest: Manifest) -> None:
     record_prompt(manifest, spec, tokenizer)
     session = ScoringSession(spec, tokenizer, prepared.heldout, run_dir, device, model_ref, manifest,
                              train=prepared.train)
+    record_long_prompts(spec, manifest, session)
 
     def results() -> None:
         results_stage(session, run_dir)
@@ -250,6 +251,22 @@ def record_prompt(manifest: Manifest, spec: TaskSpec, tokenizer) -> None:
                                    "eos_token": tokenizer.eos_token})
 
 
+def record_long_prompts(spec: TaskSpec, manifest: Manifest, session) -> None:
+    """The held-out side of the manifest's `long_prompts`: how many of the titles `session` scores were cut
+    to fit train.max_length (harness.data.prompts.fit_prompts; never skipped, whatever train.long_prompts
+    says), with a warning naming the count. train_stage adds the training side, counted as it tokenizes."""
+    from harness.data.prompts import max_prompt_tokens
+
+    t = spec.train
+    cut = len(session.cut_prompts)
+    manifest.update(long_prompts={**manifest.data.get("long_prompts", {}), "policy": t.long_prompts,
+                                  "max_length": t.max_length, "max_prompt_tokens": max_prompt_tokens(t.max_length),
+                                  "heldout": {"truncated": cut}})
+    if cut and distributed.is_main():
+        log.warning("long prompts: %d of %d held-out titles cut to fit train.max_length %d (prompts of at most "
+                    "%d tokens)", cut, len(session.heldout), t.max_length, max_prompt_tokens(t.max_length))
+
+
 def train_stage(spec: TaskSpec, manifest: Manifest, train_examples, model_ref: str, tokenizer, device,
                 fast: dict) -> None:
     """Train a LoRA adapter into `<run>/adapter`, continuing from the last checkpoint if there is one."""
@@ -270,7 +287,8 @@ def train_stage(spec: TaskSpec, manifest: Manifest, train_examples, model_ref: s
                            "global_batch": t.batch_size * distributed.world_size() * t.grad_accum,
                            "base_parameters": parameters,
                            **({"peak_gpu_memory_bytes": peak_memory} if peak_memory is not None else {}),
-                           **({"best": result.best} if result.best else {})})
+                           **({"best": result.best} if result.best else {})},
+                    long_prompts={**manifest.data.get("long_prompts", {}), "train": result.long_prompts})
 
 
 def _peak_gpu_memory(device, reset: bool = False) -> int | None:

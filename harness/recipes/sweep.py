@@ -31,8 +31,9 @@ from harness.data import records as data_mod
 from harness.errors import RunError, SpecError
 from harness.fingerprint import hash_json, split_fingerprint
 from harness.io import atomic_write_json, atomic_writer
-from harness.recipes.run import (SPEC_FILE, execute, load_base_tokenizer, load_run_spec, prepare_stage, resolve_device,
-                                 resume_run, scoring_stages, stage, start_run, summary_line, train_stage)
+from harness.recipes.run import (SPEC_FILE, execute, load_base_tokenizer, load_run_spec, prepare_stage,
+                                 record_long_prompts, resolve_device, resume_run, scoring_stages, stage, start_run,
+                                 summary_line, train_stage)
 from harness.runfolder import Manifest, pid_alive, process_start, read_manifest
 from harness.scoring.metrics import HIGHER_IS_BETTER
 from harness.spec import SweepSpec, TaskSpec, load_spec, spec_to_dict
@@ -364,6 +365,7 @@ def _trial_stages(sweep: Sweep, spec: TaskSpec, manifest: Manifest) -> None:
     model_ref, tokenizer = load_base_tokenizer(spec, manifest)
     session = ScoringSession(spec, tokenizer, sweep.validation, run_dir, device, model_ref, manifest,
                              train=sweep.train)
+    record_long_prompts(spec, manifest, session)
 
     def train() -> None:
         twin = _trained_twin(sweep, train_key(spec))
@@ -395,14 +397,17 @@ def _trained_twin(sweep: Sweep, key: str) -> Path | None:
 
 
 def _copy_training(source: Path, manifest: Manifest) -> None:
-    """The adapter, loss log and train record of a finished trial (or the winning trial, for held-out)."""
+    """The adapter, loss log, train record and long-prompt counts of a finished trial (or the winning trial,
+    for held-out)."""
     run_dir = manifest.run_dir
     shutil.copytree(source / "adapter", run_dir / "adapter", dirs_exist_ok=True)
     if (source / "train_log.jsonl").is_file():
         shutil.copyfile(source / "train_log.jsonl", run_dir / "train_log.jsonl")
     recorded = read_manifest(source)
     # Trackers: the held-out metrics go to the run that trained (train.report_to).
+    counted = {"train": recorded["long_prompts"]["train"]} if "train" in recorded.get("long_prompts", {}) else {}
     manifest.update(train={**recorded.get("train", {}), "adapter_from": str(source)},
+                    long_prompts={**manifest.data.get("long_prompts", {}), **counted},
                     **({"tracking": recorded["tracking"]} if "tracking" in recorded else {}))
     log.info("adapter copied from %s", source)
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from harness import distributed, fingerprint, models
 from harness.data import records as data
-from harness.data.prompts import build_prompt, encode_example
+from harness.data.prompts import encode_example, fit_prompts
 from harness.errors import HarnessError, RunError
 from harness.io import atomic_write_json, atomic_write_text
 from harness.runfolder import read_manifest
@@ -196,9 +196,16 @@ def build_context(task: str, overrides: list[str]) -> Context:
               "tokenizer": fingerprint.tokenizer_fingerprint(tokenizer),
               "heldout_split": fingerprint.split_fingerprint(heldout),
               "evaluated_split": fingerprint.split_fingerprint(examples),
-              **fingerprint.settings_fingerprints(spec, settings_record(settings))}
+              **fingerprint.settings_fingerprints(spec, settings_record(settings),
+                                                  _cut_prompts(spec, tokenizer, heldout))}
     return Context(spec, examples, len(heldout), model_ref, tokenizer, models.pick_device(), settings, prints,
                    base_probe={**probe, "prompt_template": prompt})
+
+
+def _cut_prompts(spec, tokenizer, heldout: list) -> list[str]:
+    """The held-out prompts cut to fit train.max_length, as the run's scoring fingerprinted them."""
+    return [f.text for f in fit_prompts(tokenizer, spec.prompt, [e.title for e in heldout], spec.train.max_length)
+            if f.truncated]
 
 
 def _side(ctx: Context, gens: list[dict], nll, counts, adapter: str, source: str, device: str) -> Side:
@@ -222,7 +229,8 @@ def score_adapter(adapter_dir: Path, ctx: Context) -> Side:
         raise
     except Exception as exc:  # e.g. a corrupt safetensors header
         raise CannotJudge(f"{adapter_dir}: unreadable adapter ({type(exc).__name__}: {exc})") from None
-    prompts = [build_prompt(ctx.tokenizer, ctx.spec.prompt, e.title) for e in ctx.examples]
+    prompts = [f.text for f in fit_prompts(ctx.tokenizer, ctx.spec.prompt, [e.title for e in ctx.examples],
+                                           ctx.spec.train.max_length)]
     encoded = [encode_example(ctx.tokenizer, p, e.content, None) for p, e in zip(prompts, ctx.examples)]
     assert_adapter_applied(model, ctx.tokenizer, prompts[:4], ctx.device)
     results = generate_sharded(model, ctx.tokenizer, prompts, ctx.spec.generation, ctx.device)

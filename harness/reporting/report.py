@@ -374,9 +374,12 @@ def _comparability(runs: list[Run]) -> tuple[list[str], bool]:
 
 
 def _warnings(run: Run) -> list[str]:
-    """metrics.json warnings, plus the length-shift warning for runs scored before metrics.json carried it."""
+    """metrics.json warnings and the manifest's long-prompt counts, plus the length-shift warning for runs
+    scored before metrics.json carried it."""
     raw = run.metrics.get("warnings") or []
     warnings = [str(w) for w in (raw if isinstance(raw, list) else [raw])]
+    long_prompts = _long_prompt_warning(run.manifest)
+    warnings += [long_prompts] if long_prompts else []
     guards = _dict(run.metrics.get("guards"))
     base = _dict(guards.get("base")).get("length_ratio")
     tuned = _dict(guards.get("tuned")).get("length_ratio")
@@ -384,6 +387,19 @@ def _warnings(run: Run) -> list[str]:
         return warnings
     length = length_shift_warning(_dict(run.metrics.get("delta")), base, tuned, LENGTH_SHIFT)
     return warnings + [length] if length else warnings
+
+
+def _long_prompt_warning(manifest: dict) -> str | None:
+    """Titles cut (or left out of training) to fit train.max_length, from the manifest's `long_prompts`."""
+    record = _dict(manifest.get("long_prompts"))
+    train, heldout = _dict(record.get("train")), _dict(record.get("heldout"))
+    counts = [(train.get("truncated"), "train titles cut"), (train.get("skipped"), "train examples skipped"),
+              (heldout.get("truncated"), "held-out titles cut")]
+    named = [f"{n} {what}" for n, what in counts if _is_num(n) and n > 0]
+    if not named:
+        return None
+    return (f"long prompts: {', '.join(named)} to fit train.max_length {record.get('max_length')} (prompts of at "
+            f"most {record.get('max_prompt_tokens')} tokens; train.long_prompts: {record.get('policy')})")
 
 
 def _guard_value(value, kind: str) -> str:
@@ -567,6 +583,8 @@ def _environment(runs: list[Run]) -> dict:
         "timings": _union_rows([_dict(m.get("timings_s")) for m in manifests],
                                lambda s: f"{s:.1f} s" if _is_num(s) else _plain(s)),
         "data_counts": _union_rows([_dict(m.get("data_counts")) for m in manifests]),
+        "long_prompts": _union_rows([_flatten(m["long_prompts"]) if _dict(m.get("long_prompts")) else {}
+                                     for m in manifests]),
         "packages": _union_rows([_dict(m.get("packages")) for m in manifests],
                                 lambda v: "not installed" if v is None else _plain(v)),
         "fingerprints": _union_rows([_dict(m.get("fingerprints")) for m in manifests]),

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from harness import distributed, fingerprint, models
-from harness.data.prompts import build_prompt, encode_example, encode_prompt
+from harness.data.prompts import encode_example, encode_prompt, fit_prompts
 from harness.distributed import main_only
 from harness.errors import ModelError
 from harness.io import atomic_write_json, atomic_write_text
@@ -191,7 +191,10 @@ class ScoringSession:
         self.run_dir, self.device, self.model_ref, self.manifest = Path(run_dir), device, model_ref, manifest
         self.scores_dir = self.run_dir / "scores"
         self.scores_dir.mkdir(exist_ok=True)
-        self.prompts = [build_prompt(tokenizer, spec.prompt, e.title) for e in heldout]
+        # Cut like training's (never skipped: the split, and the rows base and tuned are scored on, stay whole).
+        fitted = fit_prompts(tokenizer, spec.prompt, [e.title for e in heldout], spec.train.max_length)
+        self.prompts = [f.text for f in fitted]
+        self.cut_prompts = [f.text for f in fitted if f.truncated]
         self.encoded = [encode_example(tokenizer, p, e.content, None) for p, e in zip(self.prompts, heldout)]
         self.settings = metric_settings(spec)
         resolve_engine(spec.generation, device)  # a forced engine this device cannot run fails before any work
@@ -202,7 +205,8 @@ class ScoringSession:
             prints = {"base_model": fingerprint.model_fingerprint(self.model_ref),
                       "tokenizer": fingerprint.tokenizer_fingerprint(self.tokenizer),
                       "heldout_split": fingerprint.split_fingerprint(self.heldout),
-                      **fingerprint.settings_fingerprints(self.spec, settings_record(self.settings))}
+                      **fingerprint.settings_fingerprints(self.spec, settings_record(self.settings),
+                                                          self.cut_prompts)}
             self.manifest.update(fingerprints=prints)
         return self.manifest.data["fingerprints"]
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import BinaryIO, Iterator, TextIO
 
+from harness.data.prompts import FittedPrompt
 from harness.data.title_lines import TitleLine, is_jsonl, read_title_lines
 from harness.errors import DataError, HarnessError
 from harness.io import atomic_writer, os_error_message
@@ -144,7 +145,7 @@ class BatchJob:
         bar = tqdm(total=None if self.source.lines is None else self.source.lines * passes, unit="description",
                    file=sys.stderr, disable=not self.progress, dynamic_ncols=True)
         failed = described = 0
-        chunk: list[tuple[TitleLine, str]] = []
+        chunk: list[tuple[TitleLine, FittedPrompt]] = []
         try:
             with self.source.stream() as stream, self.sink:
                 for line in read_title_lines(stream, self.source.jsonl, self.title_field):
@@ -155,7 +156,7 @@ class BatchJob:
                         continue
                     if problem is None:
                         try:
-                            chunk.append((line, loaded.prompt(line.title)))
+                            chunk.append((line, loaded.fit(line.title)))
                         except DataError as exc:
                             problem = str(exc)
                     if problem is not None:
@@ -180,11 +181,12 @@ class BatchJob:
             return EXIT_SOME_LINES_FAILED
         return 0
 
-    def _describe(self, loaded: LoadedRun, gen: GenerationSpec, chunk: list[tuple[TitleLine, str]], bar) -> int:
+    def _describe(self, loaded: LoadedRun, gen: GenerationSpec, chunk: list[tuple[TitleLine, FittedPrompt]],
+                  bar) -> int:
         """One batched generate call for the chunk (two with --compare); each record written when done."""
         if not chunk:
             return 0
-        prompts = [prompt for _, prompt in chunk]
+        prompts = [fitted.text for _, fitted in chunk]
         self.sink.expect([line.number for line, _ in chunk])
         tuned: dict[int, Generation] = {}
 
@@ -193,11 +195,11 @@ class BatchJob:
             if self.compare:
                 tuned[i] = result
             else:
-                self.sink.add(chunk[i][0].number, _record(chunk[i][0], result))
+                self.sink.add(chunk[i][0].number, _record(*chunk[i], result))
 
         def base_done(i: int, result: Generation) -> None:
             bar.update()
-            self.sink.add(chunk[i][0].number, _record(chunk[i][0], tuned.pop(i), result))
+            self.sink.add(chunk[i][0].number, _record(*chunk[i], tuned.pop(i), result))
 
         loaded.generate(prompts, gen, on_done=tuned_done)
         if self.compare:
@@ -205,11 +207,12 @@ class BatchJob:
         return len(chunk)
 
 
-def _record(line: TitleLine, tuned: Generation, base: Generation | None = None) -> dict:
-    """One output object: the input line and title, and each description with its length and
-    whether it stopped at max_new_tokens."""
+def _record(line: TitleLine, fitted: FittedPrompt, tuned: Generation, base: Generation | None = None) -> dict:
+    """One output object: the input line and title, whether the title was cut to fit the run's prompts
+    (`title_truncated`), and each description with its length and whether it stopped at max_new_tokens
+    (`truncated`)."""
     record = {"line": line.number, "title": line.title, "description": tuned.text, "tokens": tuned.n_tokens,
-              "truncated": tuned.hit_max_new_tokens}
+              "truncated": tuned.hit_max_new_tokens, "title_truncated": fitted.truncated}
     if base is not None:
         record.update(base_description=base.text, base_tokens=base.n_tokens, base_truncated=base.hit_max_new_tokens)
     return record

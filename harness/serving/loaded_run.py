@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from harness import models
-from harness.data.prompts import build_prompt
+from harness.data.prompts import FittedPrompt, PromptTooLong, fit_prompts
 from harness.data.records import clean_text
 from harness.errors import DataError, RunError, SpecError
 from harness.recipes.run import load_run_spec
@@ -80,14 +80,18 @@ class LoadedRun:
                        else base.top_p if base.mbr_samples else 1.0,
                        engine="dynamic", batch_size=rows)
 
-    def prompt(self, title: str) -> str:
-        """The prompt for a raw title, cleaned as training titles were; DataError if it cannot be one."""
+    def fit(self, title: str, cut: bool = True) -> FittedPrompt:
+        """The prompt for a raw title, cleaned as training titles were and cut to fit train.max_length as
+        scoring cut them (`cut=False`: PromptTooLong instead); DataError if it cannot be one."""
         if len(title) > MAX_TITLE_CHARS:
             raise DataError(f"the title is {len(title)} characters (the limit is {MAX_TITLE_CHARS})")
         cleaned = clean_text(title)
         if not cleaned:
             raise DataError("the title is empty" + (" once cleaned" if title.strip() else ""))
-        return build_prompt(self.tokenizer, self.spec.prompt, cleaned)
+        (fitted,) = fit_prompts(self.tokenizer, self.spec.prompt, [cleaned], self.spec.train.max_length)
+        if fitted.truncated and not cut:
+            raise PromptTooLong(fitted.reason(self.spec.train.max_length))
+        return fitted
 
     def generate(self, prompts: Sequence[str], gen: GenerationSpec, use_adapter: bool = True,
                  on_done: Callable[[int, Generation], None] | None = None, streamer=None) -> list[Generation]:
@@ -100,4 +104,8 @@ class LoadedRun:
                  top_p: float | None = None, use_adapter: bool = True, streamer=None) -> Generation:
         """One description, generated alone; `streamer` sees tokens as they come."""
         gen = self.settings(max_new_tokens, temperature, top_p)
-        return self.generate([self.prompt(title)], gen, use_adapter, streamer=streamer)[0]
+        fitted = self.fit(title)
+        if fitted.truncated:
+            log.warning("the title was cut to fit the run's prompts (%d of its prompt's %d tokens kept; "
+                        "train.max_length %d)", len(fitted.ids), fitted.full_tokens, self.spec.train.max_length)
+        return self.generate([fitted.text], gen, use_adapter, streamer=streamer)[0]

@@ -103,9 +103,11 @@ def create_app(loaded: LoadedRun, window_ms: float, max_batch: int) -> FastAPI:
     async def generate_description(request: GenerateRequest) -> GenerateResponse:
         started = time.perf_counter()
         try:
-            prompt = loaded.prompt(request.title)
+            # A title too long for the run's prompts is refused, not cut: the caller learns that the
+            # description would not be of the title it sent (`generate` cuts, and flags the record).
+            prompt = loaded.fit(request.title, cut=False).text
             settings = loaded.settings(request.max_new_tokens, request.temperature, request.top_p)
-        except HarnessError as exc:  # e.g. a title that is empty once cleaned
+        except HarnessError as exc:  # e.g. a title that is empty once cleaned, or too long for the prompt
             raise HTTPException(status_code=422, detail=str(exc)) from None
         try:
             served = await asyncio.wrap_future(batcher.submit(prompt, settings))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import distributed
-from harness.data.prompts import build_prompt, encode_examples
+from harness.data.prompts import encode_fitted, fit_prompts
 from harness.errors import HarnessError
 from harness.io import atomic_write_text
 from harness.models import Device, embedded_model, sync_eos
@@ -45,6 +45,7 @@ class TrainResult:
     train_tokens: int
     seconds: float
     best: dict | None = None  # with train.keep_best: the checkpoint the adapter was restored from
+    long_prompts: dict | None = None  # titles cut (`truncated`) or left out (`skipped`) to fit train.max_length
 
 
 def fast_path_options(spec: TaskSpec, device: Device, reasons: dict | None = None) -> dict:
@@ -221,7 +222,13 @@ _TOKENIZE_PER_PROCESS = 5_000  # fewer examples per process do not repay startin
 
 
 def tokenized_dataset(spec: TaskSpec, tokenizer, examples):
-    """input_ids/labels rows (harness.data.prompts.encode_examples) with a progress bar.
+    """input_ids/labels rows (harness.data.prompts.encode_fitted) with a progress bar; a title whose prompt
+    leaves too little room within train.max_length is cut, or its example dropped (`train.long_prompts`)."""
+    return tokenize_counting(spec, tokenizer, examples)[0]
+
+
+def tokenize_counting(spec: TaskSpec, tokenizer, examples) -> tuple[object, dict]:
+    """tokenized_dataset, and how many titles it cut (`truncated`) or dropped (`skipped`), counted as it goes.
 
     Batched tokenizer calls, spread by datasets.map over up to one process per CPU core: a
     100k-example set takes seconds on a 16-core machine rather than minutes in one process.
@@ -235,17 +242,23 @@ def tokenized_dataset(spec: TaskSpec, tokenizer, examples):
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     cpus = max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # the host's other ranks tokenize too
     procs = min(cpus, len(titles) // _TOKENIZE_PER_PROCESS)
-    return Dataset.from_dict({"title": titles, "content": [ex.content for ex in examples]}).map(
+    dataset = Dataset.from_dict({"title": titles, "content": [ex.content for ex in examples]}).map(
         _encode_batch, batched=True, remove_columns=["title", "content"], num_proc=procs if procs > 1 else None,
-        fn_kwargs={"tokenizer": tokenizer, "prompt": spec.prompt, "max_length": spec.train.max_length},
+        fn_kwargs={"tokenizer": tokenizer, "prompt": spec.prompt, "max_length": spec.train.max_length,
+                   "skip_long": spec.train.long_prompts == "skip"},
         # An in-memory dataset has no cache to key; naming the result skips hashing the tokenizer.
         new_fingerprint=uuid.uuid4().hex, desc="tokenizing")
+    counts = {"truncated": sum(dataset["title_cut"]) if len(dataset) else 0, "skipped": len(titles) - len(dataset)}
+    # With every example dropped, map returns a dataset without columns.
+    return (dataset.remove_columns("title_cut") if len(dataset) else dataset), counts
 
 
-def _encode_batch(batch: dict, tokenizer, prompt, max_length: int) -> dict:
-    prompts = [build_prompt(tokenizer, prompt, title) for title in batch["title"]]
-    encoded = encode_examples(tokenizer, prompts, batch["content"], max_length)
-    return {"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded]}
+def _encode_batch(batch: dict, tokenizer, prompt, max_length: int, skip_long: bool) -> dict:
+    fitted = fit_prompts(tokenizer, prompt, batch["title"], max_length)
+    keep = [i for i, f in enumerate(fitted) if not (skip_long and f.truncated)]
+    encoded = encode_fitted(tokenizer, [fitted[i] for i in keep], [batch["content"][i] for i in keep], max_length)
+    return {"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded],
+            "title_cut": [fitted[i].truncated for i in keep]}
 
 
 def split_eval(examples: list, fraction: float) -> tuple[list, list]:
@@ -525,11 +538,25 @@ def train(spec: TaskSpec, model, tokenizer, train_examples, run_dir: Path, devic
     if spec.train.keep_best and not eval_part:
         raise HarnessError(f"train.keep_best: train.eval_fraction {spec.train.eval_fraction} of "
                            f"{len(train_examples)} examples leaves no eval example; raise it")
-    train_ds = tokenized_dataset(spec, tokenizer, train_part)
-    eval_ds = tokenized_dataset(spec, tokenizer, eval_part) if eval_part else None
+    train_ds, counts = tokenize_counting(spec, tokenizer, train_part)
+    eval_ds, eval_counts = tokenize_counting(spec, tokenizer, eval_part) if eval_part else (None, {})
+    counts = {k: n + eval_counts.get(k, 0) for k, n in counts.items()}
+    if any(counts.values()) and distributed.is_main():
+        log.warning("long prompts: %d of %d train titles %s to fit train.max_length %d (train.long_prompts: %s)",
+                    sum(counts.values()), len(train_examples), "cut" if counts["truncated"] else "left out",
+                    spec.train.max_length, spec.train.long_prompts)
+    for part, ds in (("training", train_ds), ("eval", eval_ds)):
+        if ds is not None and not len(ds) and (part == "training" or spec.train.keep_best):
+            raise HarnessError(f"train.long_prompts: skip drops every {part} example (no prompt leaves room for "
+                               f"a description within train.max_length {spec.train.max_length}); raise "
+                               "train.max_length or set train.long_prompts: truncate")
+    if eval_ds is not None and not len(eval_ds):
+        eval_ds = None  # skip dropped the whole eval slice, which only logs a loss here
     with modeling_module_restored(model):
-        return _train(spec, model, tokenizer, train_ds, eval_ds, run_dir, device, resume_from, fast, tracked,
-                      on_tracking)
+        result = _train(spec, model, tokenizer, train_ds, eval_ds, run_dir, device, resume_from, fast, tracked,
+                        on_tracking)
+    result.long_prompts = counts
+    return result
 
 
 def _train(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, run_dir: Path, device: Device,
