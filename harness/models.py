@@ -79,6 +79,7 @@ class EmbeddedModel:
     # instead of this machine's cache folder, and the README and the report show.
     hub_id: str
     license: str
+    hub_license: str  # the Hub's identifier of that license, for model cards' front matter
     size: str  # parameters and download size, for people choosing a model
     instruction_tuned: bool
     # The prompt preset when the spec leaves prompt.template null; None: the model's chat template.
@@ -88,8 +89,6 @@ class EmbeddedModel:
     probe_perplexity: float
     probe_tolerance: float = PROBE_TOLERANCE
 
-    # The Hub's identifier of that license, for model cards' front matter.
-    hub_license: str
 
     @property
     def packages(self) -> list[str]:
