@@ -89,7 +89,6 @@ class EmbeddedModel:
     probe_perplexity: float
     probe_tolerance: float = PROBE_TOLERANCE
 
-
     @property
     def packages(self) -> list[str]:
         return [part.package for part in self.parts]

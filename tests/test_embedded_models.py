@@ -27,8 +27,8 @@ def fake_model(chunks=CHUNKS, sha256: str | None = None) -> models.EmbeddedModel
         parts=tuple(models.WheelPart(f"fake-part{i + 1}", f"fake_part{i + 1}/data/fake.gguf.part{i:02d}")
                     for i in range(len(chunks))),
         gguf_name="fake.gguf", sha256=sha256 or hashlib.sha256(b"".join(chunks)).hexdigest(),
-        hub_id="nobody/fake", license="none", size="tiny", instruction_tuned=False, prompt_template="alpaca",
-        probe_perplexity=20.0)
+        hub_id="nobody/fake", license="none", hub_license="other", size="tiny", instruction_tuned=False,
+        prompt_template="alpaca", probe_perplexity=20.0)
 
 
 def make_wheel(folder: Path, part: models.WheelPart, data: bytes) -> Path:
@@ -146,7 +146,8 @@ def embedded_tiny_gemma3(cache, tiny_gemma3_dir, monkeypatch):
     """The tiny Gemma 3 registered as `embedded:tiny-gemma3`, already converted in the cache."""
     model = models.EmbeddedModel(
         name="tiny-gemma3", version="0", parts=(), gguf_name="none.gguf", sha256="f" * 64, hub_id="none",
-        license="none", size="tiny", instruction_tuned=False, prompt_template="alpaca", probe_perplexity=4500.0)
+        license="none", hub_license="other", size="tiny", instruction_tuned=False, prompt_template="alpaca",
+        probe_perplexity=4500.0)
     folder = models.converted_folder(model)
     shutil.copytree(tiny_gemma3_dir, folder)
     (folder / models.CONVERTED_MARKER).write_text(json.dumps({"sha256": model.sha256}))
@@ -167,7 +168,7 @@ def test_a_declared_preset_applies_when_the_spec_leaves_the_template_null(tmp_pa
     assert "base model probe perplexity" in report
     from harness.serving.loaded_run import LoadedRun
 
-    assert LoadedRun.load(run).prompt("Steel Garlic Press").endswith("### Response:\n")  # generate and serve
+    assert LoadedRun.load(run).fit("Steel Garlic Press").text.endswith("### Response:\n")  # generate and serve
 
 
 def test_prompt_template_resolution(tiny_model_dir, tiny_gemma3_dir, embedded_tiny_gemma3):
