@@ -51,13 +51,15 @@ GENERATION_SEMANTICS = 3
 
 def generation_record(gen) -> dict:
     """The generation settings a fingerprint covers: all of them, except MBR's keys while MBR is off
-    (`mbr_samples` 0), where they change no output: a spec from before MBR keeps its fingerprint, and so its
-    cached base scores."""
+    (`mbr_samples` 0) and `min_new_tokens` while it is 0, where they change no output: a spec from before
+    they existed keeps its fingerprint, and so its cached base scores."""
     from dataclasses import asdict
 
     record = asdict(gen)
     if not gen.mbr_samples:
         record = {k: v for k, v in record.items() if not k.startswith("mbr_")}
+    if not gen.min_new_tokens:
+        record.pop("min_new_tokens")
     return {**record, "semantics": GENERATION_SEMANTICS}
 
 

@@ -125,6 +125,7 @@ class GenerationSpec:
     batch_size: int = 16
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0  # > 0: never repeat an n-gram of this many model tokens (0 = off)
+    min_new_tokens: int = 0  # > 0: the end-of-turn token cannot end an output shorter than this (0 = off)
     # -- fast scorer (harness/scoring/generation.py): engine, fixed batch shapes, sampling seed --
     engine: Literal["auto", "compiled", "graphs", "static", "dynamic"] = "auto"
     static_batch_size: int = 512
@@ -379,6 +380,8 @@ def _check_values(spec: TaskSpec, path: Path) -> None:
         (spec.generation.temperature > 0, "generation.temperature", "must be > 0"),
         (0.0 < spec.generation.top_p <= 1.0, "generation.top_p", "must be in (0, 1]"),
         (spec.generation.no_repeat_ngram_size >= 0, "generation.no_repeat_ngram_size", "must be >= 0 (0 = off)"),
+        (0 <= spec.generation.min_new_tokens < spec.generation.max_new_tokens, "generation.min_new_tokens",
+         "must be >= 0 (0 = off) and below generation.max_new_tokens"),
         (spec.generation.static_batch_size > 0, "generation.static_batch_size", "must be > 0"),
         (bool(spec.generation.prompt_buckets) and min(spec.generation.prompt_buckets) > 0
          and spec.generation.prompt_buckets == sorted(set(spec.generation.prompt_buckets)),

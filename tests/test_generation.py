@@ -282,6 +282,21 @@ def test_graphs_engine_gives_the_one_at_a_time_loop_text_exactly(repetitive, pen
         assert [g.text for g in plain] != [g.text for g in loop]
 
 
+@pytest.mark.parametrize("engine", ["graphs", "static"])
+def test_min_new_tokens_holds_off_the_end_of_turn_on_every_engine(repetitive, engine):
+    """generation.min_new_tokens: no output ends before it (transformers' MinNewTokensLengthLogitsProcessor
+    in the one-at-a-time loop; the graphs engine's own device-side mask); the same texts on every engine."""
+    model, tokenizer, prompts = repetitive
+    gen = GenerationSpec(max_new_tokens=20, engine=engine, static_batch_size=3, prompt_buckets=[20, 24, 32],
+                         repetition_penalty=1.3, no_repeat_ngram_size=2)
+    free = generate(model, tokenizer, prompts, gen, CPU)
+    floor = 8
+    assert min(g.n_tokens for g in free) < floor  # without it some rows end early: the setting has work to do
+    held, _ = _batched_equals_the_loop(model, tokenizer, prompts, replace(gen, min_new_tokens=floor))
+    assert min(g.n_tokens for g in held) >= floor
+    assert any(not g.hit_max_new_tokens for g in held)  # the end-of-turn token still ends outputs after it
+
+
 def test_graphs_engine_decodes_the_same_text_every_time(repetitive):
     model, tokenizer, prompts = repetitive
     gen = GenerationSpec(max_new_tokens=20, engine="graphs", static_batch_size=4, prompt_buckets=[32],

@@ -39,6 +39,8 @@ def test_unknown_key_names_file_and_suggests(tmp_path):
     ("name: x\nmetrics: {names: [rougeX]}\n", r"metrics.names\[0\]: unknown metric 'rougeX' \(did you mean"),
     ("name: x\nmetrics: {names: [loop]}\n", r"metrics.names\[0\]: unknown metric 'loop' \(did you mean 'loops'"),
     ("name: x\ngeneration: {no_repeat_ngram_size: -1}\n", r"generation.no_repeat_ngram_size: must be >= 0 \(0 = off\)"),
+    ("name: x\ngeneration: {min_new_tokens: 96}\n",
+     r"generation.min_new_tokens: must be >= 0 \(0 = off\) and below generation.max_new_tokens"),
     ("name: x\ngeneration: {no_repeat_ngram_size: 2.5}\n", r"generation.no_repeat_ngram_size: expected int"),
     ("name: x\nmetrics: {loop_warning: 1.5}\n", r"metrics.loop_warning: must be in \[0, 1\]"),
     ("name: x\ngate: {max_loop_share: -0.1}\n", r"gate.max_loop_share: must be in \[0, 1\] or null"),

@@ -326,7 +326,7 @@ class _Decoder:
         sampling = {"do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p} if sampled(gen) \
             else {"do_sample": False}
         self.kwargs = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                           **sampling)
+                           **sampling, **({"min_new_tokens": gen.min_new_tokens} if gen.min_new_tokens else {}))
         if engine == "compiled":
             self.kwargs["compile_config"] = _compile_config()
             # Dynamo guards on requires_grad: a freshly loaded base model has it on, a merged PEFT model
@@ -369,9 +369,9 @@ class _Decoder:
         started = time.perf_counter()
         steps = min(WARMUP_TOKENS, self.gen.max_new_tokens)
         try:
-            self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
-                                past_key_values=self.cache,
-                                logits_processor=output_penalties(self.gen, ids.shape[1], ids.device), **self.kwargs)
+            self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, past_key_values=self.cache,
+                                logits_processor=output_penalties(self.gen, ids.shape[1], ids.device),
+                                **{**self.kwargs, "min_new_tokens": steps})
             if self.device.kind == "cuda":
                 torch.cuda.synchronize(self.device.index)
         except torch.OutOfMemoryError:

@@ -249,6 +249,9 @@ class GraphDecoder:
         b.scores[:, :vocab].copy_(logits)  # float32, as generate upcasts the logits before its processors
         if self.penalties.active:
             self.penalties(b.scores, b.out, b.n_out)
+        if self.gen.min_new_tokens:  # transformers' MinNewTokensLengthLogitsProcessor, with a device counter
+            eos = b.scores[:, self.eos_id]
+            eos.copy_(eos.masked_fill(b.n_out < self.gen.min_new_tokens, float("-inf")))
         token = b.scores[:, :vocab].argmax(dim=-1).masked_fill(b.finished, self.pad_id)
         b.out.copy_(torch.where(self.penalties.columns == b.n_out, token.unsqueeze(1), b.out))
         b.finished.logical_or_(token == self.eos_id)
