@@ -71,3 +71,32 @@ def test_bench_gemma3_part_trains_checks_losses_and_decodes(tmp_path, tiny_model
     assert results["generation"][label]["identical_outputs_share"]["graphs vs static"] == 1.0
     printed = capsys.readouterr().out
     assert f"loss check, {label}, batch 4: reference harness" in printed
+
+
+def test_trl_baseline_trains_on_the_same_tokens_as_harness(tiny_arch):
+    """The bench's trl_tuned baseline hands trl prompt strings that trl tokenizes itself: for a tokenizer that
+    adds a BOS (the tiny Gemma 3, like Gemma's), the strings must not carry one too, or every trl example
+    starts with two and packs into other batches (the loss check would compare different data)."""
+    import tempfile
+    from pathlib import Path
+
+    from harness.benchmarks import bench
+    from harness.data import records
+    from harness.spec import load_spec
+    from harness.training.train import build_trainer, tokenized_dataset
+    from tests.conftest import tiny_overrides
+
+    folder, extra = tiny_arch
+    spec = load_spec(str(REPO / "tasks" / "amazon_desc.yaml"), tiny_overrides(folder, *extra))
+    models.resolve_prompt_template(spec)
+    tokenizer = models.load_tokenizer(str(folder), spec.model, uses_chat_template=spec.prompt.template is None)
+    device = models.pick_device()
+    examples = records.prepare(spec).train[:6]
+    ours = tokenized_dataset(spec, tokenizer, examples)["input_ids"]
+    options = {**bench._recipe_overrides("trl_tuned", 4, device), "packing": False, "padding_free": False}
+    trainer = build_trainer(spec, models.load_model(str(folder), spec.model, tokenizer, device), tokenizer,
+                            bench._string_dataset(spec, tokenizer, examples), None, Path(tempfile.mkdtemp()), device,
+                            plain_peft=True, **options)
+    assert trainer.train_dataset["input_ids"] == ours
+    if extra:  # the Gemma 3 tokenizer adds a BOS: exactly one leads each example
+        assert all(ids[0] == tokenizer.bos_token_id != ids[1] for ids in ours)

@@ -206,13 +206,16 @@ def _examples(spec, n: int):
 
 
 def _string_dataset(spec, tokenizer, examples):
-    """What the notebooks feed trl: prompt and completion strings, tokenized by trl itself."""
+    """What the notebooks feed trl: prompt and completion strings, tokenized by trl itself. trl's tokenizer
+    call adds the BOS a tokenizer adds (Gemma's `<bos>`), as the notebooks' `tokenizer(text)` did, so the
+    prompt text leaves it out: written there too, every example would start with two (and pack otherwise)."""
     from datasets import Dataset
 
-    from harness.data.prompts import build_prompt
+    from harness.data.prompts import build_prompt, tokenizer_bos
 
-    return Dataset.from_list([{"prompt": build_prompt(tokenizer, spec.prompt, e.title), "completion": e.content}
-                              for e in examples])
+    bos = tokenizer_bos(tokenizer)
+    return Dataset.from_list([{"prompt": build_prompt(tokenizer, spec.prompt, e.title).removeprefix(bos),
+                               "completion": e.content} for e in examples])
 
 
 def _recipe_overrides(recipe: str, batch: int, device, seed_steps: int = -1, loss_every: int = 10_000) -> dict:
