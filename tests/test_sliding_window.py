@@ -415,6 +415,8 @@ def test_run_eval_and_generate_on_the_tiny_gemma3(tiny_gemma3_dir, tmp_path, mon
     from tests.conftest import REPO, run_tiny, tiny_overrides
 
     monkeypatch.chdir(tmp_path)  # reports/ lands here
+    # base scores of its own: another test's cached ones would leave this eval's base engine unrecorded
+    monkeypatch.setenv("HARNESS_SCORE_CACHE", str(tmp_path / "score-cache"))
     run_dir = run_tiny(tmp_path, tiny_gemma3_dir, "prompt.template=alpaca", "train.packing=on", "train.fused_lora=on",
                        "generation.engine=graphs", "generation.static_batch_size=4")
     manifest = json.loads((run_dir / "manifest.json").read_text())

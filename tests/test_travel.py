@@ -114,7 +114,7 @@ def test_the_adapter_card_says_what_the_run_found(travelled, stand_ins, tiny_arc
     assert ModelCard(card_text).data.eval_results[0].metric_value == metrics["tuned"]["rouge1"]["value"]
     manifest = read(travelled / "manifest.json")
     body = card_text.split("---\n", 2)[2]
-    for needle in (f"[{public}](https://huggingface.co/{public})", "license `apache-2.0`",
+    for needle in (f"[{public}](https://huggingface.co/{public})", "license `Apache-2.0`",
                    f"An answer ends with `{manifest['prompt_format']['eos_token']}`",
                    manifest["fingerprints"]["heldout_split"], "`amazon_demo.jsonl`", "r 16, alpha 32",
                    f"{manifest['train']['seconds']} s", manifest["device"], "python -m harness run " + TASK,
