@@ -124,7 +124,8 @@ def test_the_adapter_card_says_what_the_run_found(travelled, stand_ins, tiny_arc
     assert f"{delta['value']:+.2f} [{delta['ci95'][0]:+.2f}, {delta['ci95'][1]:+.2f}]" in body
     for warning in metrics["warnings"]:  # the guards that fired
         assert f"- {warning}" in body
-    assert "Q4_1 GGUF" in body  # an embedded model is the de-quantized GGUF, and the card says so
+    # an embedded model is the de-quantized GGUF, and the card says so
+    assert "4-bit GGUF `SmolLM2-135M-Instruct.Q4_1.gguf`" in body
     # Counts and settings only: no held-out or training record text.
     rows = [json.loads(line) for line in (travelled / "predictions.jsonl").read_text().splitlines()]
     train = [json.loads(line) for line in (travelled / "data" / "train.jsonl").read_text().splitlines()[:20]]
