@@ -28,6 +28,17 @@ def _chromium(profile: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+def _rendered_dom(tmp_path: Path, url: str, sections: tuple[str, ...]) -> str:
+    """The page's DOM after its scripts ran: no script error or CSP violation, every section heading there."""
+    dom = _chromium(tmp_path / "profile-dom", "--enable-logging=stderr", "--v=0", "--dump-dom", url)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
+    assert not [line for line in console if "Uncaught" in line or "Content Security Policy" in line], console
+    for section in sections:
+        assert f">{section}</h2>" in dom.stdout
+    return dom.stdout
+
+
 def test_report_renders_in_headless_chromium(tmp_path):
     hostile = [{"title": "<script>alert(1)</script>", "tuned": "<img src=x onerror=alert(1)>"}]
     runs = [make_run(tmp_path / "runs", "adapter-a", texts=hostile),
@@ -35,15 +46,10 @@ def test_report_renders_in_headless_chromium(tmp_path):
     html_path, _ = write_reports(runs, tmp_path / "out")
     url = html_path.resolve().as_uri()
 
-    dom = _chromium(tmp_path / "profile-dom", "--enable-logging=stderr", "--v=0", "--dump-dom", url)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
-    assert not [line for line in console if "Uncaught" in line or "Content Security Policy" in line], console
-    for section in SECTIONS:
-        assert f">{section}</h2>" in dom.stdout
-    assert len(re.findall(r'<img src="data:image/png;base64,', dom.stdout)) == 4
-    assert re.search(r"\d+ of \d+ examples shown", dom.stdout)  # the filter script ran
-    assert '<form id="filter" class="filter" role="search">' in dom.stdout  # and revealed its form
+    dom = _rendered_dom(tmp_path, url, SECTIONS)
+    assert len(re.findall(r'<img src="data:image/png;base64,', dom)) == 4
+    assert re.search(r"\d+ of \d+ examples shown", dom)  # the filter script ran
+    assert '<form id="filter" class="filter" role="search">' in dom  # and revealed its form
 
     shot = tmp_path / "shot.png"
     result = _chromium(tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1280,2000", url)
@@ -69,14 +75,9 @@ def test_leaderboard_renders_in_headless_chromium(tmp_path):
     assert "<img src=x" not in html_path.read_text() and "&lt;img src=x" in html_path.read_text()
     url = html_path.resolve().as_uri()
 
-    dom = _chromium(tmp_path / "profile-dom", "--enable-logging=stderr", "--v=0", "--dump-dom", url)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
-    assert not [line for line in console if "Uncaught" in line or "Content Security Policy" in line], console
-    for section in LEADERBOARD_SECTIONS:
-        assert f">{section}</h2>" in dom.stdout
-    assert len(re.findall(r'<img src="data:image/png;base64,', dom.stdout)) == 2
-    assert "&lt;img src=x onerror=alert(1)&gt;" in dom.stdout
+    dom = _rendered_dom(tmp_path, url, LEADERBOARD_SECTIONS)
+    assert len(re.findall(r'<img src="data:image/png;base64,', dom)) == 2
+    assert "&lt;img src=x onerror=alert(1)&gt;" in dom
 
     shot = tmp_path / "shot.png"
     result = _chromium(tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1280,2000", url)
