@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from harness import models  # noqa: E402
+from harness import devices, models  # noqa: E402
 from harness.benchmarks import bench  # noqa: E402
 from harness.spec import load_spec  # noqa: E402
 from harness.training.train import (build_trainer, compile_layers, lora_inputs_in_compute_dtype,  # noqa: E402
@@ -28,7 +28,7 @@ positional = [a for i, a in enumerate(args) if a != "--set" and (i == 0 or args[
 steps, batch = (int(positional[0]) if positional else 10), (int(positional[1]) if len(positional) > 1 else 4)
 spec = load_spec("amazon_desc", ["train.max_length=512", "train.packing=on", "train.liger_kernels=off",
                                  "train.attention=sdpa", *overrides])
-device = models.pick_device()
+device = devices.pick_device()
 folder = models.resolve_base(spec.model.base)
 tokenizer = models.load_tokenizer(folder, spec.model, uses_chat_template=spec.prompt.template is None)
 examples = steps * batch * max(1, spec.train.max_length // 64)  # enough to pack `steps` full batches

@@ -19,7 +19,7 @@ import torch
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from harness import models  # noqa: E402
+from harness import devices, models  # noqa: E402
 from harness.benchmarks import bench  # noqa: E402
 from harness.spec import load_spec  # noqa: E402
 from harness.training.attention import varlen_call  # noqa: E402
@@ -95,7 +95,7 @@ def main():
           "(outputs and q/k/v gradients; 0 = identical)")
     spec = load_spec("amazon_desc", [f"model.base={args.model}", "train.max_length=512", "train.packing=on",
                                      "lora.dropout=0.0", *args.set])
-    device = models.pick_device()
+    device = devices.pick_device()
     tokenizer = models.load_tokenizer(models.resolve_base(spec.model.base), spec.model, uses_chat_template=True)
     data = tokenized_dataset(spec, tokenizer, bench._examples(spec, 4096))
     runs = {}

@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from harness import models
+    from harness import devices, models
     from harness.data import records
     from harness.data.prompts import build_prompt, encode_prompt
     from harness.recipes.run import load_base_tokenizer
@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
     from harness.spec import load_spec
 
     spec = load_spec("amazon_desc", args.overrides)
-    device = models.pick_device()
+    device = devices.pick_device()
     model_ref, tokenizer = load_base_tokenizer(spec)
     model = models.load_model(model_ref, spec.model, tokenizer, device).eval()
     examples = list(records.prepare(spec).train)

@@ -11,9 +11,15 @@ import hashlib
 import json
 from pathlib import Path
 
-from harness.models import sha256_file
-
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "config.json", "adapter_config.json")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def hash_json(obj) -> str:

@@ -26,7 +26,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.devices import Device
 from harness.errors import BrokenModelError, ModelError, first_line
+from harness.fingerprint import sha256_file
 from harness.training import attention
 
 log = logging.getLogger(__name__)
@@ -142,14 +144,6 @@ def embedded_model(base: str) -> EmbeddedModel | None:
     if name not in EMBEDDED_MODELS:
         raise ModelError(f"unknown embedded model '{name}' in '{base}' (known: {', '.join(EMBEDDED_MODELS)})")
     return EMBEDDED_MODELS[name]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _verified(path: Path, expected: str) -> Path:
@@ -490,7 +484,7 @@ def load_tokenizer(model_ref: str, spec_model, uses_chat_template: bool):
     return tokenizer
 
 
-def load_model(model_ref: str, spec_model, tokenizer, device: "Device", quantize: bool = False,
+def load_model(model_ref: str, spec_model, tokenizer, device: Device, quantize: bool = False,
                attn_implementation: str = "sdpa"):
     """Load a causal LM on `device` (bf16 on CUDA, fp32 on CPU; nf4 when `quantize`)."""
     import torch
@@ -734,38 +728,3 @@ def tokenizer_differences(saved, base, uses_chat_template: bool) -> list[str]:
     if uses_chat_template and (saved.chat_template or None) != (base.chat_template or None):
         out.append("chat template")
     return out
-
-
-@dataclass(frozen=True)
-class Device:
-    """Where work runs: CUDA (bf16) when present, else CPU (fp32)."""
-
-    kind: str
-    index: int = 0
-
-    @property
-    def torch_device(self):
-        import torch
-
-        return torch.device(f"cuda:{self.index}" if self.kind == "cuda" else "cpu")
-
-    @property
-    def dtype(self):
-        import torch
-
-        return torch.bfloat16 if self.kind == "cuda" else torch.float32
-
-    def describe(self) -> str:
-        import torch
-
-        if self.kind == "cuda":
-            return f"cuda:{self.index} {torch.cuda.get_device_name(self.index)}"
-        return f"cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
-
-
-def pick_device() -> Device:
-    import torch
-
-    if os.environ.get("HARNESS_DEVICE", "").lower() == "cpu" or not torch.cuda.is_available():
-        return Device("cpu")
-    return Device("cuda", torch.cuda.current_device())

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import distributed
+from harness import devices, distributed
 from harness.cli import main
 from harness.scoring.generation import length_sorted_batches
 from tests.conftest import REPO, tiny_overrides
@@ -190,7 +190,7 @@ def test_two_processes_train_data_parallel_and_rank_zero_writes(two_process_run,
         sorted(p.name for p in (tiny_run / "adapter").iterdir())
     spec = load_run_spec(run_dir)
     model_ref, tokenizer = load_base_tokenizer(spec)
-    device = models.pick_device()
+    device = devices.pick_device()
     model = models.load_adapter(models.load_model(model_ref, spec.model, tokenizer, device), run_dir / "adapter")
     assert assert_adapter_applied(model, tokenizer, ["Steel water bottle", "Cotton shirt"], device) > 0
 

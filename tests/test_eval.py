@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import models
+from harness import devices, models
 from harness.cli import main
 from harness.errors import ModelError, SpecError
 from harness.spec import ModelSpec, PromptSpec, load_spec
@@ -204,7 +204,7 @@ def test_preset_answers_end_with_the_tokenizers_real_eos(llama_dir):
     prompt = build_prompt(tokenizer, PromptSpec(template="alpaca"), "Mug")
     encoded = encode_example(tokenizer, prompt, "A sturdy mug .", max_length=None)  # what training sees
     assert encoded.input_ids[-1] == eos and encoded.labels[-1] == eos
-    model = models.load_model(str(llama_dir), ModelSpec(), tokenizer, models.Device("cpu"))
+    model = models.load_model(str(llama_dir), ModelSpec(), tokenizer, devices.Device("cpu"))
     assert model.config.eos_token_id == model.generation_config.eos_token_id == eos
 
 
@@ -236,7 +236,7 @@ def test_scoring_and_generate_stop_where_the_preset_answer_ends(llama_dir):
     after = tokenizer("Input", add_special_tokens=False)["input_ids"]
     model = _ScriptedModel(answer + [tokenizer.convert_tokens_to_ids("</s>")] + after * 5)
     prompt = build_prompt(tokenizer, PromptSpec(template="alpaca"), "Mug")
-    [result] = generate(model, tokenizer, [prompt], GenerationSpec(max_new_tokens=8), models.Device("cpu"))
+    [result] = generate(model, tokenizer, [prompt], GenerationSpec(max_new_tokens=8), devices.Device("cpu"))
     assert model.stopped_at == tokenizer.convert_tokens_to_ids("</s>")
     assert result.text == "sturdy steel" and result.n_tokens == len(answer) and not result.hit_max_new_tokens
 

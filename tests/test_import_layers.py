@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 #  rank  stage        modules (a package name covers its submodules)
 LAYERS = (
     (0, "foundations", ("harness", "harness.errors", "harness.io", "harness.spec", "harness.fingerprint",
-                        "harness.distributed", "harness.runfolder")),
+                        "harness.devices", "harness.distributed", "harness.runfolder", "harness.sweepfolder")),
     (1, "data", ("harness.data",)),
     (2, "models", ("harness.models",)),
     (3, "training", ("harness.training",)),

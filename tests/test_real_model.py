@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from harness import models
+from harness import devices, models
 from harness.data.prompts import build_prompt, encode_example
 from harness.scoring.generation import generate
 from harness.scoring.likelihood import reference_nll
@@ -12,7 +12,7 @@ from harness.spec import EMBEDDED_MODEL, GenerationSpec, ModelSpec, PromptSpec
 from tests.conftest import SHARED_DATA, REPO, run_tiny
 
 pytestmark = pytest.mark.real_model
-CPU = models.Device("cpu")
+CPU = devices.Device("cpu")
 
 
 @pytest.fixture(scope="module")

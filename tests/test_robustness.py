@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import models, runfolder
+from harness import devices, models, runfolder
 from harness.cli import main
 from harness.errors import ModelError, RunError
 from harness.io import atomic_write_json
@@ -27,7 +27,7 @@ from harness.runfolder import Manifest, new_run_dir
 from tests.conftest import REPO, TINY_OVERRIDES, tiny_overrides
 
 TASK = str(REPO / "tasks" / "amazon_desc.yaml")
-CPU = models.Device("cpu")
+CPU = devices.Device("cpu")
 
 
 def _run_args(runs_dir: Path, overrides: list[str]) -> list[str]:

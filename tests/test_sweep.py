@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import devices
 from harness.cli import main
 from harness.data import records as data_mod
 from harness.errors import SpecError
@@ -552,7 +553,7 @@ def _train_keep_best(model_dir: Path, out: Path, resume_from: Path | None = None
 
     spec = load_spec(TASK, tiny_overrides(model_dir, *KEEP_BEST))
     examples = data_mod.prepare(spec).train
-    device = models.pick_device()
+    device = devices.pick_device()
     tokenizer = models.load_tokenizer(str(model_dir), spec.model, uses_chat_template=True)
     model = models.load_model(str(model_dir), spec.model, tokenizer, device)
     return train(spec, model, tokenizer, examples, out, device, resume_from=resume_from)

@@ -58,6 +58,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from harness import devices
 from harness.errors import HarnessError
 
 log = logging.getLogger(__name__)
@@ -615,7 +616,7 @@ def bench_command(args) -> int:
     from harness.spec import load_spec
 
     spec = load_spec(args.task, args.overrides)
-    device = models.pick_device()
+    device = devices.pick_device()
     if device.kind != "cuda" and not args.quick:
         raise HarnessError("bench: no CUDA device; the benchmark measures the GPU path (use --quick for a CPU smoke test)")
     parts, gen_models = parse_parts(args.only, args.gen_models)

@@ -29,7 +29,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from harness import models
+from harness import devices, models
 from harness.errors import HarnessError, ModelError, RunError
 from harness.io import atomic_write_json, atomic_write_text
 from harness.recipes.run import load_run_spec
@@ -98,13 +98,13 @@ def _merged(spec, model_ref: str, tokenizer, adapter_dir: Path, dequantize: bool
     """The base with the adapter merged (peft merge_and_unload): fp32 on the CPU, or with `dequantize` the nf4
     base of QLoRA training, de-quantized to bf16 on the GPU, merged there and brought to the CPU."""
     if dequantize:
-        device = models.pick_device()
+        device = devices.pick_device()
         if device.kind != "cuda":
             raise ModelError("export --dequantize: loading the nf4 base as training did needs a CUDA device and "
                              "bitsandbytes (pip install -e '.[cuda]')")
         base = models.load_model(model_ref, spec.model, tokenizer, device, quantize=True).dequantize()
     else:
-        base = models.load_model(model_ref, spec.model, tokenizer, models.Device("cpu"))
+        base = models.load_model(model_ref, spec.model, tokenizer, devices.Device("cpu"))
     merged = models.load_adapter(base, adapter_dir, spec.model.allow_pickle).merge_and_unload()
     return merged.to("cpu")
 

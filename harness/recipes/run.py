@@ -19,7 +19,7 @@ from typing import Callable
 
 import yaml
 
-from harness import distributed, models
+from harness import devices, distributed, models
 from harness.data import records as data_mod
 from harness.data.leakage import assert_no_exact_leak, leakage_report
 from harness.distributed import main_only
@@ -175,7 +175,7 @@ def resolve_device(spec: TaskSpec, manifest: Manifest):
     """The device and the fast-path switches, before any work: an impossible switch fails here.
 
     `device` is rank 0's; `world_size` says how many processes (one a GPU) share the work."""
-    device = models.pick_device()
+    device = devices.pick_device()
     reasons: dict[str, str] = {}
     fast = fast_path_options(spec, device, reasons)
     manifest.update(device=device.describe(), world_size=distributed.world_size(), fast_path=fast,

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import distributed, fingerprint, models
+from harness import devices, distributed, fingerprint, models
 from harness.data import records as data
 from harness.data.prompts import encode_example, fit_prompts
 from harness.errors import HarnessError, RunError
@@ -88,7 +88,7 @@ class Context:
     heldout_size: int
     model_ref: str
     tokenizer: object
-    device: models.Device
+    device: devices.Device
     settings: MetricSettings
     prints: dict[str, str]
     warnings: list[str] = field(default_factory=list)
@@ -198,7 +198,7 @@ def build_context(task: str, overrides: list[str]) -> Context:
               "evaluated_split": fingerprint.split_fingerprint(examples),
               **fingerprint.settings_fingerprints(spec, settings_record(settings),
                                                   _cut_prompts(spec, tokenizer, heldout))}
-    return Context(spec, examples, len(heldout), model_ref, tokenizer, models.pick_device(), settings, prints,
+    return Context(spec, examples, len(heldout), model_ref, tokenizer, devices.pick_device(), settings, prints,
                    base_probe={**probe, "prompt_template": prompt})
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from harness import models
+from harness import devices, models
 from harness.data.prompts import FittedPrompt, PromptTooLong, fit_prompts
 from harness.data.records import clean_text
 from harness.errors import DataError, RunError, SpecError
@@ -33,7 +33,7 @@ class LoadedRun:
 
     run_dir: Path
     spec: TaskSpec
-    device: models.Device
+    device: devices.Device
     tokenizer: object
     model: object  # a PeftModel: `disable_adapter()` gives the base model without a second copy
     adapter_dir: Path
@@ -50,7 +50,7 @@ class LoadedRun:
         if not (adapter_dir / "adapter_config.json").is_file():
             raise RunError(f"{run_dir}: no trained adapter in {ADAPTER_DIR}/ (unfinished run? "
                            f"finish it with `harness run --resume {run_dir}`)")
-        device = models.pick_device()
+        device = devices.pick_device()
         model_ref = models.resolve_base(spec.model.base)
         log.info("loading %s with the adapter of %s on %s", spec.model.base, run_dir, device.describe())
         tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)

@@ -24,7 +24,8 @@ from harness import distributed
 from harness.data.prompts import encode_fitted, fit_prompts
 from harness.errors import HarnessError
 from harness.io import atomic_write_text
-from harness.models import Device, embedded_model, sync_eos
+from harness.devices import Device
+from harness.models import embedded_model, sync_eos
 from harness.spec import TaskSpec
 from harness.training import tracking
 from harness.training.fused_lora import fused_lora_add
