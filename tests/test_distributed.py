@@ -170,7 +170,8 @@ def two_process_run(tiny_model_dir, tmp_path_factory) -> tuple[Path, subprocess.
 @pytest.mark.slow
 def test_two_processes_train_data_parallel_and_rank_zero_writes(two_process_run, tiny_run):
     from harness import models
-    from harness.recipes.run import load_base_tokenizer, load_run_spec
+    from harness.recipes.run import load_base_tokenizer
+    from harness.runfolder import load_run_spec
     from harness.scoring.heldout_scoring import assert_adapter_applied
 
     run_dir, done = two_process_run

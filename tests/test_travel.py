@@ -271,7 +271,7 @@ def test_plain_transformers_decodes_the_runs_tuned_predictions(exported, travell
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from harness.data.prompts import build_prompt
-    from harness.recipes.run import load_run_spec
+    from harness.runfolder import load_run_spec
 
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"} <= \
         {p.name for p in exported.iterdir()}

@@ -33,8 +33,7 @@ import yaml
 import harness
 from harness.errors import HarnessError
 from harness.io import atomic_write_text
-from harness.recipes.run import SPEC_FILE
-from harness.serving.loaded_run import ADAPTER_DIR
+from harness.runfolder import ADAPTER_DIR, SPEC_FILE
 from harness.spec import TaskSpec, spec_to_dict
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ import shutil
 from pathlib import Path
 
 from harness.errors import SpecError
-from harness.recipes.run import SPEC_FILE, execute, load_run_spec, prepare_stage, resume_run, stage, start_run
-from harness.runfolder import Manifest, read_manifest
+from harness.recipes.run import execute, prepare_stage, resume_run, stage, start_run
+from harness.runfolder import SPEC_FILE, Manifest, load_run_spec, read_manifest
 from harness.spec import load_spec
 
 log = logging.getLogger(__name__)

@@ -25,15 +25,14 @@ from harness import models
 from harness.distributed import main_only
 from harness.errors import HarnessError, ModelError
 from harness.io import atomic_write_json, atomic_write_text
-from harness.recipes.run import (SPEC_FILE, command_line, execute, load_base_tokenizer, load_run_spec, prepare_stage,
-                                 probe_base, record_long_prompts, record_prompt, report_stage, resolve_device,
-                                 results_stage, stage, start_run, summary_line)
-from harness.runfolder import Manifest
+from harness.recipes.run import (command_line, execute, load_base_tokenizer, prepare_stage, probe_base,
+                                 record_long_prompts, record_prompt, report_stage, resolve_device, results_stage,
+                                 stage, start_run, summary_line)
+from harness.runfolder import ADAPTER_DIR, CANDIDATES_DIR, SPEC_FILE, Manifest, load_run_spec
 from harness.scoring.metrics import paired_comparison
 from harness.spec import TaskSpec
 
 log = logging.getLogger(__name__)
-CANDIDATES_DIR = "candidates"
 BASE_SCORE_FILES = ("base_generations.jsonl", "base_nll.json")
 SUMMARY_METRICS = ("rougeL", "bleu", "chrf", "perplexity")
 
@@ -120,7 +119,7 @@ def resolve_candidates(paths: list[Path]) -> list[Candidate]:
         if any(c.weights.resolve() == weights.resolve() for c in out):
             raise HarnessError(f"--adapter {path}: given twice")
         folder = path.resolve()
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", folder.parent.name if folder.name == "adapter" else folder.name)
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", folder.parent.name if folder.name == ADAPTER_DIR else folder.name)
         name = stem.strip("-.") or "candidate"
         taken = {c.name for c in out}
         name = next(n for n in itertools.chain([name], (f"{name}-{i}" for i in itertools.count(2)))

@@ -32,8 +32,7 @@ from pathlib import Path
 from harness import devices, models
 from harness.errors import HarnessError, ModelError, RunError
 from harness.io import atomic_write_json, atomic_write_text
-from harness.recipes.run import load_run_spec
-from harness.runfolder import read_manifest
+from harness.runfolder import ADAPTER_DIR, load_run_spec, read_manifest
 
 log = logging.getLogger(__name__)
 DTYPES = ("bf16", "fp16", "fp32")
@@ -48,7 +47,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "bf16", dequantize: bo
     if dtype not in DTYPES:
         raise HarnessError(f"export --dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
     manifest = read_manifest(run_dir)
-    adapter_dir = run_dir / "adapter"
+    adapter_dir = run_dir / ADAPTER_DIR
     if not (adapter_dir / "adapter_config.json").is_file():
         raise RunError(f"{run_dir}: no trained adapter in adapter/ (finish the run with "
                        f"`harness run --resume {run_dir}`)")

@@ -25,13 +25,13 @@ from harness.data.leakage import assert_no_exact_leak, leakage_report
 from harness.distributed import main_only
 from harness.errors import HarnessError, RunError
 from harness.io import atomic_write_text, os_error_message
-from harness.runfolder import Manifest, new_run_dir, pid_alive, process_start, read_manifest
-from harness.spec import TaskSpec, build, load_spec, spec_to_dict
+from harness.runfolder import (ADAPTER_DIR, SPEC_FILE, Manifest, load_run_spec, new_run_dir, pid_alive,
+                               process_start, read_manifest)
+from harness.spec import TaskSpec, load_spec, spec_to_dict
 from harness.training import tracking
 from harness.training.train import fast_path_options
 
 log = logging.getLogger(__name__)
-SPEC_FILE = "spec.yaml"
 
 
 @contextmanager
@@ -41,20 +41,6 @@ def stage(manifest: Manifest, name: str):
     yield
     manifest.timing(name, time.perf_counter() - started)
     manifest.update(stages_done=[*manifest.data.get("stages_done", []), name])
-
-
-def load_run_spec(run_dir: Path) -> TaskSpec:
-    """The resolved spec a run recorded (paths absolute), loaded through the same checks."""
-    path = Path(run_dir) / SPEC_FILE
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError:
-        raise RunError(f"{path}: missing; not a run folder") from None
-    except yaml.YAMLError:
-        raise RunError(f"{path}: damaged (not valid YAML)") from None
-    spec = build(TaskSpec, raw, "")
-    spec.base_dir = "/"
-    return spec
 
 
 def start_run(task: str, overrides: list[str], runs_root: Path,
@@ -188,7 +174,7 @@ def scoring_stages(manifest: Manifest, session, train: Callable[[], None], resul
     records it done (a resumed run goes on where it stopped)."""
     done = set(manifest.data.get("stages_done", []))
     for name, work in (("score_base", session.score_base), ("train", train),
-                       ("score_tuned", lambda: session.score_tuned(manifest.run_dir / "adapter")),
+                       ("score_tuned", lambda: session.score_tuned(manifest.run_dir / ADAPTER_DIR)),
                        ("metrics", results)):
         if name not in done:
             with stage(manifest, name):

@@ -31,10 +31,9 @@ from harness.data import records as data_mod
 from harness.errors import RunError, SpecError
 from harness.fingerprint import hash_json, split_fingerprint
 from harness.io import atomic_write_json, atomic_writer
-from harness.recipes.run import (SPEC_FILE, execute, load_base_tokenizer, load_run_spec, prepare_stage,
-                                 record_long_prompts, resolve_device, resume_run, scoring_stages, stage, start_run,
-                                 summary_line, train_stage)
-from harness.runfolder import Manifest, pid_alive, process_start, read_manifest
+from harness.recipes.run import (execute, load_base_tokenizer, prepare_stage, record_long_prompts, resolve_device,
+                                 resume_run, scoring_stages, stage, start_run, summary_line, train_stage)
+from harness.runfolder import SPEC_FILE, Manifest, load_run_spec, pid_alive, process_start, read_manifest
 from harness.scoring.metrics import HIGHER_IS_BETTER
 from harness.spec import SweepSpec, TaskSpec, load_spec, spec_to_dict
 from harness.training import tracking

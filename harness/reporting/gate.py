@@ -32,7 +32,7 @@ from harness.data import records as data
 from harness.data.prompts import encode_example, fit_prompts
 from harness.errors import HarnessError, RunError
 from harness.io import atomic_write_json, atomic_write_text
-from harness.runfolder import read_manifest
+from harness.runfolder import ADAPTER_DIR, CANDIDATES_DIR, load_run_spec, read_manifest
 from harness.scoring.heldout_scoring import (assert_adapter_applied, generate_sharded, guards, metric_settings,
                                              read_generations, reference_nll_sharded)
 from harness.scoring.metrics import (HIGHER_IS_BETTER, METRICS, MetricSettings, ModelOutputs, bootstrap_replicates,
@@ -264,10 +264,8 @@ def scored_weights(run_dir: Path, manifest: dict) -> tuple[Path, str]:
     candidate an `eval` folder scored (an adapter folder, a run's adapter/ or a merged model)."""
     candidates = manifest.get("candidates")
     if candidates is None:
-        return run_dir / "adapter", "adapter"
+        return run_dir / ADAPTER_DIR, "adapter"
     if not isinstance(candidates, list) or len(candidates) != 1:
-        from harness.recipes.eval import CANDIDATES_DIR
-
         names = ", ".join(str(run_dir / CANDIDATES_DIR / str(c.get("name"))) for c in candidates or [])
         raise CannotJudge(f"{run_dir}: an eval folder of {len(candidates or [])} candidates; name one: {names}")
     return Path(candidates[0]["weights"]), candidates[0]["kind"]
@@ -475,8 +473,6 @@ def write_baseline(run_dir: Path, out: Path) -> Path:
     Predictions and reference NLLs are stored per example so `check` never regenerates them;
     fingerprints say exactly which model, tokenizer, split and settings they belong to.
     """
-    from harness.recipes.run import load_run_spec
-
     run_dir, out = Path(run_dir), Path(out)
     manifest = read_manifest(run_dir)
     if manifest.get("status") != "completed":

@@ -18,12 +18,11 @@ from harness import devices, models
 from harness.data.prompts import FittedPrompt, PromptTooLong, fit_prompts
 from harness.data.records import clean_text
 from harness.errors import DataError, RunError, SpecError
-from harness.recipes.run import load_run_spec
+from harness.runfolder import ADAPTER_DIR, load_run_spec
 from harness.scoring.generation import Generation, generate
 from harness.spec import GenerationSpec, TaskSpec
 
 log = logging.getLogger(__name__)
-ADAPTER_DIR = "adapter"
 MAX_TITLE_CHARS = 500  # one limit for the CLI and the HTTP API; real product titles stay far below it
 
 

@@ -22,10 +22,11 @@ from pathlib import Path
 
 from harness import distributed
 from harness.data.prompts import encode_fitted, fit_prompts
+from harness.devices import Device
 from harness.errors import HarnessError
 from harness.io import atomic_write_text
-from harness.devices import Device
 from harness.models import embedded_model, sync_eos
+from harness.runfolder import ADAPTER_DIR
 from harness.spec import TaskSpec
 from harness.training import tracking
 from harness.training.fused_lora import fused_lora_add
@@ -579,7 +580,7 @@ def _train(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, run_dir: Path, d
     if stopper.received is not None:
         raise TrainingInterrupted(f"training interrupted by signal {stopper.received}; "
                                   f"resume with: python -m harness run --resume {run_dir}")
-    adapter_dir = run_dir / "adapter"
+    adapter_dir = run_dir / ADAPTER_DIR
     sync_eos(trainer.model, tokenizer)
     if trainer.is_world_process_zero():
         trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
