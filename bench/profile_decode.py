@@ -40,8 +40,8 @@ def main(argv: list[str]) -> int:
     from harness.data import records
     from harness.data.prompts import build_prompt, encode_prompt
     from harness.recipes.run import load_base_tokenizer
-    from harness.scoring.generation import (GenerationStats, bucket_width, deterministic_algorithms,
-                                           deterministic_kernels, left_pad)
+    from harness.scoring.decoding import GenerationStats, deterministic_algorithms, deterministic_kernels
+    from harness.scoring.generation import bucket_width, left_pad
     from harness.scoring.graph_decoding import WARMUP_STEPS, GraphDecoder
     from harness.spec import load_spec
 

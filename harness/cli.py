@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="harness: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score says "Using default tokenizer." per call
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # cuBLAS is deterministic only with a fixed workspace, read at its first call (generation.deterministic_kernels).
+    # cuBLAS is deterministic only with a fixed workspace, read at its first call (decoding.deterministic_kernels).
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     try:
         if distributed.world_size() > 1:

@@ -50,8 +50,8 @@ def split_fingerprint(examples) -> str:
 
 
 # Bumped when the same generation settings decode differently (v2: repetition penalties count the output
-# only, harness.scoring.generation.output_penalties; v3: scoring never runs cuDNN's attention kernel,
-# harness.scoring.generation.DETERMINISTIC_SDPA), so base scores cached by older code are not reused.
+# only, harness.scoring.decoding.output_penalties; v3: scoring never runs cuDNN's attention kernel,
+# harness.scoring.decoding.DETERMINISTIC_SDPA), so base scores cached by older code are not reused.
 GENERATION_SEMANTICS = 3
 
 

@@ -513,6 +513,11 @@ def load_model(model_ref: str, spec_model, tokenizer, device: Device, quantize: 
     return model
 
 
+def transformers_model(model):
+    """The transformers model, through a PEFT wrapper if there is one."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def load_adapter(model, adapter_dir: Path, allow_pickle: bool = False):
     """Wrap `model` with a saved PEFT adapter (safetensors only unless opted in)."""
     from peft import PeftModel

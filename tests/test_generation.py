@@ -12,9 +12,9 @@ from harness import devices, models
 from harness.data.prompts import build_prompt, encode_example
 from harness.errors import ModelError
 from harness.errors import SpecError
-from harness.scoring import generation
-from harness.scoring.generation import (Batch, GenerationStats, bucket_width, deterministic_kernels, generate,
-                                        plan_batches)
+from harness.scoring import decoding, generation
+from harness.scoring.decoding import GenerationStats, deterministic_kernels
+from harness.scoring.generation import Batch, bucket_width, generate, plan_batches
 from harness.scoring.heldout_scoring import assert_adapter_applied
 from harness.scoring.mbr_selection import mbr_choice
 from harness.scoring.metrics import MetricSettings, pairwise_rouge_l
@@ -146,7 +146,7 @@ def test_repetition_penalties_count_the_output_only(talkative):
     prompt_and_output = torch.tensor([[5, 6, 7, 5]])  # the prompt holds the bigram (5, 6); the output is (5)
     scores = torch.zeros(1, 10)
     library = NoRepeatNGramLogitsProcessor(2)(prompt_and_output, scores.clone())
-    ours = generation.output_penalties(replace(gen, repetition_penalty=1.0), width, "cpu")[0](
+    ours = decoding.output_penalties(replace(gen, repetition_penalty=1.0), width, "cpu")[0](
         prompt_and_output, scores.clone())
     assert library[0, 6] == -float("inf") and ours[0, 6] == 0.0  # only the library bans copying the prompt
 
@@ -348,7 +348,7 @@ def test_graphs_engine_leaves_the_models_attention_setting_alone(repetitive):
     model, tokenizer, prompts = repetitive
     generate(model, tokenizer, prompts, GenerationSpec(max_new_tokens=4, engine="graphs", static_batch_size=4,
                                                       prompt_buckets=[32]), CPU)
-    assert generation.transformers_model(model).config._attn_implementation == "sdpa"
+    assert models.transformers_model(model).config._attn_implementation == "sdpa"
 
 
 @pytest.mark.parametrize("penalty, ngram", [(1.5, 0), (1.0, 1), (1.0, 2), (1.0, 3), (0.7, 2)])
@@ -364,8 +364,8 @@ def test_vectorised_output_penalties_equal_transformers_processors(penalty, ngra
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (rows, width), generator=g)
     out = torch.randint(0, vocab, (rows, max_new), generator=g)
-    ours = generation.OutputPenalties(gen, torch.device("cpu"))
-    processor = generation.output_penalties(gen, width, "cpu")
+    ours = decoding.OutputPenalties(gen, torch.device("cpu"))
+    processor = decoding.output_penalties(gen, width, "cpu")
     library = LogitsProcessorList(([RepetitionPenaltyLogitsProcessor(penalty)] if penalty != 1.0 else [])
                                   + ([NoRepeatNGramLogitsProcessor(ngram)] if ngram else []))
     changed = banned = 0

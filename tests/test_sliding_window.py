@@ -320,7 +320,8 @@ def _transformers_generate(model, tokenizer, prompts, max_new_tokens: int) -> li
 def test_every_engine_decodes_transformers_own_tokens_past_the_window(talkative_gemma3, engine):
     """Batched, left-padded decoding of prompts and outputs longer than the window gives what transformers'
     `generate` gives for each prompt alone (the graphs engine runs its step uncaptured off CUDA)."""
-    from harness.scoring.generation import GenerationStats, generate
+    from harness.scoring.decoding import GenerationStats
+    from harness.scoring.generation import generate
     from harness.spec import GenerationSpec
 
     model, tokenizer, prompts = talkative_gemma3
@@ -448,7 +449,7 @@ def test_the_graphed_training_step_keeps_the_window(tiny_gemma3_dir, tmp_path, m
     import torch.nn.attention.varlen as varlen_module
 
     from harness.data.records import prepare
-    from harness.scoring.generation import transformers_model
+    from harness.models import transformers_model
     from harness.spec import load_spec
     from harness.training.cuda_graph_step import StaticBatch, sft_loss
     from harness.training.train import build_trainer, tokenized_dataset

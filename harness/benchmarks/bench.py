@@ -467,7 +467,8 @@ def _bandwidth_bounds(model, device, rows: int, width: int, max_new_tokens: int)
 def _time_generation(model, tokenizer, prompts, gen, device) -> tuple[list, dict]:
     import torch
 
-    from harness.scoring.generation import GenerationStats, generate
+    from harness.scoring.decoding import GenerationStats
+    from harness.scoring.generation import generate
 
     stats = GenerationStats()
     if device.kind == "cuda":

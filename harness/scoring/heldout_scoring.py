@@ -28,8 +28,9 @@ from harness.errors import ModelError
 from harness.io import atomic_write_json, atomic_write_text
 from harness.scoring import degeneration
 from harness.scoring.constant_baseline import constant_baseline, floor_warnings
-from harness.scoring.generation import (Generation, GenerationStats, batch_rows, generate, left_pad,
-                                        length_sorted_batches, plan_prompt_batches, resolve_engine)
+from harness.scoring.decoding import GenerationStats
+from harness.scoring.generation import (Generation, batch_rows, generate, left_pad, length_sorted_batches,
+                                        plan_prompt_batches, resolve_engine)
 from harness.scoring.likelihood import reference_nll
 from harness.scoring.metrics import (MetricSettings, ModelOutputs, length_shift_warning, per_example_from_stats,
                                      score_outputs, settings_record, sufficient_stats)

@@ -25,7 +25,7 @@ from harness.data.prompts import encode_fitted, fit_prompts
 from harness.devices import Device
 from harness.errors import HarnessError
 from harness.io import atomic_write_text
-from harness.models import embedded_model, sync_eos
+from harness.models import embedded_model, sync_eos, transformers_model
 from harness.runfolder import ADAPTER_DIR
 from harness.spec import TaskSpec
 from harness.training import tracking
@@ -517,8 +517,6 @@ def modeling_module_restored(model):
     Liger (through the Trainer) swaps the Llama module's RMSNorm, SwiGLU and RoPE for its kernels
     module-wide, so every model loaded later in the process would use them: tuned outputs would be
     scored with other kernels than base outputs, and greedy decoding in bf16 changes with them."""
-    from harness.scoring.generation import transformers_model
-
     module = sys.modules[type(transformers_model(model)).__module__]
     saved = dict(vars(module))
     try:
