@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import devices, models  # noqa: E402
 from harness.benchmarks import bench  # noqa: E402
 from harness.spec import load_spec  # noqa: E402
-from harness.training.attention import varlen_call  # noqa: E402
+from harness.models.attention import varlen_call  # noqa: E402
 from harness.training.cuda_graph_step import GraphedTrainingStep  # noqa: E402
 from harness.training.fused_lora import fused_lora_add  # noqa: E402
 from harness.training.train import build_trainer, fast_path_options, tokenized_dataset  # noqa: E402

@@ -37,10 +37,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import devices  # noqa: E402
+from harness.models import attention  # noqa: E402
 from harness.scoring import graph_decoding  # noqa: E402
 from harness.scoring.decoding import GenerationStats  # noqa: E402
 from harness.spec import GenerationSpec  # noqa: E402
-from harness.training import attention  # noqa: E402
 from harness.training.train import modeling_module_restored  # noqa: E402
 
 WINDOW = 512

@@ -145,7 +145,8 @@ def test_sft_loss_ignores_what_the_filler_holds(tiny_model_dir, tmp_path):
 def test_auto_captures_small_models_only(monkeypatch):
     """Launch-bound small models gain (SmolLM2-135M 6.2x), a GPU-bound 1.1B loses 5%: auto decides by weight size."""
     from harness.spec import TaskSpec
-    from harness.training import attention, train
+    from harness.models import attention
+    from harness.training import train
 
     monkeypatch.setattr(attention, "varlen_available", lambda: True)
     spec = TaskSpec(name="t")

@@ -155,7 +155,7 @@ def test_cuda_varlen_equals_sdpa_on_a_packed_batch():
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from harness.training.attention import register
+    from harness.models.attention import register
 
     register()
     config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,

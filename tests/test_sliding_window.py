@@ -10,8 +10,9 @@ import torch
 
 from harness import devices, models
 from harness.errors import HarnessError
+from harness.models import attention
 from harness.spec import ModelSpec, TaskSpec
-from harness.training import attention, train
+from harness.training import train
 from harness.training.train import fast_path_options
 from tests.conftest import TINY_GEMMA_WINDOW
 

@@ -369,7 +369,7 @@ def _random_model_factory(arch: dict, tokenizer, device):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from harness.training.attention import NAME, register
+    from harness.models.attention import NAME, register
 
     def build(attention: str = "sdpa"):
         if attention == NAME:

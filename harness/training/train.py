@@ -53,9 +53,9 @@ class TrainResult:
 def fast_path_options(spec: TaskSpec, device: Device, reasons: dict | None = None) -> dict:
     """Resolve the `auto` switches: the fast paths are for CUDA; CPU keeps the plain path. `reasons`, when
     given, receives one line for each fast path that is off saying why (the manifest's `fast_path_reasons`):
-    where a fast path would compute something else than the model itself does (harness.training.attention
+    where a fast path would compute something else than the model itself does (harness.models.attention
     .unsupported, a model type Liger has no kernels for), `auto` leaves it off and a forced `on` fails here."""
-    from harness.training.attention import unsupported, varlen_available
+    from harness.models.attention import unsupported, varlen_available
 
     cuda = device.kind == "cuda"
     t = spec.train
@@ -96,7 +96,7 @@ def fast_path_options(spec: TaskSpec, device: Device, reasons: dict | None = Non
             ("train.compile is on (the compiler fuses the same operations)", lambda: t.compile == "off"),
             (lambda: liger_missing(config()), lambda: not liger_missing(config()))])),
         # A packed batch is one long row: sdpa computes a dense (L x L) masked attention over it,
-        # FlashAttention's varlen kernel attends within each example (harness.training.attention).
+        # FlashAttention's varlen kernel attends within each example (harness.models.attention).
         "attention": t.attention if t.attention != "auto" else
         "varlen" if _met("attention", why, [
             no_cuda, ("packing is off (the kernel attends within packed examples)", lambda: packing),

@@ -29,7 +29,7 @@ from pathlib import Path
 from harness.devices import Device
 from harness.errors import BrokenModelError, ModelError, first_line
 from harness.fingerprint import sha256_file
-from harness.training import attention
+from harness.models import attention
 
 log = logging.getLogger(__name__)
 
