@@ -328,13 +328,13 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    from harness.reporting.gate import run_check
+    from harness.recipes.check import run_check
 
     return run_check(args.task, args.candidate, args.baseline, args.out, args.overrides)
 
 
 def _cmd_baseline(args) -> int:
-    from harness.reporting.gate import write_baseline
+    from harness.recipes.check import write_baseline
 
     print(write_baseline(args.run, args.out))
     return 0

@@ -230,7 +230,7 @@ def test_sharded_eval_gives_the_one_process_predictions_and_metrics(two_process_
 @pytest.mark.slow
 def test_sharded_check_gives_the_one_process_verdict(two_process_run, tiny_run, tiny_model_dir, tmp_path):
     """`check` scores the candidate adapter with the same sharded path: the same verdict, rule by rule."""
-    from harness.reporting.gate import run_check
+    from harness.recipes.check import run_check
 
     run_dir, _ = two_process_run
     args = ["--candidate", str(run_dir / "adapter"), "--baseline", str(tiny_run)]

@@ -82,7 +82,7 @@ def test_a_failed_manifest_update_keeps_the_last_good_manifest(tmp_path, monkeyp
 
 
 def test_a_failed_report_or_baseline_write_keeps_the_previous_one(tiny_run, tmp_path, monkeypatch):
-    from harness.reporting.gate import write_baseline
+    from harness.recipes.check import write_baseline
     from harness.reporting.report import write_reports
 
     baseline = write_baseline(tiny_run, tmp_path / "baseline.json")
@@ -100,7 +100,7 @@ def test_a_failed_report_or_baseline_write_keeps_the_previous_one(tiny_run, tmp_
 def test_run_folder_writers_go_through_atomic_writes():
     """Every artifact writer in these modules uses harness.io (append-only logs excepted)."""
     direct = re.compile(r"\.write_text\(|\.write_bytes\(|json\.dump\(|open\([^)]*[\"'][wx]b?[\"']")
-    for name in ("recipes/run.py", "runfolder.py", "reporting/report.py", "reporting/gate.py"):
+    for name in ("recipes/run.py", "runfolder.py", "reporting/report.py", "recipes/check.py"):
         path = REPO / "harness" / name
         if path.is_file():
             hits = [line.strip() for line in path.read_text().splitlines() if direct.search(line)]
