@@ -330,7 +330,7 @@ def _hand_built_study(trials, select="rougeL", max_loop_share=0.1):
     sweep's own rule computes (`trial_value`)."""
     import optuna
 
-    from harness.recipes.sweep import loop_constraints, maximizes, trial_value
+    from harness.scoring.sweep_selection import loop_constraints, maximizes, trial_value
 
     sweep = SweepSpec(select=select, max_loop_share=max_loop_share)
     study = optuna.create_study(direction="maximize" if maximizes(select) else "minimize")
@@ -390,7 +390,8 @@ def test_worst_paired_gain_is_the_lowest_ci_bound_with_lower_is_better_flipped(t
     """From a fixed validation_metrics.json: a higher-is-better metric's gain is the lower CI bound of
     tuned − base, a lower-is-better one's (perplexity, loops) minus the upper bound; the trial's value is
     the smallest gain. A list of one metric keeps the gain rule; a bare name keeps the tuned value."""
-    from harness.recipes.sweep import VALIDATION_METRICS, maximizes, paired_gains, trial_value, validation_scores
+    from harness.scoring.sweep_selection import maximizes, paired_gains, trial_value
+    from harness.sweepfolder import VALIDATION_METRICS, validation_scores
 
     _validation_metrics(tmp_path / VALIDATION_METRICS)
     scores = validation_scores(tmp_path)
@@ -471,7 +472,7 @@ def test_list_select_sweep_ranks_by_worst_gain_and_reports_each_gain(tmp_path, t
     """End to end on the tiny model: every trial's value is the worst gain recomputed by hand from its own
     validation_metrics.json, the winner follows it, and the report labels the column and shows each
     listed metric's gain instead of Base and Δ."""
-    from harness.recipes.sweep import VALIDATION_METRICS
+    from harness.sweepfolder import VALIDATION_METRICS
 
     monkeypatch.chdir(tmp_path)
     select = ["rougeL", "chrf", "perplexity"]

@@ -452,6 +452,11 @@ def public_model_id(base: str) -> str | None:
     return base
 
 
+def model_label(base: str) -> str:
+    """A short name for a model.base: `embedded:gemma3-270m` -> gemma3-270m, a folder or hub id -> its last part."""
+    return base.split(":", 1)[1] if base.startswith("embedded:") else Path(base.rstrip("/")).name or base
+
+
 def check_safe_weights(folder: Path, allow_pickle: bool, what: str) -> None:
     """Refuse pickle checkpoints (arbitrary code on load) unless the user opted in."""
     if not folder.is_dir():

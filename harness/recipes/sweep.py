@@ -25,8 +25,6 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from harness.data import records as data_mod
 from harness.errors import RunError, SpecError
 from harness.fingerprint import hash_json, split_fingerprint
@@ -34,8 +32,10 @@ from harness.io import atomic_write_json, atomic_writer
 from harness.recipes.run import (execute, load_base_tokenizer, prepare_stage, record_long_prompts, resolve_device,
                                  resume_run, scoring_stages, stage, start_run, summary_line, train_stage)
 from harness.runfolder import SPEC_FILE, Manifest, load_run_spec, pid_alive, process_start, read_manifest
-from harness.scoring.metrics import HIGHER_IS_BETTER
+from harness.scoring.sweep_selection import loop_constraints, maximizes, paired_gains, select_label, trial_value
 from harness.spec import SweepSpec, TaskSpec, load_spec, spec_to_dict
+from harness.sweepfolder import (CHOICE_FILE, STUDY_FILE, TRIALS_CSV, TRIALS_DIR, TRIALS_JSONL, VALIDATION_FILE,
+                                 VALIDATION_METRICS, validation_scores)
 from harness.training import tracking
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,6 @@ log = logging.getLogger(__name__)
 # Data is prepared once, and model/prompt fix the tokenizer and the base scores; metrics, gate and
 # sweep settings are the yardstick itself. A sweep varies only what trains and what generates.
 SWEEPABLE = ("train", "lora", "generation")
-TRIALS_DIR, STUDY_FILE = "trials", "study.db"
-VALIDATION_FILE, VALIDATION_METRICS, CHOICE_FILE = "validation.json", "validation_metrics.json", "choice.json"
-TRIALS_JSONL, TRIALS_CSV = "trials.jsonl", "trials.csv"
 # Shared storage: a running trial records a heartbeat; one silent for GRACE_S is failed and queued
 # again by the next worker (optuna's RetryHeartbeatStaleTrialCallback), at most HEARTBEAT_RETRIES times.
 HEARTBEAT_S, GRACE_S, HEARTBEAT_RETRIES = 60, 300, 2
@@ -93,7 +90,7 @@ def sweep_task(task: str | None, grid_args: list[str], overrides: list[str], swe
 
 
 def _sweep_stages(shared_storage, spec: TaskSpec, manifest: Manifest) -> None:
-    from harness.reporting.sweep_report import write_sweep_reports
+    from harness.reporting.sweep_report import write_sweep_reports  # matplotlib: only once a sweep runs
 
     sweep_dir = manifest.run_dir.resolve()  # trial folders are recorded in the study: absolute paths
     done = set(manifest.data.get("stages_done", []))
@@ -411,58 +408,12 @@ def _copy_training(source: Path, manifest: Manifest) -> None:
     log.info("adapter copied from %s", source)
 
 
-def validation_scores(trial_dir: Path) -> dict:
-    """The numbers a trial is judged by: metric values (base, tuned, delta), the paired 95% CI of each
-    delta, and guards, on validation."""
-    metrics = json.loads((trial_dir / VALIDATION_METRICS).read_text(encoding="utf-8"))
-    values = {side: {m: block["value"] for m, block in metrics[side].items()} for side in ("base", "tuned", "delta")}
-    return {**values, "delta_ci95": {m: block["ci95"] for m, block in metrics["delta"].items()},
-            "n": next(iter(metrics["tuned"].values()))["n"], "guards": metrics["guards"]}
-
-
-# -- the selection rule -----------------------------------------------------------------------
-def paired_gains(scores: dict, metrics: list[str]) -> dict[str, float]:
-    """Each metric's worst plausible gain of tuned over base: the lower bound of the paired 95% CI of
-    tuned − base, sign-flipped where lower is better (perplexity: −upper bound). Above 0: tuned beat
-    base on that metric with the CI clear of zero; a bare point estimate would reward a lucky slice."""
-    gains = {}
-    for metric in metrics:
-        low, high = scores["delta_ci95"][metric]
-        gains[metric] = low if HIGHER_IS_BETTER[metric] else -high
-    return gains
-
-
-def trial_value(scores: dict, select: str | list[str]) -> float:
-    """What a trial is ranked by: one metric's tuned value (sweep.select a name), or the worst paired gain
-    over the listed metrics (sweep.select a list), so no listed metric may be traded for another."""
-    if isinstance(select, str):
-        return scores["tuned"][select]
-    return min(paired_gains(scores, select).values())
-
-
-def maximizes(select: str | list[str]) -> bool:
-    return not isinstance(select, str) or HIGHER_IS_BETTER[select]
-
-
-def select_label(select: str | list[str]) -> str:
-    """The rule's value in words: the metric's name, or "worst paired gain (rougeL, chrf)"."""
-    return select if isinstance(select, str) else f"worst paired gain ({', '.join(select)})"
-
-
 def _gains(t, sweep: SweepSpec) -> dict[str, float] | None:
     """The listed metrics' paired gains of a scored trial (null under a single-metric select)."""
     validation = t.user_attrs.get("validation")
     if isinstance(sweep.select, str) or validation is None:
         return None
     return paired_gains(validation, sweep.select)
-
-
-def loop_constraints(guards: dict, sweep: SweepSpec) -> dict[str, float]:
-    """Optuna constraints (feasible when every value <= 0): tuned outputs must loop no more often than
-    sweep.max_loop_share, nor than the base model's outputs on the same slice."""
-    tuned = guards["tuned"]["loop_share"]
-    return {"loop_share_over_max": tuned - sweep.max_loop_share,
-            "loop_share_over_base": tuned - guards["base"]["loop_share"]}
 
 
 # -- the choice -------------------------------------------------------------------------------
@@ -598,15 +549,3 @@ def summary_lines(sweep_dir: Path) -> list[str]:
     lines += [f"held-out run folder: {run_dir}", f"held-out: {summary_line(run_dir)}",
               f"reports: {Path(sweep_dir) / 'sweep.html'}  {Path(sweep_dir) / 'sweep.md'}  {run_dir / 'report.html'}"]
     return lines
-
-
-def read_trials(sweep_dir: Path) -> list[dict]:
-    path = Path(sweep_dir) / TRIALS_JSONL
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def sweep_record(sweep_dir: Path) -> tuple[dict, dict]:
-    """(manifest, spec) of a sweep folder, for the report."""
-    manifest = read_manifest(sweep_dir)
-    spec = yaml.safe_load((Path(sweep_dir) / SPEC_FILE).read_text(encoding="utf-8"))
-    return manifest, spec

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from harness.io import atomic_write_text
-from harness.recipes.sweep import CHOICE_FILE, VALIDATION_FILE, maximizes, read_trials, select_label, sweep_record
 from harness.reporting import report
 from harness.scoring.metrics import HIGHER_IS_BETTER, METRICS
+from harness.scoring.sweep_selection import maximizes, select_label
+from harness.sweepfolder import CHOICE_FILE, VALIDATION_FILE, read_trials, sweep_record
 
 
 def write_sweep_reports(sweep_dir: Path) -> tuple[Path, Path]:
