@@ -396,7 +396,7 @@ def test_one_adapter_made_elsewhere_gives_a_run_shaped_folder(single_eval, adapt
     import jsonschema
 
     from harness import fingerprint
-    from harness.reporting.report import load_run
+    from harness.reporting.loading import load_run
     from harness.scoring.metrics import METRICS
 
     for name in ("spec.yaml", "manifest.json", "metrics.json", "predictions.jsonl", "report.html", "report.md",

@@ -27,7 +27,7 @@ import numpy as np
 from harness.errors import RunError
 from harness.io import atomic_write_json, atomic_write_text
 from harness.models import adapter_tensor_shapes, model_label
-from harness.reporting.report import Run, load_runs
+from harness.reporting.loading import Run, load_runs
 from harness.runfolder import ADAPTER_DIR
 from harness.scoring.metrics import (HIGHER_IS_BETTER, METRICS, MetricSettings, ModelOutputs, paired_comparison,
                                      per_example_from_stats, sufficient_stats)
