@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import devices, models  # noqa: E402
-from harness.benchmarks import bench  # noqa: E402
+from harness.benchmarks import bench_train  # noqa: E402
 from harness.spec import load_spec  # noqa: E402
 from harness.models.attention import varlen_call  # noqa: E402
 from harness.training.cuda_graph_step import GraphedTrainingStep  # noqa: E402
@@ -70,7 +70,7 @@ def train_once(spec, tokenizer, data, device, batch: int, steps: int, graphs: st
     model = models.load_model(models.resolve_base(spec.model.base), spec.model, tokenizer, device,
                               attn_implementation=fast["attention"])
     trainer = build_trainer(spec, model, tokenizer, data, None, Path(f"/tmp/graph-check-{graphs}"), device, fast=fast,
-                            **{**bench._recipe_overrides("harness", batch, device), "max_steps": steps,
+                            **{**bench_train.recipe_overrides("harness", batch, device), "max_steps": steps,
                                "logging_steps": 1})
     log = StepLog()
     trainer.add_callback(log)
@@ -97,7 +97,7 @@ def main():
                                      "lora.dropout=0.0", *args.set])
     device = devices.pick_device()
     tokenizer = models.load_tokenizer(models.resolve_base(spec.model.base), spec.model, uses_chat_template=True)
-    data = tokenized_dataset(spec, tokenizer, bench._examples(spec, 4096))
+    data = tokenized_dataset(spec, tokenizer, bench_train.bench_examples(spec, 4096))
     runs = {}
     for label, graphs in (("off", "off"), ("off again", "off"), ("on", "on")):
         runs[label] = train_once(spec, tokenizer, data, device, args.batch, args.steps, graphs)
