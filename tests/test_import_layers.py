@@ -40,9 +40,14 @@ LAYERS = (
 # - `harness.runfolder` is the on-disk contract of a run folder (its manifest, file names, the package
 #   versions and liveness of the process that wrote it): the recipes write it; reporting, serving, the
 #   benchmarks and the CLI read it. Like `spec` (a task's contract) it sits at the bottom, so that every
-#   stage reads the same names; it needs only `errors`, `io` and `distributed`.
+#   stage reads the same names; it needs only `errors`, `io`, `spec` and `distributed`.
+# - `harness.devices` says where a process computes (CUDA or CPU, and the dtype); `distributed` needs it
+#   before any model is loaded. `harness.sweepfolder` is a sweep folder's contract, as `runfolder` is a run's:
+#   the sweep recipe writes it, the sweep report reads it.
 # - `harness` itself (the package's `__init__`) only holds the version.
-# - Reporting sits below the recipes: a report is a building block that renders a finished run or sweep
+# - The order above recipes: reporting < recipes < serving | benchmarks < cli. Reporting sits below the
+#   recipes because issue 26's own list of violations treats reporting -> recipes as upward and a recipe
+#   writing its reports as normal: a report is a building block that renders a finished run or sweep
 #   folder (read through `runfolder`), and a recipe is a workflow read top to bottom that ends by calling
 #   it (torchtune's recipes import building blocks, never the other way). So a recipe may call
 #   `write_reports`, but a report may not call a workflow: the gate's workflow part (score a candidate,
