@@ -209,7 +209,7 @@ def measure_tokenize(data_dir: Path, model: str, n: int) -> dict:
     Both run in this process (CPU seconds count tokenized_dataset's worker processes too), after a
     small warm-up of each so that neither pays for first imports."""
     from harness import models
-    from harness.data.records import TRAIN_FILE, Example
+    from harness.data.prepared import TRAIN_FILE, Example
     from harness.spec import load_spec
     from harness.training.train import tokenized_dataset
 

@@ -293,17 +293,18 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_prepare(args) -> int:
-    from harness.data import records as data
+    from harness.data.prepared import write_prepared
+    from harness.data.records import format_counts, prepare
     from harness.runfolder import Manifest, new_run_dir
     from harness.spec import load_spec
 
     overrides = args.overrides + (["data.strict=true"] if args.strict else [])
     spec = load_spec(args.task, overrides)
-    prepared = data.prepare(spec)
+    prepared = prepare(spec)
     run_dir = new_run_dir(args.runs_dir, f"{spec.name}-prepare")
-    data.write_prepared(prepared, run_dir / "data")
+    write_prepared(prepared, run_dir / "data")
     Manifest.create(run_dir, spec.name).update(status="prepared", data_counts=prepared.counts)
-    print(data.format_counts(prepared.counts))
+    print(format_counts(prepared.counts))
     print(f"prepared split: {run_dir / 'data'}")
     return 0
 

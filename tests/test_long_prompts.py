@@ -14,7 +14,7 @@ import pytest
 from harness import fingerprint, models
 from harness.cli import main
 from harness.data.prompts import build_prompt, encode_prompt, fit_prompts, max_prompt_tokens
-from harness.data.records import Example, read_prepared
+from harness.data.prepared import Example, read_prepared
 from harness.errors import SpecError
 from harness.spec import load_spec
 from tests.conftest import DEMO_DATA, REPO, run_tiny

@@ -19,7 +19,9 @@ import pytest
 
 from harness import devices
 from harness.cli import main
-from harness.data import records as data_mod
+from harness.data.cleaning import normalize_title
+from harness.data.records import prepare
+from harness.data.splitting import split_value
 from harness.errors import SpecError
 from harness.spec import SweepSpec, load_spec
 from tests.conftest import REPO, tiny_overrides
@@ -183,19 +185,19 @@ def test_validation_slice_is_carved_from_train_only(tmp_path):
     """A pure function of the normalized title under its own salt: a partition of train (file order
     kept), disjoint from held-out by id and title, capped at the smallest hashes."""
     spec = load_spec(TASK, ["data.max_heldout=null"])
-    prepared = data_mod.prepare(spec)
+    prepared = prepare(spec)
     sweep = SweepSpec(validation_fraction=0.25, max_validation=20)
     from harness.recipes.sweep import carve_validation
 
     kept, validation = carve_validation(prepared.train, sweep)
     assert len(validation) == 20 and len(kept) + len(validation) == len(prepared.train)
     assert [e.id for e in prepared.train if e in validation] == [e.id for e in validation]
-    key = lambda e: data_mod.normalize_title(e.title)  # noqa: E731
+    key = lambda e: normalize_title(e.title)  # noqa: E731
     heldout = {key(e) for e in prepared.heldout}
     assert not {key(e) for e in validation} & heldout
     assert not {e.id for e in validation} & {e.id for e in prepared.heldout}
-    values = sorted(data_mod.split_value(key(e), sweep.validation_salt) for e in prepared.train)
-    assert sorted(data_mod.split_value(key(e), sweep.validation_salt) for e in validation) == values[:20]
+    values = sorted(split_value(key(e), sweep.validation_salt) for e in prepared.train)
+    assert sorted(split_value(key(e), sweep.validation_salt) for e in validation) == values[:20]
     assert carve_validation(prepared.train, sweep)[1] == validation
 
     with pytest.raises(SpecError, match="sweep.validation_salt: must differ from data.split_salt"):
@@ -553,7 +555,7 @@ def _train_keep_best(model_dir: Path, out: Path, resume_from: Path | None = None
     from harness.training.train import train
 
     spec = load_spec(TASK, tiny_overrides(model_dir, *KEEP_BEST))
-    examples = data_mod.prepare(spec).train
+    examples = prepare(spec).train
     device = devices.pick_device()
     tokenizer = models.load_tokenizer(str(model_dir), spec.model, uses_chat_template=True)
     model = models.load_model(str(model_dir), spec.model, tokenizer, device)

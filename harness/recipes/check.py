@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from harness import devices, distributed, fingerprint, models
-from harness.data import records as data
+from harness.data.prepared import Example, read_prepared
+from harness.data.records import prepare
 from harness.data.prompts import encode_example, fit_prompts
 from harness.errors import CannotJudge, HarnessError, RunError
 from harness.io import atomic_write_json, atomic_write_text
@@ -71,7 +72,7 @@ class Context:
     """What is evaluated, shared by candidate and baseline."""
 
     spec: TaskSpec
-    examples: list[data.Example]  # the evaluated held-out examples (a subset when gate.subset is set)
+    examples: list[Example]  # the evaluated held-out examples (a subset when gate.subset is set)
     heldout_size: int
     model_ref: str
     tokenizer: object
@@ -94,7 +95,7 @@ def select_subset(examples: list, size: int | None, seed: int) -> list:
 def build_context(task: str, overrides: list[str]) -> Context:
     spec = load_spec(task, overrides)  # validates gate.rules, margins and subset
     prompt = models.resolve_prompt_template(spec)  # as `run` recorded it for the baseline
-    heldout = data.prepare(spec).heldout
+    heldout = prepare(spec).heldout
     if not heldout:
         raise CannotJudge(f"{spec.name}: the held-out split is empty; nothing to judge on")
     examples = select_subset(heldout, spec.gate.subset, spec.gate.subset_seed)
@@ -350,7 +351,7 @@ def write_baseline(run_dir: Path, out: Path) -> Path:
     if manifest.get("status") != "completed":
         raise RunError(f"{run_dir}: run status is '{manifest.get('status')}'; only a completed run can be a baseline")
     spec = load_run_spec(run_dir)
-    heldout = data.read_prepared(run_dir / "data").heldout
+    heldout = read_prepared(run_dir / "data").heldout
     prints = manifest.get("fingerprints") or {}
     for key in (*SAME_COMPUTATION, "metrics", "adapter"):
         if key not in prints:

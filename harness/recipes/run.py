@@ -20,7 +20,8 @@ from typing import Callable
 import yaml
 
 from harness import devices, distributed, models
-from harness.data import records as data_mod
+from harness.data.prepared import PreparedData, read_prepared, write_prepared
+from harness.data.records import prepare
 from harness.data.leakage import assert_no_exact_leak, leakage_report
 from harness.distributed import main_only
 from harness.errors import HarnessError, RunError
@@ -181,27 +182,27 @@ def scoring_stages(manifest: Manifest, session, train: Callable[[], None], resul
                 work()
 
 
-def prepare_stage(spec: TaskSpec, manifest: Manifest) -> data_mod.PreparedData:
+def prepare_stage(spec: TaskSpec, manifest: Manifest) -> PreparedData:
     """Clean and split once (recorded in `data/`), then check the split for leaks on every start."""
     run_dir = manifest.run_dir
     if "prepare" not in manifest.data.get("stages_done", []):
         with stage(manifest, "prepare"):
             _write_prepared(spec, manifest)
-    prepared = data_mod.read_prepared(run_dir / "data")
+    prepared = read_prepared(run_dir / "data")
     _check_split(spec, manifest, prepared)
     return prepared
 
 
 @main_only
 def _write_prepared(spec: TaskSpec, manifest: Manifest) -> None:
-    prepared = data_mod.prepare(spec)
-    data_mod.write_prepared(prepared, manifest.run_dir / "data")
+    prepared = prepare(spec)
+    write_prepared(prepared, manifest.run_dir / "data")
     manifest.update(data_counts=prepared.counts)
     log.info("data: %d train, %d held-out", len(prepared.train), len(prepared.heldout))
 
 
 @main_only
-def _check_split(spec: TaskSpec, manifest: Manifest, prepared: data_mod.PreparedData) -> None:
+def _check_split(spec: TaskSpec, manifest: Manifest, prepared: PreparedData) -> None:
     leaks = leakage_report(prepared.train, prepared.heldout)
     manifest.update(leakage=leaks)
     assert_no_exact_leak(leaks)

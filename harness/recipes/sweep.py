@@ -25,7 +25,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.data import records as data_mod
+from harness.data.cleaning import normalize_title
+from harness.data.splitting import split_value
 from harness.errors import RunError, SpecError
 from harness.fingerprint import hash_json, split_fingerprint
 from harness.io import atomic_write_json, atomic_writer
@@ -171,7 +172,7 @@ def carve_validation(train: list, sweep: SweepSpec) -> tuple[list, list]:
 
     Like the held-out split it is a pure function of the normalized title, under the sweep's own
     salt, so it is reproducible and a title is never on both sides; the cap keeps the smallest hashes."""
-    values = [data_mod.split_value(data_mod.normalize_title(e.title), sweep.validation_salt) for e in train]
+    values = [split_value(normalize_title(e.title), sweep.validation_salt) for e in train]
     chosen = {i for _, i in sorted((v, i) for i, v in enumerate(values) if v < sweep.validation_fraction)
               [:sweep.max_validation]}
     kept = [e for i, e in enumerate(train) if i not in chosen]

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 from harness import devices, models
 from harness.data.prompts import FittedPrompt, PromptTooLong, fit_prompts
-from harness.data.records import clean_text
+from harness.data.cleaning import clean_text
 from harness.errors import DataError, RunError, SpecError
 from harness.runfolder import ADAPTER_DIR, load_run_spec
 from harness.scoring.generation import Generation, generate
