@@ -16,6 +16,7 @@ import pytest
 from harness import devices, models
 from harness.cli import main
 from harness.errors import ModelError, SpecError
+from harness.models import adapter_fit
 from harness.spec import ModelSpec, PromptSpec, load_spec
 from tests.conftest import DEMO_DATA, REPO, tiny_overrides
 
@@ -377,14 +378,14 @@ def test_pickle_adapters_only_when_allowed(adapters, llama_dir, tmp_path):
     torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
     (pickled / "adapter_model.safetensors").unlink()
     with pytest.raises(ModelError, match="only pickle weights"):
-        models.check_adapter_fits(pickled, str(llama_dir), ModelSpec(base=str(llama_dir)))
-    models.check_adapter_fits(pickled, str(llama_dir), ModelSpec(base=str(llama_dir), allow_pickle=True))
+        adapter_fit.check_adapter_fits(pickled, str(llama_dir), ModelSpec(base=str(llama_dir)))
+    adapter_fit.check_adapter_fits(pickled, str(llama_dir), ModelSpec(base=str(llama_dir), allow_pickle=True))
 
 
 def test_merged_model_of_another_size_fails_up_front(adapters, tiny_model_dir, llama_dir):
     with pytest.raises(ModelError, match="vocab_size 4144, but the base model .* has 4142"):
-        models.check_merged_fits(adapters["merged"], str(tiny_model_dir), ModelSpec(base=str(tiny_model_dir)))
-    models.check_merged_fits(adapters["merged"], str(llama_dir), ModelSpec(base=str(llama_dir)))
+        adapter_fit.check_merged_fits(adapters["merged"], str(tiny_model_dir), ModelSpec(base=str(tiny_model_dir)))
+    adapter_fit.check_merged_fits(adapters["merged"], str(llama_dir), ModelSpec(base=str(llama_dir)))
 
 
 # -- end to end ---------------------------------------------------------------------------------
@@ -500,7 +501,7 @@ def test_check_and_report_accept_eval_folders(single_eval, several_eval, sets, t
 
 
 def test_model_names_match_across_owners_and_packaging():
-    key = models.model_name_key
+    key = adapter_fit.model_name_key
     assert key("unsloth/Mistral-7B-v0.3-bnb-4bit") == key("mistralai/Mistral-7B-v0.3") == "mistral-7b-v0.3"
     assert key("embedded:smollm2-135m-instruct") == key("HuggingFaceTB/SmolLM2-135M-Instruct") \
         == key("/root/.cache/harness/models/smollm2-135m-instruct-bf16")
@@ -508,8 +509,8 @@ def test_model_names_match_across_owners_and_packaging():
 
 
 def test_tensor_rules_for_other_peft_layouts(llama_dir):
-    modules = models._meta_modules(str(llama_dir), False)
-    misfit = lambda key, shape: models._tensor_misfit(f"base_model.model.{key}", shape, modules)  # noqa: E731
+    modules = adapter_fit._meta_modules(str(llama_dir), False)
+    misfit = lambda key, shape: adapter_fit._tensor_misfit(f"base_model.model.{key}", shape, modules)  # noqa: E731
     assert "no module 'model.layers.30.self_attn.q_proj'" in misfit("model.layers.30.self_attn.q_proj.lora_A.weight",
                                                                     (4, 32))  # from a deeper model
     assert "has shape [4142, 32], [4144, 32] in the base model" in misfit("lm_head.weight", (4142, 32))

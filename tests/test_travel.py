@@ -22,6 +22,7 @@ import yaml
 from harness import models
 from harness.cli import main
 from harness.errors import ModelError
+from harness.models import adapter_fit
 from harness.spec import ModelSpec
 from tests.conftest import REPO, tiny_overrides
 
@@ -145,12 +146,12 @@ def test_the_adapter_names_the_public_base_and_no_cache_path(travelled, stand_in
 def test_eval_matches_the_hub_id_to_the_embedded_base(travelled, stand_ins, tiny_arch):
     name = arch_name(tiny_arch)
     model_ref = models.resolve_base(f"embedded:{name}")
-    models.check_adapter_fits(travelled / "adapter", model_ref, ModelSpec(base=f"embedded:{name}"))
+    adapter_fit.check_adapter_fits(travelled / "adapter", model_ref, ModelSpec(base=f"embedded:{name}"))
     # The same folder named by path: nothing says it is example-org/<name> unless an alias does.
     folder = str(tiny_arch[0])
     with pytest.raises(ModelError, match=f"names base model 'example-org/{name}'"):
-        models.check_adapter_fits(travelled / "adapter", folder, ModelSpec(base=folder))
-    models.check_adapter_fits(travelled / "adapter", folder, ModelSpec(base=folder, base_aliases=[f"example-org/{name}"]))
+        adapter_fit.check_adapter_fits(travelled / "adapter", folder, ModelSpec(base=folder))
+    adapter_fit.check_adapter_fits(travelled / "adapter", folder, ModelSpec(base=folder, base_aliases=[f"example-org/{name}"]))
 
 
 def test_the_smollm2_record_names_its_hub_id_and_license():

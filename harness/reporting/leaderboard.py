@@ -26,7 +26,8 @@ import numpy as np
 
 from harness.errors import RunError
 from harness.io import atomic_write_json, atomic_write_text
-from harness.models import adapter_tensor_shapes, model_label
+from harness.models import model_label
+from harness.models.adapter_fit import adapter_tensor_shapes
 from harness.reporting.loading import Run, load_runs
 from harness.runfolder import ADAPTER_DIR
 from harness.scoring.metrics import (HIGHER_IS_BETTER, METRICS, MetricSettings, ModelOutputs, paired_comparison,
