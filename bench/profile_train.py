@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import devices, models  # noqa: E402
 from harness.benchmarks import bench_train  # noqa: E402
+from harness.models import base_files  # noqa: E402
 from harness.spec import load_spec  # noqa: E402
 from harness.training.fused_lora import fused_lora_add  # noqa: E402
 from harness.training.train import build_trainer, fast_path_options, tokenized_dataset  # noqa: E402
@@ -31,7 +32,7 @@ parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 args = parser.parse_args()
 spec = load_spec("amazon_desc", [f"model.base={args.model}", "train.max_length=512", "train.packing=on", *args.set])
 device = devices.pick_device()
-folder = models.resolve_base(spec.model.base)
+folder = base_files.resolve_base(spec.model.base)
 tokenizer = models.load_tokenizer(folder, spec.model, uses_chat_template=True)
 fast = fast_path_options(spec, device)
 if args.random_tinyllama:

@@ -367,7 +367,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_fetch_model(args) -> int:
-    from harness.models import embedded_model, fetch_embedded
+    from harness.models.base_files import embedded_model, fetch_embedded
     from harness.spec import EMBEDDED_MODEL
 
     print(fetch_embedded(embedded_model(f"embedded:{args.name}" if args.name else EMBEDDED_MODEL)))

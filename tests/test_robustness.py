@@ -23,6 +23,7 @@ from harness import devices, models, runfolder
 from harness.cli import main
 from harness.errors import ModelError, RunError
 from harness.io import atomic_write_json
+from harness.models import base_files
 from harness.runfolder import Manifest, new_run_dir
 from tests.conftest import REPO, TINY_OVERRIDES, tiny_overrides
 
@@ -230,7 +231,7 @@ def test_offline_hub_id_that_is_not_cached_is_one_line_and_no_network(tmp_path, 
     monkeypatch.setattr(socket.socket, "connect_ex", no_network)
     missing = "harness-test/model-that-is-not-cached"
     with pytest.raises(ModelError, match=f"'{missing}' is not in the local Hugging Face cache"):
-        models.resolve_base(missing)
+        base_files.resolve_base(missing)
     code = main(_run_args(tmp_path / "runs", [*TINY_OVERRIDES, f"model.base={missing}"]))
     assert code == 2
     line = _one_error_line(capsys)

@@ -91,11 +91,12 @@ class BenchModel:
 def _real_model(spec, device, embedded_label: str) -> BenchModel:
     """The spec's base model (fetched or converted once), labelled `embedded_label` when it is an embedded one."""
     from harness import models
+    from harness.models import base_files
 
     spec = replace(spec, prompt=replace(spec.prompt))  # settled below for this model alone
     prompt = models.resolve_prompt_template(spec)
-    model_ref = models.resolve_base(spec.model.base)
-    probe = models.check_base_probe(spec.model, model_ref)  # no speed figures for a broken model
+    model_ref = base_files.resolve_base(spec.model.base)
+    probe = base_files.check_base_probe(spec.model, model_ref)  # no speed figures for a broken model
     tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
 
     def build(attention: str = "sdpa"):
@@ -152,8 +153,8 @@ def _training_ratios(label: str, rows: list[TrainMeasure]) -> dict[str, float]:
 def bench_command(args) -> int:
     import platform
 
-    from harness import models
     from harness.benchmarks.bench_unsloth import UnslothUnavailable, measure_unsloth
+    from harness.models import base_files
     from harness.runfolder import package_versions
     from harness.spec import load_spec
 
@@ -211,7 +212,7 @@ def bench_command(args) -> int:
                         continue
                     row, results["unsloth_versions"] = measure_unsloth(
                         part_spec, arch.tokenizer, examples, device, label, batch,
-                        Path(models.resolve_base(part_spec.model.base)),
+                        Path(base_files.resolve_base(part_spec.model.base)),
                         work, args.unsloth_site, args.warmup, args.loss_every)
                     rows.append(row)
                 else:

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from harness.errors import ModelError, first_line
-from harness.models import check_safe_weights, embedded_model
+from harness.models.base_files import check_safe_weights, embedded_model
 
 # Packaging a model name may carry that does not change which model it is.
 _PACKAGING = re.compile(r"(?:[-_.](?:bnb|4bit|8bit|unsloth|bf16|fp16|fp32|gguf|awq|gptq|hf))+$")

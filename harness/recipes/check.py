@@ -29,10 +29,11 @@ import numpy as np
 
 from harness import devices, distributed, fingerprint, models
 from harness.data.prepared import Example, read_prepared
-from harness.data.records import prepare
 from harness.data.prompts import encode_example, fit_prompts
+from harness.data.records import prepare
 from harness.errors import CannotJudge, HarnessError, RunError
 from harness.io import atomic_write_json, atomic_write_text
+from harness.models import base_files
 from harness.reporting.verdict import render_junit, render_markdown
 from harness.runfolder import ADAPTER_DIR, CANDIDATES_DIR, load_run_spec, read_manifest
 from harness.scoring.gate_rules import evaluate
@@ -80,7 +81,7 @@ class Context:
     settings: MetricSettings
     prints: dict[str, str]
     warnings: list[str] = field(default_factory=list)
-    base_probe: dict = field(default_factory=dict)  # models.check_base_probe's record, and the prompt used
+    base_probe: dict = field(default_factory=dict)  # base_files.check_base_probe's record, and the prompt used
 
 
 # -- what is evaluated -------------------------------------------------------------------------
@@ -99,8 +100,8 @@ def build_context(task: str, overrides: list[str]) -> Context:
     if not heldout:
         raise CannotJudge(f"{spec.name}: the held-out split is empty; nothing to judge on")
     examples = select_subset(heldout, spec.gate.subset, spec.gate.subset_seed)
-    model_ref = models.resolve_base(spec.model.base)
-    probe = models.check_base_probe(spec.model, model_ref)  # no verdict from a broken base model
+    model_ref = base_files.resolve_base(spec.model.base)
+    probe = base_files.check_base_probe(spec.model, model_ref)  # no verdict from a broken base model
     tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
     settings = metric_settings(spec)
     prints = {"base_model": fingerprint.model_fingerprint(model_ref),

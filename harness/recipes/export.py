@@ -32,6 +32,7 @@ from pathlib import Path
 from harness import devices, models
 from harness.errors import HarnessError, ModelError, RunError
 from harness.io import atomic_write_json, atomic_write_text
+from harness.models import base_files, end_of_turn
 from harness.runfolder import ADAPTER_DIR, load_run_spec, read_manifest
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "bf16", dequantize: bo
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise HarnessError(f"export --out {out_dir}: exists and is not an empty folder; name a new one")
     spec = load_run_spec(run_dir)
-    model_ref = models.resolve_base(spec.model.base)
+    model_ref = base_files.resolve_base(spec.model.base)
     tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
     model = _merged(spec, model_ref, tokenizer, adapter_dir, dequantize)
     model = model.to(dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
@@ -110,7 +111,7 @@ def _merged(spec, model_ref: str, tokenizer, adapter_dir: Path, dequantize: bool
 
 def _stop_at_run_eos(model, tokenizer, gen) -> None:
     """generation_config.json: stop at the run's EOS, decode with the run's settings (greedy unless it sampled)."""
-    models.sync_eos(model, tokenizer)
+    end_of_turn.sync_eos(model, tokenizer)
     config = model.generation_config
     config.max_new_tokens = gen.max_new_tokens
     config.do_sample = gen.do_sample

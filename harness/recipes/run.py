@@ -20,12 +20,13 @@ from typing import Callable
 import yaml
 
 from harness import devices, distributed, models
+from harness.data.leakage import assert_no_exact_leak, leakage_report
 from harness.data.prepared import PreparedData, read_prepared, write_prepared
 from harness.data.records import prepare
-from harness.data.leakage import assert_no_exact_leak, leakage_report
 from harness.distributed import main_only
 from harness.errors import HarnessError, RunError
 from harness.io import atomic_write_text, os_error_message
+from harness.models import base_files
 from harness.runfolder import (ADAPTER_DIR, SPEC_FILE, Manifest, load_run_spec, new_run_dir, pid_alive,
                                process_start, read_manifest)
 from harness.spec import TaskSpec, load_spec, spec_to_dict
@@ -217,8 +218,8 @@ def load_base_tokenizer(spec: TaskSpec, manifest: Manifest | None = None):
     """The base model's reference (fetched/converted once) and its tokenizer, set up for the prompt.
 
     With a manifest (a recipe about to train or score), the base model's probe perplexity is measured
-    first and recorded; a broken model stops the run here (models.check_base_probe)."""
-    model_ref = main_only(models.resolve_base)(spec.model.base)  # fetched or converted once, by rank 0
+    first and recorded; a broken model stops the run here (base_files.check_base_probe)."""
+    model_ref = main_only(base_files.resolve_base)(spec.model.base)  # fetched or converted once, by rank 0
     if manifest is not None:
         probe_base(spec, manifest, model_ref)
     tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
@@ -227,7 +228,7 @@ def load_base_tokenizer(spec: TaskSpec, manifest: Manifest | None = None):
 
 def probe_base(spec: TaskSpec, manifest: Manifest, model_ref: str) -> None:
     """Measure the base model's probe perplexity and record it; a broken model stops here (exit 4)."""
-    manifest.update(base_probe=main_only(models.check_base_probe)(spec.model, model_ref))
+    manifest.update(base_probe=main_only(base_files.check_base_probe)(spec.model, model_ref))
 
 
 def record_prompt(manifest: Manifest, spec: TaskSpec, tokenizer) -> None:

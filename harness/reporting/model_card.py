@@ -19,6 +19,7 @@ import yaml
 from harness import models
 from harness.errors import RunError
 from harness.io import atomic_write_text
+from harness.models import base_files
 from harness.runfolder import ADAPTER_DIR
 from harness.scoring.metrics import DEGENERATION
 
@@ -59,7 +60,7 @@ def model_card(run_dir: Path, export: dict | None = None):
     kind = "merged" if export else run.candidate_kind
     base = run.spec["model"]["base"]
     public = models.public_model_id(base)
-    embedded = models.embedded_model(base)
+    embedded = base_files.embedded_model(base)
     license_id = embedded.hub_license if embedded else None
     model_name = Path(run_dir).name
     dataset = ", ".join(run.heldout_files)

@@ -18,6 +18,7 @@ from harness import devices, models
 from harness.data.prompts import FittedPrompt, PromptTooLong, fit_prompts
 from harness.data.cleaning import clean_text
 from harness.errors import DataError, RunError, SpecError
+from harness.models import base_files
 from harness.runfolder import ADAPTER_DIR, load_run_spec
 from harness.scoring.generation import Generation, generate
 from harness.spec import GenerationSpec, TaskSpec
@@ -50,7 +51,7 @@ class LoadedRun:
             raise RunError(f"{run_dir}: no trained adapter in {ADAPTER_DIR}/ (unfinished run? "
                            f"finish it with `harness run --resume {run_dir}`)")
         device = devices.pick_device()
-        model_ref = models.resolve_base(spec.model.base)
+        model_ref = base_files.resolve_base(spec.model.base)
         log.info("loading %s with the adapter of %s on %s", spec.model.base, run_dir, device.describe())
         tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
         model = models.load_model(model_ref, spec.model, tokenizer, device)

@@ -25,7 +25,9 @@ from harness.data.prompts import encode_fitted, fit_prompts
 from harness.devices import Device
 from harness.errors import HarnessError
 from harness.io import atomic_write_text
-from harness.models import embedded_model, sync_eos, transformers_model
+from harness.models import transformers_model
+from harness.models.base_files import embedded_model
+from harness.models.end_of_turn import sync_eos
 from harness.runfolder import ADAPTER_DIR
 from harness.spec import TaskSpec
 from harness.training import tracking
@@ -155,7 +157,7 @@ def base_config(spec: TaskSpec):
     model computes)."""
     from transformers import AutoConfig
 
-    from harness.models import resolve_base
+    from harness.models.base_files import resolve_base
 
     ref = resolve_base(spec.model.base)
     try:
@@ -199,7 +201,7 @@ def graph_blockers(spec: TaskSpec, fast: dict, cuda: bool) -> list[str]:
 def weight_bytes(model_ref: str) -> int:
     """Size of a model's weight files: safetensors, else pickled `.bin` ones (0 when it is not a local
     folder yet). Folders that ship both formats hold the same weights twice: one format is counted."""
-    from harness.models import resolve_base
+    from harness.models.base_files import resolve_base
 
     folder = Path(resolve_base(model_ref))
     if not folder.is_dir():
