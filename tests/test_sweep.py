@@ -296,7 +296,8 @@ def test_retry_queues_what_failed_or_died_here_and_gives_up_after_three_failures
     import optuna
     from optuna.trial import TrialState
 
-    from harness.recipes.sweep import MAX_ATTEMPTS, choose, retry_unfinished
+    from harness.recipes.sweep import choose
+    from harness.recipes.sweep_study import MAX_ATTEMPTS, retry_unfinished
 
     assert MAX_ATTEMPTS == 3
     dead = subprocess.Popen(["true"])
