@@ -2,7 +2,7 @@
 floor, guards, degenerate outputs, examples, warnings, the environment and the spec differences.
 
 `build_context` assembles it all from loaded runs (harness/reporting/loading.py); the plots come from
-harness/reporting/figures.py and the rendering from harness/reporting/report.py.
+harness/reporting/run_plots.py and the rendering from harness/reporting/report.py.
 """
 
 from __future__ import annotations
