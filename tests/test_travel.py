@@ -152,7 +152,8 @@ def test_eval_matches_the_hub_id_to_the_embedded_base(travelled, stand_ins, tiny
     folder = str(tiny_arch[0])
     with pytest.raises(ModelError, match=f"names base model 'example-org/{name}'"):
         adapter_fit.check_adapter_fits(travelled / "adapter", folder, ModelSpec(base=folder))
-    adapter_fit.check_adapter_fits(travelled / "adapter", folder, ModelSpec(base=folder, base_aliases=[f"example-org/{name}"]))
+    adapter_fit.check_adapter_fits(travelled / "adapter", folder,
+                                   ModelSpec(base=folder, base_aliases=[f"example-org/{name}"]))
 
 
 def test_the_smollm2_record_names_its_hub_id_and_license():

@@ -350,7 +350,8 @@ def _given_up(study, grid: dict) -> list[dict]:
 
     trials = study.get_trials(deepcopy=False)
     done = {params_key(t.params) for t in trials if t.state != TrialState.FAIL}
-    failed = {params_key(t.params): t for t in trials if t.state == TrialState.FAIL and params_key(t.params) not in done}
+    failed = {params_key(t.params): t for t in trials
+              if t.state == TrialState.FAIL and params_key(t.params) not in done}
     return [{"params": {k: t.params.get(k) for k in grid}, "last_trial": t.number} for t in failed.values()]
 
 

@@ -388,7 +388,8 @@ def _spec_differences(runs: list[Run]) -> list[dict]:
 
 
 def _model_check(manifest: dict) -> str:
-    """Which prompt format the run used and the base model's probe perplexity (harness.models.base_files.check_base_probe)."""
+    """Which prompt format the run used and the base model's probe perplexity
+    (harness.models.base_files.check_base_probe)."""
     prompt, probe = as_dict(manifest.get("prompt_template")), as_dict(manifest.get("base_probe"))
     template = f"{prompt['template']} ({prompt.get('source')})" if prompt.get("template") else "not recorded"
     if not is_num(probe.get("perplexity")):
