@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from harness import models  # noqa: E402
-from harness.benchmarks import bench  # noqa: E402
+from harness import devices, models  # noqa: E402
+from harness.benchmarks import bench_train  # noqa: E402
+from harness.models import base_files  # noqa: E402
 from harness.spec import load_spec  # noqa: E402
 from harness.training.train import (build_trainer, compile_layers, lora_inputs_in_compute_dtype,  # noqa: E402
                                     tokenized_dataset)
@@ -28,11 +29,11 @@ positional = [a for i, a in enumerate(args) if a != "--set" and (i == 0 or args[
 steps, batch = (int(positional[0]) if positional else 10), (int(positional[1]) if len(positional) > 1 else 4)
 spec = load_spec("amazon_desc", ["train.max_length=512", "train.packing=on", "train.liger_kernels=off",
                                  "train.attention=sdpa", *overrides])
-device = models.pick_device()
-folder = models.resolve_base(spec.model.base)
+device = devices.pick_device()
+folder = base_files.resolve_base(spec.model.base)
 tokenizer = models.load_tokenizer(folder, spec.model, uses_chat_template=spec.prompt.template is None)
 examples = steps * batch * max(1, spec.train.max_length // 64)  # enough to pack `steps` full batches
-data = tokenized_dataset(spec, tokenizer, bench._examples(spec, examples))
+data = tokenized_dataset(spec, tokenizer, bench_train.bench_examples(spec, examples))
 seed = spec.train.seed
 
 

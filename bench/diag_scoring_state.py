@@ -75,7 +75,7 @@ def _score(spec, model_ref, tokenizer, device, prompts, sdpa: list[str] | None =
 
 
 def measure(task: str, overrides: list[str], train_steps: int, sdpa: list[str] | None = None) -> dict:
-    from harness import models
+    from harness import devices, models
     from harness.data import records as data_mod
     from harness.data.prompts import build_prompt
     from harness.recipes.run import load_base_tokenizer
@@ -83,7 +83,7 @@ def measure(task: str, overrides: list[str], train_steps: int, sdpa: list[str] |
     from harness.training.train import fast_path_options, train
 
     spec = load_spec(task, overrides)
-    device = models.pick_device()
+    device = devices.pick_device()
     prepared = data_mod.prepare(spec)
     model_ref, tokenizer = load_base_tokenizer(spec)
     prompts = [build_prompt(tokenizer, spec.prompt, e.title) for e in prepared.heldout]

@@ -19,10 +19,11 @@ import torch
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from harness import models  # noqa: E402
-from harness.benchmarks import bench  # noqa: E402
+from harness import devices, models  # noqa: E402
+from harness.benchmarks import bench_train  # noqa: E402
+from harness.models import base_files  # noqa: E402
 from harness.spec import load_spec  # noqa: E402
-from harness.training.attention import varlen_call  # noqa: E402
+from harness.models.attention import varlen_call  # noqa: E402
 from harness.training.cuda_graph_step import GraphedTrainingStep  # noqa: E402
 from harness.training.fused_lora import fused_lora_add  # noqa: E402
 from harness.training.train import build_trainer, fast_path_options, tokenized_dataset  # noqa: E402
@@ -67,10 +68,10 @@ class StepLog(TrainerCallback):
 def train_once(spec, tokenizer, data, device, batch: int, steps: int, graphs: str):
     spec = replace(spec, train=replace(spec.train, cuda_graphs=graphs))
     fast = fast_path_options(spec, device)
-    model = models.load_model(models.resolve_base(spec.model.base), spec.model, tokenizer, device,
+    model = models.load_model(base_files.resolve_base(spec.model.base), spec.model, tokenizer, device,
                               attn_implementation=fast["attention"])
     trainer = build_trainer(spec, model, tokenizer, data, None, Path(f"/tmp/graph-check-{graphs}"), device, fast=fast,
-                            **{**bench._recipe_overrides("harness", batch, device), "max_steps": steps,
+                            **{**bench_train.recipe_overrides("harness", batch, device), "max_steps": steps,
                                "logging_steps": 1})
     log = StepLog()
     trainer.add_callback(log)
@@ -95,9 +96,9 @@ def main():
           "(outputs and q/k/v gradients; 0 = identical)")
     spec = load_spec("amazon_desc", [f"model.base={args.model}", "train.max_length=512", "train.packing=on",
                                      "lora.dropout=0.0", *args.set])
-    device = models.pick_device()
-    tokenizer = models.load_tokenizer(models.resolve_base(spec.model.base), spec.model, uses_chat_template=True)
-    data = tokenized_dataset(spec, tokenizer, bench._examples(spec, 4096))
+    device = devices.pick_device()
+    tokenizer = models.load_tokenizer(base_files.resolve_base(spec.model.base), spec.model, uses_chat_template=True)
+    data = tokenized_dataset(spec, tokenizer, bench_train.bench_examples(spec, 4096))
     runs = {}
     for label, graphs in (("off", "off"), ("off again", "off"), ("on", "on")):
         runs[label] = train_once(spec, tokenizer, data, device, args.batch, args.steps, graphs)

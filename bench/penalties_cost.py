@@ -4,7 +4,7 @@ Usage: python bench/penalties_cost.py [--rows 1,64,512] [--vocab 49152] [--gener
 
 For each row count: a random output of `--generated` tokens and random float32 scores over `--vocab`; times
 transformers' RepetitionPenaltyLogitsProcessor(1.2) + NoRepeatNGramLogitsProcessor(4) on the output (what
-harness passed to `generate` before) and `harness.scoring.generation.output_penalties` (OutputPenalties, what
+harness passed to `generate` before) and `harness.scoring.decoding.output_penalties` (OutputPenalties, what
 every engine uses now), checks that both give the same scores, and prints milliseconds a step and the ratio,
 measured in this one process. Runs on CUDA when there is one (synchronised around each timing), else CPU.
 """
@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
     import torch
     from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
-    from harness.scoring.generation import output_penalties
+    from harness.scoring.decoding import output_penalties
     from harness.spec import GenerationSpec
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -209,12 +209,13 @@ def measure_tokenize(data_dir: Path, model: str, n: int) -> dict:
     Both run in this process (CPU seconds count tokenized_dataset's worker processes too), after a
     small warm-up of each so that neither pays for first imports."""
     from harness import models
-    from harness.data.records import TRAIN_FILE, Example
+    from harness.data.prepared import TRAIN_FILE, Example
+    from harness.models import base_files
     from harness.spec import load_spec
     from harness.training.train import tokenized_dataset
 
     spec = load_spec(str(SPEC), [f"model.base={model}"])
-    tokenizer = models.load_tokenizer(models.resolve_base(model), spec.model,
+    tokenizer = models.load_tokenizer(base_files.resolve_base(model), spec.model,
                                       uses_chat_template=spec.prompt.template is None)
     with open(data_dir / TRAIN_FILE, encoding="utf-8") as fh:  # the first n only: all would be 1.5 GB
         examples = [Example.from_dict(json.loads(line)) for line in itertools.islice(fh, n)]

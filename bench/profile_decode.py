@@ -36,17 +36,17 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from harness import models
+    from harness import devices, models
     from harness.data import records
     from harness.data.prompts import build_prompt, encode_prompt
     from harness.recipes.run import load_base_tokenizer
-    from harness.scoring.generation import (GenerationStats, bucket_width, deterministic_algorithms,
-                                           deterministic_kernels, left_pad)
+    from harness.scoring.decoding import GenerationStats, deterministic_algorithms, deterministic_kernels
+    from harness.scoring.generation import bucket_width, left_pad
     from harness.scoring.graph_decoding import WARMUP_STEPS, GraphDecoder
     from harness.spec import load_spec
 
     spec = load_spec("amazon_desc", args.overrides)
-    device = models.pick_device()
+    device = devices.pick_device()
     model_ref, tokenizer = load_base_tokenizer(spec)
     model = models.load_model(model_ref, spec.model, tokenizer, device).eval()
     examples = list(records.prepare(spec).train)

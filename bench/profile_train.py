@@ -17,8 +17,9 @@ import torch
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from harness import models  # noqa: E402
-from harness.benchmarks import bench  # noqa: E402
+from harness import devices, models  # noqa: E402
+from harness.benchmarks import bench_train  # noqa: E402
+from harness.models import base_files  # noqa: E402
 from harness.spec import load_spec  # noqa: E402
 from harness.training.fused_lora import fused_lora_add  # noqa: E402
 from harness.training.train import build_trainer, fast_path_options, tokenized_dataset  # noqa: E402
@@ -30,17 +31,17 @@ parser.add_argument("--random-tinyllama", action="store_true")
 parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 args = parser.parse_args()
 spec = load_spec("amazon_desc", [f"model.base={args.model}", "train.max_length=512", "train.packing=on", *args.set])
-device = models.pick_device()
-folder = models.resolve_base(spec.model.base)
+device = devices.pick_device()
+folder = base_files.resolve_base(spec.model.base)
 tokenizer = models.load_tokenizer(folder, spec.model, uses_chat_template=True)
 fast = fast_path_options(spec, device)
 if args.random_tinyllama:
-    model = bench._random_model_factory(bench.TINYLLAMA_1B, tokenizer, device)(fast["attention"])
+    model = bench_train.random_model_factory(bench_train.TINYLLAMA_1B, tokenizer, device)(fast["attention"])
 else:
     model = models.load_model(folder, spec.model, tokenizer, device, attn_implementation=fast["attention"])
-data = tokenized_dataset(spec, tokenizer, bench._examples(spec, 4096))
+data = tokenized_dataset(spec, tokenizer, bench_train.bench_examples(spec, 4096))
 trainer = build_trainer(spec, model, tokenizer, data, None, Path("/tmp/profile-train"), device, fast=fast,
-                        **{**bench._recipe_overrides("harness", args.batch, device), "max_steps": 6})
+                        **{**bench_train.recipe_overrides("harness", args.batch, device), "max_steps": 6})
 activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.kind == "cuda" else [])
 prof = torch.profiler.profile(activities=activities)
 wall = {}

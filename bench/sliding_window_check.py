@@ -36,11 +36,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from harness import models  # noqa: E402
+from harness import devices  # noqa: E402
+from harness.models import attention  # noqa: E402
 from harness.scoring import graph_decoding  # noqa: E402
-from harness.scoring.generation import GenerationStats  # noqa: E402
+from harness.scoring.decoding import GenerationStats  # noqa: E402
 from harness.spec import GenerationSpec  # noqa: E402
-from harness.training import attention  # noqa: E402
 from harness.training.train import modeling_module_restored  # noqa: E402
 
 WINDOW = 512
@@ -228,7 +228,7 @@ def decode_check(rows: int, config, prompt_lengths: tuple[int, int] = (470, 560)
     expected = torch.nn.functional.pad(expected, (0, max_new_tokens - expected.shape[1])).tolist()
     tokenizer = types.SimpleNamespace(eos_token_id=config.eos_token_id, pad_token_id=0)
     gen = GenerationSpec(max_new_tokens=max_new_tokens, engine="graphs", static_batch_size=rows)
-    device = models.Device("cuda", torch.cuda.current_device()) if DEVICE == "cuda" else models.Device("cpu")
+    device = devices.Device("cuda", torch.cuda.current_device()) if DEVICE == "cuda" else devices.Device("cpu")
 
     def graphs() -> tuple[list, GenerationStats]:
         stats = GenerationStats()

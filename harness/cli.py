@@ -293,17 +293,18 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_prepare(args) -> int:
-    from harness.data import records as data
+    from harness.data.prepared import write_prepared
+    from harness.data.records import format_counts, prepare
     from harness.runfolder import Manifest, new_run_dir
     from harness.spec import load_spec
 
     overrides = args.overrides + (["data.strict=true"] if args.strict else [])
     spec = load_spec(args.task, overrides)
-    prepared = data.prepare(spec)
+    prepared = prepare(spec)
     run_dir = new_run_dir(args.runs_dir, f"{spec.name}-prepare")
-    data.write_prepared(prepared, run_dir / "data")
+    write_prepared(prepared, run_dir / "data")
     Manifest.create(run_dir, spec.name).update(status="prepared", data_counts=prepared.counts)
-    print(data.format_counts(prepared.counts))
+    print(format_counts(prepared.counts))
     print(f"prepared split: {run_dir / 'data'}")
     return 0
 
@@ -328,13 +329,13 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    from harness.reporting.gate import run_check
+    from harness.recipes.check import run_check
 
     return run_check(args.task, args.candidate, args.baseline, args.out, args.overrides)
 
 
 def _cmd_baseline(args) -> int:
-    from harness.reporting.gate import write_baseline
+    from harness.recipes.check import write_baseline
 
     print(write_baseline(args.run, args.out))
     return 0
@@ -366,7 +367,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_fetch_model(args) -> int:
-    from harness.models import embedded_model, fetch_embedded
+    from harness.models.base_files import embedded_model, fetch_embedded
     from harness.spec import EMBEDDED_MODEL
 
     print(fetch_embedded(embedded_model(f"embedded:{args.name}" if args.name else EMBEDDED_MODEL)))
@@ -385,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="harness: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score says "Using default tokenizer." per call
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # cuBLAS is deterministic only with a fixed workspace, read at its first call (generation.deterministic_kernels).
+    # cuBLAS is deterministic only with a fixed workspace, read at its first call (decoding.deterministic_kernels).
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     try:
         if distributed.world_size() > 1:

@@ -54,7 +54,7 @@ def init() -> None:
     import torch
     import torch.distributed as dist
 
-    from harness.models import pick_device
+    from harness.devices import pick_device
 
     if dist.is_initialized():
         return

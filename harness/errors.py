@@ -42,3 +42,7 @@ class BrokenModelError(ModelError):
     weights): no verdict is given from it. Its own exit code, so scripts can tell it apart."""
 
     exit_code = 4
+
+
+class CannotJudge(HarnessError):
+    """The candidate cannot be compared with the baseline (exit 2): never a pass."""

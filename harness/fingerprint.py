@@ -11,9 +11,15 @@ import hashlib
 import json
 from pathlib import Path
 
-from harness.models import sha256_file
-
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "config.json", "adapter_config.json")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def hash_json(obj) -> str:
@@ -44,8 +50,8 @@ def split_fingerprint(examples) -> str:
 
 
 # Bumped when the same generation settings decode differently (v2: repetition penalties count the output
-# only, harness.scoring.generation.output_penalties; v3: scoring never runs cuDNN's attention kernel,
-# harness.scoring.generation.DETERMINISTIC_SDPA), so base scores cached by older code are not reused.
+# only, harness.scoring.decoding.output_penalties; v3: scoring never runs cuDNN's attention kernel,
+# harness.scoring.decoding.DETERMINISTIC_SDPA), so base scores cached by older code are not reused.
 GENERATION_SEMANTICS = 3
 
 

@@ -17,13 +17,19 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import yaml
+
 from harness import distributed
 from harness.errors import RunError
 from harness.io import atomic_write_json, os_error_message
+from harness.spec import TaskSpec, build
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "liger-kernel",
             "rouge-score", "sacrebleu", "pandas", "matplotlib", "numpy", "harness")
 MANIFEST = "manifest.json"
+SPEC_FILE = "spec.yaml"  # the resolved spec the run ran with (paths absolute)
+ADAPTER_DIR = "adapter"  # the trained LoRA adapter
+CANDIDATES_DIR = "candidates"  # an eval run's scored candidates, one folder each
 
 
 def new_run_dir(runs_root: Path, task: str) -> Path:
@@ -149,3 +155,17 @@ class Manifest:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def load_run_spec(run_dir: Path) -> TaskSpec:
+    """The resolved spec a run recorded (paths absolute), loaded through the same checks."""
+    path = Path(run_dir) / SPEC_FILE
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError:
+        raise RunError(f"{path}: missing; not a run folder") from None
+    except yaml.YAMLError:
+        raise RunError(f"{path}: damaged (not valid YAML)") from None
+    spec = build(TaskSpec, raw, "")
+    spec.base_dir = "/"
+    return spec

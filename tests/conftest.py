@@ -26,7 +26,7 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
 def _words(path: Path) -> list[str]:
     from tokenizers.pre_tokenizers import Whitespace
 
-    from harness.data.records import clean_text
+    from harness.data.cleaning import clean_text
 
     seen: dict[str, None] = {}
     pre = Whitespace()

@@ -80,7 +80,7 @@ def test_trl_baseline_trains_on_the_same_tokens_as_harness(tiny_arch):
     import tempfile
     from pathlib import Path
 
-    from harness.benchmarks import bench
+    from harness.benchmarks import bench_train
     from harness.data import records
     from harness.spec import load_spec
     from harness.training.train import build_trainer, tokenized_dataset
@@ -93,9 +93,9 @@ def test_trl_baseline_trains_on_the_same_tokens_as_harness(tiny_arch):
     device = models.pick_device()
     examples = records.prepare(spec).train[:6]
     ours = tokenized_dataset(spec, tokenizer, examples)["input_ids"]
-    options = {**bench._recipe_overrides("trl_tuned", 4, device), "packing": False, "padding_free": False}
+    options = {**bench_train.recipe_overrides("trl_tuned", 4, device), "packing": False, "padding_free": False}
     trainer = build_trainer(spec, models.load_model(str(folder), spec.model, tokenizer, device), tokenizer,
-                            bench._string_dataset(spec, tokenizer, examples), None, Path(tempfile.mkdtemp()), device,
+                            bench_train._string_dataset(spec, tokenizer, examples), None, Path(tempfile.mkdtemp()), device,
                             plain_peft=True, **options)
     assert trainer.train_dataset["input_ids"] == ours
     if extra:  # the Gemma 3 tokenizer adds a BOS: exactly one leads each example

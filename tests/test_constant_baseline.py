@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from rouge_score import rouge_scorer
 
-from harness.data.records import Example
+from harness.data.prepared import Example
 from harness.scoring.constant_baseline import (SAMPLE, SOURCE, constant_baseline, floor_warnings, medoid_sample,
                                                typical_reference)
 from harness.scoring.heldout_scoring import guard_warnings

@@ -5,7 +5,7 @@ on the GPU machine: bench/graph_step_check.py, bench/RESULTS.md)."""
 import pytest
 import torch
 
-from harness import models
+from harness import devices, models
 from harness.errors import HarnessError
 from harness.training.cuda_graph_step import StaticBatch, capture_training_steps, sft_loss
 from harness.training.train import fast_path_options, graph_blockers
@@ -23,10 +23,10 @@ def test_graphs_are_off_on_cpu_and_on_refuses_it(tiny_model_dir):
 
     spec = TaskSpec(name="t")
     spec.model.base = str(tiny_model_dir)
-    assert fast_path_options(spec, models.Device("cpu"))["cuda_graphs"] is False
+    assert fast_path_options(spec, devices.Device("cpu"))["cuda_graphs"] is False
     spec.train.cuda_graphs = "on"
     with pytest.raises(HarnessError, match="cuda_graphs: 'on' needs a CUDA device"):
-        fast_path_options(spec, models.Device("cpu"))
+        fast_path_options(spec, devices.Device("cpu"))
 
 
 def test_every_blocker_is_named():
@@ -79,7 +79,7 @@ def _trainer(tiny_model_dir, tmp_path, batch: int = 4):
 
     spec = load_spec(str(REPO / "tasks" / "amazon_desc.yaml"),
                      tiny_overrides(tiny_model_dir, "train.packing=on", "lora.dropout=0.0", "train.max_length=64"))
-    device = models.Device("cpu")
+    device = devices.Device("cpu")
     tokenizer = models.load_tokenizer(str(tiny_model_dir), spec.model, uses_chat_template=True)
     model = models.load_model(str(tiny_model_dir), spec.model, tokenizer, device)
     data = tokenized_dataset(spec, tokenizer, prepare(spec).train[:24])
@@ -145,11 +145,12 @@ def test_sft_loss_ignores_what_the_filler_holds(tiny_model_dir, tmp_path):
 def test_auto_captures_small_models_only(monkeypatch):
     """Launch-bound small models gain (SmolLM2-135M 6.2x), a GPU-bound 1.1B loses 5%: auto decides by weight size."""
     from harness.spec import TaskSpec
-    from harness.training import attention, train
+    from harness.models import attention
+    from harness.training import train
 
     monkeypatch.setattr(attention, "varlen_available", lambda: True)
     spec = TaskSpec(name="t")
-    cuda = models.Device("cuda")
+    cuda = devices.Device("cuda")
     for size, expected in ((270e6, True), (2.2e9, False)):
         monkeypatch.setattr(train, "weight_bytes", lambda ref, size=size: size)
         assert fast_path_options(spec, cuda)["cuda_graphs"] is expected

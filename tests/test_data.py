@@ -10,23 +10,13 @@ from pathlib import Path
 
 import pytest
 
-import harness.data.records as D
 import harness.io as hio
-from harness.data.records import (
-    Example,
-    PreparedData,
-    ReadStats,
-    clean_text,
-    format_counts,
-    iter_records,
-    normalize_title,
-    prepare,
-    read_prepared,
-    split_value,
-    title_hash,
-    truncate_words,
-    write_prepared,
-)
+from harness.data import reading
+from harness.data.cleaning import clean_text, normalize_title, truncate_words
+from harness.data.prepared import Example, PreparedData, read_prepared, write_prepared
+from harness.data.reading import ReadStats, iter_records
+from harness.data.records import format_counts, prepare
+from harness.data.splitting import split_value, title_hash
 from harness.errors import DataError, RunError
 from harness.io import atomic_write_json, atomic_write_text
 from harness.spec import TaskSpec, build
@@ -375,7 +365,7 @@ def test_first_locations_capped_at_five(tmp_path):
 
 
 def test_over_long_line_is_skipped(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "MAX_LINE_BYTES", 500)
+    monkeypatch.setattr(reading, "MAX_LINE_BYTES", 500)
     long_line = json.dumps(rec("Huge", "word " * 5000)).encode()
     path = write_jsonl(tmp_path / "data.jsonl", [rec("Before"), long_line, rec("After")])
     recs, stats = read_all([path])
@@ -392,7 +382,7 @@ def test_over_long_line_is_skipped(tmp_path, monkeypatch):
 
 
 def test_real_size_limit_line(tmp_path):
-    line = json.dumps(rec("Huge", "x" * (D.MAX_LINE_BYTES + 10))).encode()
+    line = json.dumps(rec("Huge", "x" * (reading.MAX_LINE_BYTES + 10))).encode()
     path = write_jsonl(tmp_path / "data.jsonl", [line, rec("After")])
     recs, stats = read_all([path])
     assert [r.line_no for r in recs] == [2] and stats.bad == {"line too long": 1}
@@ -556,7 +546,7 @@ def test_write_prepared_failure_midway_leaves_no_temp(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_dumps(*a, **k)
 
-    monkeypatch.setattr(D.json, "dumps", flaky_dumps)
+    monkeypatch.setattr(json, "dumps", flaky_dumps)
     with pytest.raises(RunError, match=r"train.jsonl: disk full"):
         write_prepared(p, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []

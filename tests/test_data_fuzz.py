@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.data.records import ReadStats, iter_records, prepare, write_prepared, read_prepared
+from harness.data.prepared import read_prepared, write_prepared
+from harness.data.reading import ReadStats, iter_records
+from harness.data.records import prepare
 from harness.errors import DataError
 from harness.spec import TaskSpec, build
 

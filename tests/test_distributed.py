@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import distributed
+from harness import devices, distributed
 from harness.cli import main
 from harness.scoring.generation import length_sorted_batches
 from tests.conftest import REPO, tiny_overrides
@@ -170,7 +170,8 @@ def two_process_run(tiny_model_dir, tmp_path_factory) -> tuple[Path, subprocess.
 @pytest.mark.slow
 def test_two_processes_train_data_parallel_and_rank_zero_writes(two_process_run, tiny_run):
     from harness import models
-    from harness.recipes.run import load_base_tokenizer, load_run_spec
+    from harness.recipes.run import load_base_tokenizer
+    from harness.runfolder import load_run_spec
     from harness.scoring.heldout_scoring import assert_adapter_applied
 
     run_dir, done = two_process_run
@@ -190,7 +191,7 @@ def test_two_processes_train_data_parallel_and_rank_zero_writes(two_process_run,
         sorted(p.name for p in (tiny_run / "adapter").iterdir())
     spec = load_run_spec(run_dir)
     model_ref, tokenizer = load_base_tokenizer(spec)
-    device = models.pick_device()
+    device = devices.pick_device()
     model = models.load_adapter(models.load_model(model_ref, spec.model, tokenizer, device), run_dir / "adapter")
     assert assert_adapter_applied(model, tokenizer, ["Steel water bottle", "Cotton shirt"], device) > 0
 
@@ -229,7 +230,7 @@ def test_sharded_eval_gives_the_one_process_predictions_and_metrics(two_process_
 @pytest.mark.slow
 def test_sharded_check_gives_the_one_process_verdict(two_process_run, tiny_run, tiny_model_dir, tmp_path):
     """`check` scores the candidate adapter with the same sharded path: the same verdict, rule by rule."""
-    from harness.reporting.gate import run_check
+    from harness.recipes.check import run_check
 
     run_dir, _ = two_process_run
     args = ["--candidate", str(run_dir / "adapter"), "--baseline", str(tiny_run)]

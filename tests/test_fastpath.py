@@ -5,7 +5,7 @@ import functools
 import pytest
 import torch
 
-from harness import models
+from harness import devices, models
 from harness.errors import HarnessError
 from harness.spec import ModelSpec, TaskSpec
 from harness.training.train import fast_path_options
@@ -18,7 +18,7 @@ def test_packed_sequences_do_not_attend_across_examples(tiny_model_dir, attentio
     transformers builds that mask from position_ids only without a KV cache; trl's SFTTrainer passes
     use_cache=False in training, as this test does."""
     tokenizer = models.load_tokenizer(str(tiny_model_dir), ModelSpec(), uses_chat_template=True)
-    model = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, models.Device("cpu"),
+    model = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, devices.Device("cpu"),
                               attn_implementation=attention)
     a = torch.tensor([[5, 9, 14, 3, 22]])
     b = torch.tensor([[7, 8, 30, 31, 12, 40, 41]])
@@ -43,13 +43,13 @@ def test_trl_padding_free_collator_restarts_positions():
 def test_fast_paths_are_cuda_only_by_default(tiny_model_dir):
     spec = TaskSpec(name="t")
     spec.model.base = str(tiny_model_dir)
-    assert fast_path_options(spec, models.Device("cpu")) == {"quantize": False, "packing": False,
+    assert fast_path_options(spec, devices.Device("cpu")) == {"quantize": False, "packing": False,
                                                               "liger_kernels": False, "attention": "sdpa",
                                                               "compile": "off", "fused_lora": False, "cuda_graphs": False}
     spec.train.packing = "on"
     spec.train.fused_lora = "on"
-    assert fast_path_options(spec, models.Device("cpu"))["packing"] is True
-    assert fast_path_options(spec, models.Device("cpu"))["fused_lora"] is True
+    assert fast_path_options(spec, devices.Device("cpu"))["packing"] is True
+    assert fast_path_options(spec, devices.Device("cpu"))["fused_lora"] is True
 
 
 def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False, scale=None,
@@ -78,7 +78,7 @@ def test_varlen_attention_matches_examples_run_alone(tiny_model_dir, monkeypatch
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     tokenizer = models.load_tokenizer(str(tiny_model_dir), ModelSpec(), uses_chat_template=True)
-    model = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, models.Device("cpu"),
+    model = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, devices.Device("cpu"),
                               attn_implementation="varlen")
     assert model.config.num_key_value_heads < model.config.num_attention_heads
     a, b = [5, 9, 14, 3, 22], [7, 8, 30, 31, 12, 40, 41]
@@ -114,7 +114,7 @@ def test_forced_gpu_switches_are_refused_on_cpu(key, value, message):
     spec = TaskSpec(name="t")
     setattr(spec.train, key, value)
     with pytest.raises(HarnessError, match=message):
-        fast_path_options(spec, models.Device("cpu"))
+        fast_path_options(spec, devices.Device("cpu"))
 
 
 def test_trl_hands_packed_boundaries_to_varlen_through_peft(tiny_model_dir, monkeypatch, tmp_path):
@@ -135,13 +135,13 @@ def test_trl_hands_packed_boundaries_to_varlen_through_peft(tiny_model_dir, monk
     monkeypatch.setattr(varlen_module, "varlen_attn", recording)
     spec = load_spec("amazon_desc", tiny_overrides(tiny_model_dir, "train.packing=on", "train.batch_size=4"))
     tokenizer = models.load_tokenizer(str(tiny_model_dir), ModelSpec(), uses_chat_template=True)
-    model = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, models.Device("cpu"),
+    model = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, devices.Device("cpu"),
                               attn_implementation="varlen")
     from harness.data.records import prepare
 
     examples = prepare(spec).train[:4]
     data = tokenized_dataset(spec, tokenizer, examples)
-    trainer = build_trainer(spec, model, tokenizer, data, None, tmp_path, models.Device("cpu"), max_steps=1,
+    trainer = build_trainer(spec, model, tokenizer, data, None, tmp_path, devices.Device("cpu"), max_steps=1,
                             save_strategy="no", logging_steps=100)
     trainer.train()
     lengths = sorted(len(ids) for ids in data["input_ids"])
@@ -155,7 +155,7 @@ def test_cuda_varlen_equals_sdpa_on_a_packed_batch():
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from harness.training.attention import register
+    from harness.models.attention import register
 
     register()
     config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -207,7 +207,7 @@ def test_compile_leaves_liger_out_and_refuses_forced_liger(tiny_model_dir, monke
     monkeypatch.setattr(train, "_has_liger", lambda: True)
     spec = TaskSpec(name="t")
     spec.model.base = str(tiny_model_dir)
-    cuda = models.Device("cuda")  # only read, never used: the decision is pure
+    cuda = devices.Device("cuda")  # only read, never used: the decision is pure
     assert fast_path_options(spec, cuda)["liger_kernels"] is True
     spec.train.compile = "on"
     assert fast_path_options(spec, cuda)["liger_kernels"] is False
@@ -226,7 +226,7 @@ def test_compiled_layers_train_like_eager_layers(tiny_model_dir, tmp_path):
 
     def lora_model():
         torch.manual_seed(0)
-        base = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, models.Device("cpu"))
+        base = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, devices.Device("cpu"))
         return get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
                                                lora_dropout=0.0, init_lora_weights=False))
 
@@ -259,7 +259,7 @@ def test_training_patches_to_the_modeling_module_are_undone(tiny_model_dir):
     from harness.training.train import modeling_module_restored
 
     tokenizer = models.load_tokenizer(str(tiny_model_dir), ModelSpec(), uses_chat_template=True)
-    model = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, models.Device("cpu"))
+    model = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, devices.Device("cpu"))
     module = sys.modules[type(model).__module__]
     original = module.LlamaRMSNorm
     with modeling_module_restored(model):

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from harness.cli import main
-from harness.reporting.gate import (CannotJudge, evaluate, floor_check, guard_check, margin_check, render_junit,
-                                    select_subset)
+from harness.errors import CannotJudge
+from harness.recipes.check import select_subset
+from harness.reporting.verdict import render_junit
+from harness.scoring.gate_rules import evaluate, floor_check, guard_check, margin_check
 from harness.scoring.metrics import MetricSettings, ModelOutputs
 from harness.spec import GateSpec, RuleSpec
 from tests.conftest import REPO, tiny_overrides

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from harness import models
+from harness import devices, models
 from harness.data.prompts import build_prompt, encode_example
 from harness.errors import ModelError
 from harness.errors import SpecError
-from harness.scoring import generation
-from harness.scoring.generation import (Batch, GenerationStats, bucket_width, deterministic_kernels, generate,
-                                        plan_batches)
+from harness.scoring import decoding, generation
+from harness.scoring.decoding import GenerationStats, deterministic_kernels
+from harness.scoring.generation import Batch, bucket_width, generate, plan_batches
 from harness.scoring.heldout_scoring import assert_adapter_applied
 from harness.scoring.mbr_selection import mbr_choice
 from harness.scoring.metrics import MetricSettings, pairwise_rouge_l
@@ -22,7 +22,7 @@ from harness.scoring.likelihood import reference_nll
 from harness.spec import GenerationSpec, ModelSpec, PromptSpec, load_spec
 from tests.conftest import REPO, run_tiny
 
-CPU = models.Device("cpu")
+CPU = devices.Device("cpu")
 TITLES = ["Garlic Press", "Kids' Rain Boots , Dinosaur Print", "Aquarium Starter Kit", "Mug"]
 DESCRIPTIONS = ["A sturdy press for garlic .", "These fun rubber rain boots keep feet dry on rainy school days .",
                 "Everything a beginner needs .", "A mug ."]
@@ -146,7 +146,7 @@ def test_repetition_penalties_count_the_output_only(talkative):
     prompt_and_output = torch.tensor([[5, 6, 7, 5]])  # the prompt holds the bigram (5, 6); the output is (5)
     scores = torch.zeros(1, 10)
     library = NoRepeatNGramLogitsProcessor(2)(prompt_and_output, scores.clone())
-    ours = generation.output_penalties(replace(gen, repetition_penalty=1.0), width, "cpu")[0](
+    ours = decoding.output_penalties(replace(gen, repetition_penalty=1.0), width, "cpu")[0](
         prompt_and_output, scores.clone())
     assert library[0, 6] == -float("inf") and ours[0, 6] == 0.0  # only the library bans copying the prompt
 
@@ -335,7 +335,7 @@ def test_auto_engine_is_graphs_on_cuda_where_it_can_decode(tiny_model_dir, loade
     """auto: graphs on CUDA (greedy, sdpa); static there when graphs cannot decode; dynamic off CUDA. Only the
     device's kind is read, so a CUDA device is named without one."""
     model, tokenizer = loaded
-    cuda = models.Device("cuda")
+    cuda = devices.Device("cuda")
     assert generation.resolve_engine(GenerationSpec(), cuda, model) == "graphs"
     assert generation.resolve_engine(GenerationSpec(), cuda) == "graphs"  # before the model is loaded
     assert generation.resolve_engine(GenerationSpec(do_sample=True), cuda, model) == "static"
@@ -348,7 +348,7 @@ def test_graphs_engine_leaves_the_models_attention_setting_alone(repetitive):
     model, tokenizer, prompts = repetitive
     generate(model, tokenizer, prompts, GenerationSpec(max_new_tokens=4, engine="graphs", static_batch_size=4,
                                                       prompt_buckets=[32]), CPU)
-    assert generation.transformers_model(model).config._attn_implementation == "sdpa"
+    assert models.transformers_model(model).config._attn_implementation == "sdpa"
 
 
 @pytest.mark.parametrize("penalty, ngram", [(1.5, 0), (1.0, 1), (1.0, 2), (1.0, 3), (0.7, 2)])
@@ -364,8 +364,8 @@ def test_vectorised_output_penalties_equal_transformers_processors(penalty, ngra
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (rows, width), generator=g)
     out = torch.randint(0, vocab, (rows, max_new), generator=g)
-    ours = generation.OutputPenalties(gen, torch.device("cpu"))
-    processor = generation.output_penalties(gen, width, "cpu")
+    ours = decoding.OutputPenalties(gen, torch.device("cpu"))
+    processor = decoding.output_penalties(gen, width, "cpu")
     library = LogitsProcessorList(([RepetitionPenaltyLogitsProcessor(penalty)] if penalty != 1.0 else [])
                                   + ([NoRepeatNGramLogitsProcessor(ngram)] if ngram else []))
     changed = banned = 0
@@ -397,7 +397,7 @@ def test_graphs_engine_refuses_what_it_cannot_decode(tiny_model_dir, loaded):
 def test_graphs_engine_on_cuda_captures_once_per_shape_and_matches_the_static_engine(tiny_model_dir, loaded):
     """GPU only (the lead's check): captured replays give the static engine's text, one capture per shape."""
     _, tokenizer = loaded
-    cuda = models.Device("cuda")
+    cuda = devices.Device("cuda")
     model = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, cuda)
     prompts = [build_prompt(tokenizer, PromptSpec(), t) for t in LONG_TITLES]
     gen = GenerationSpec(max_new_tokens=24, engine="graphs", static_batch_size=3, prompt_buckets=[20, 24, 32],
@@ -479,7 +479,7 @@ def test_mbr_refuses_greedy_only_engines_and_streaming(loaded):
     model, tokenizer = loaded
     prompts = [build_prompt(tokenizer, PromptSpec(), t) for t in TITLES]
     mbr = GenerationSpec(mbr_samples=4, max_new_tokens=4)
-    assert generation.resolve_engine(mbr, models.Device("cuda")) == "static"
+    assert generation.resolve_engine(mbr, devices.Device("cuda")) == "static"
     assert generation.resolve_engine(mbr, CPU, model) == "dynamic"
     with pytest.raises(ModelError, match=r"generation.engine=graphs decodes greedily only \(generation.mbr_samples "
                                          r"samples its candidates\); set generation.engine=static"):

@@ -1,7 +1,7 @@
 import pytest
 
 from harness.data.leakage import assert_no_exact_leak, leakage_report, near_key
-from harness.data.records import Example
+from harness.data.prepared import Example
 from harness.errors import DataError
 
 

@@ -14,8 +14,9 @@ import pytest
 from harness import fingerprint, models
 from harness.cli import main
 from harness.data.prompts import build_prompt, encode_prompt, fit_prompts, max_prompt_tokens
-from harness.data.records import Example, read_prepared
+from harness.data.prepared import Example, read_prepared
 from harness.errors import SpecError
+from harness.models import base_files
 from harness.spec import load_spec
 from tests.conftest import DEMO_DATA, REPO, run_tiny
 
@@ -246,7 +247,7 @@ def test_the_real_tokenizer_cuts_to_fit(template, max_length):
     character boundary, its prompt within the limit, the frame whole."""
     from harness.spec import EMBEDDED_MODEL
 
-    spec, tok = spec_and_tokenizer(Path(models.resolve_base(EMBEDDED_MODEL)), template)
+    spec, tok = spec_and_tokenizer(Path(base_files.resolve_base(EMBEDDED_MODEL)), template)
     title = "Größe XL Über-Jacke für Wanderer, wasserdicht – 日本製の素材, leicht und atmungsaktiv, Farbe Tannengrün"
     (fitted,) = fit_prompts(tok, spec.prompt, [title], max_length)
     prefix, suffix = build_prompt(tok, spec.prompt, MARK).split(MARK)

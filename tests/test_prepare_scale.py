@@ -16,8 +16,12 @@ from pathlib import Path
 import pytest
 
 import harness.data.records as D
-from harness.data.records import (Example, SpilledExamples, clean_text, iter_records, prepare, read_prepared,
-                                  write_prepared)
+from harness.data.cleaning import clean_text, normalize_title, truncate_words
+from harness.data.prepared import (COUNTS_FILE, HELDOUT_FILE, TRAIN_FILE, Example, PreparedData, SpilledExamples,
+                                   read_prepared, write_prepared)
+from harness.data.reading import ReadStats, iter_records
+from harness.data.records import prepare
+from harness.data.splitting import split_value, title_hash
 from harness.errors import DataError, SpecError
 from harness.spec import TaskSpec, build
 from tests.conftest import DEMO_DATA, REPO, SHARED_DATA
@@ -42,7 +46,7 @@ def make_spec(paths: list[Path], **data) -> TaskSpec:
 def reference_prepare(spec: TaskSpec) -> tuple[list[Example], list[Example], dict]:
     """The in-memory prepare that this change replaced, kept as the oracle for its output."""
     d = spec.data
-    stats = D.ReadStats()
+    stats = ReadStats()
     counts = {k: 0 for k in D.COUNT_KEYS}
     seen: set[int] = set()
     sides = {True: [], False: []}  # held out? -> [(hash, example)]
@@ -53,17 +57,17 @@ def reference_prepare(spec: TaskSpec) -> tuple[list[Example], list[Example], dic
             counts["empty" if not content else "too_short"] += 1
             continue
         title = clean_text(rec.obj[d.title_field])
-        key = D.normalize_title(title)
+        key = normalize_title(title)
         if not key:
             counts["empty_title"] += 1
             continue
-        h = D.title_hash(key, d.split_salt)
+        h = title_hash(key, d.split_salt)
         if h in seen:
             counts["duplicate"] += 1
             continue
         seen.add(h)
-        ex = Example(D._record_id(rec, d.id_field), title, D.truncate_words(content, d.max_content_chars), rec.source)
-        sides[D.split_value(key, d.split_salt) < d.heldout_fraction].append((h, ex))
+        ex = Example(D._record_id(rec, d.id_field), title, truncate_words(content, d.max_content_chars), rec.source)
+        sides[split_value(key, d.split_salt) < d.heldout_fraction].append((h, ex))
     kept = {}
     for held, cap in ((False, d.max_train), (True, d.max_heldout)):
         rows = sides[held]
@@ -76,12 +80,12 @@ def reference_prepare(spec: TaskSpec) -> tuple[list[Example], list[Example], dic
 
 
 def written(folder: Path) -> dict[str, bytes]:
-    return {name: (folder / name).read_bytes() for name in (D.TRAIN_FILE, D.HELDOUT_FILE, D.COUNTS_FILE)}
+    return {name: (folder / name).read_bytes() for name in (TRAIN_FILE, HELDOUT_FILE, COUNTS_FILE)}
 
 
 def reference_files(spec: TaskSpec, folder: Path) -> dict[str, bytes]:
     train, heldout, counts = reference_prepare(spec)
-    write_prepared(D.PreparedData(train, heldout, counts), folder)  # lists: the one-example-at-a-time writer
+    write_prepared(PreparedData(train, heldout, counts), folder)  # lists: the one-example-at-a-time writer
     return written(folder)
 
 
@@ -128,7 +132,7 @@ def test_worker_processes_change_nothing(tmp_path, monkeypatch):
     assert results[1] == results[2]
     assert {k: v for k, v in results[1].items() if k not in ("strict", "heldout_path")} == \
         reference_files(make_spec(paths, max_heldout=20), tmp_path / "ref")
-    counts = json.loads(results[1][D.COUNTS_FILE])
+    counts = json.loads(results[1][COUNTS_FILE])
     assert counts["malformed"] > 50 and counts["duplicate"] > 0 and counts["heldout_capped"] > 0
     assert "truncated gzip" in counts["bad_lines_by_reason"]
 
@@ -164,7 +168,7 @@ def test_spilled_examples_behave_like_the_list_they_stand_for(tmp_path):
     back = read_prepared(tmp_path / "out")
     assert back.train == p.train and back.heldout == p.heldout
     # The lines are copied as they were spilled: the same bytes the list writer produces.
-    write_prepared(D.PreparedData(as_list, list(p.heldout), p.counts), tmp_path / "from-lists")
+    write_prepared(PreparedData(as_list, list(p.heldout), p.counts), tmp_path / "from-lists")
     assert written(tmp_path / "out") == written(tmp_path / "from-lists")
 
 
@@ -181,7 +185,7 @@ def test_prepare_memory_does_not_hold_the_kept_examples(tmp_path, monkeypatch):
     finally:
         tracemalloc.stop()
     write_prepared(p, tmp_path / "out")
-    kept_bytes = sum((tmp_path / "out" / f).stat().st_size for f in (D.TRAIN_FILE, D.HELDOUT_FILE))
+    kept_bytes = sum((tmp_path / "out" / f).stat().st_size for f in (TRAIN_FILE, HELDOUT_FILE))
     assert p.counts["train"] + p.counts["heldout"] > 5_500 and kept_bytes > 3 << 20
     assert peak < kept_bytes / 4, f"peak {peak / 2**20:.1f} MiB for {kept_bytes / 2**20:.1f} MiB kept"
 

@@ -1,6 +1,6 @@
 """Prompt building and the end-of-turn token: one path for training, scoring and serving."""
 
-from harness import models
+from harness import devices, models
 from harness.data.prompts import build_prompt, completion_text, encode_example
 from harness.spec import ModelSpec, PromptSpec
 
@@ -17,7 +17,7 @@ def test_eos_is_the_end_of_turn_token_even_when_the_tokenizer_says_otherwise(tin
 
 def test_model_and_generation_config_get_the_same_eos(tiny_model_dir):
     tokenizer = load(tiny_model_dir)
-    model = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, models.Device("cpu"))
+    model = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, devices.Device("cpu"))
     eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert model.config.eos_token_id == eot
     assert model.generation_config.eos_token_id == eot

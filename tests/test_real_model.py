@@ -4,26 +4,27 @@ import hashlib
 
 import pytest
 
-from harness import models
+from harness import devices, models
 from harness.data.prompts import build_prompt, encode_example
+from harness.models import base_files
 from harness.scoring.generation import generate
 from harness.scoring.likelihood import reference_nll
 from harness.spec import EMBEDDED_MODEL, GenerationSpec, ModelSpec, PromptSpec
 from tests.conftest import SHARED_DATA, REPO, run_tiny
 
 pytestmark = pytest.mark.real_model
-CPU = models.Device("cpu")
+CPU = devices.Device("cpu")
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    ref = models.resolve_base(EMBEDDED_MODEL)
+    ref = base_files.resolve_base(EMBEDDED_MODEL)
     tokenizer = models.load_tokenizer(ref, ModelSpec(), uses_chat_template=True)
     return models.load_model(ref, ModelSpec(), tokenizer, CPU), tokenizer, ref
 
 
 def test_embedded_gguf_is_the_pinned_file():
-    gguf = models.embedded_gguf(models.EMBEDDED_MODELS["smollm2-135m-instruct"])
+    gguf = base_files.embedded_gguf(base_files.EMBEDDED_MODELS["smollm2-135m-instruct"])
     digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
     assert digest == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 

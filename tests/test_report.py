@@ -12,7 +12,8 @@ import pytest
 from fixtures_runs import make_run
 from harness.errors import RunError
 from harness.reporting import report
-from harness.reporting.report import MD_MAX_BYTES, significance, write_reports
+from harness.reporting.content import significance
+from harness.reporting.report import MD_MAX_BYTES, write_reports
 from harness.scoring.metrics import DEGENERATION, METRICS, SIMILARITY
 
 SECTIONS = ("Summary", "Headline metrics", "Degenerate output", "Plots", "Examples", "Guards", "Configuration",

@@ -19,15 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from harness import models, runfolder
+from harness import devices, models, runfolder
 from harness.cli import main
 from harness.errors import ModelError, RunError
 from harness.io import atomic_write_json
+from harness.models import base_files
 from harness.runfolder import Manifest, new_run_dir
 from tests.conftest import REPO, TINY_OVERRIDES, tiny_overrides
 
 TASK = str(REPO / "tasks" / "amazon_desc.yaml")
-CPU = models.Device("cpu")
+CPU = devices.Device("cpu")
 
 
 def _run_args(runs_dir: Path, overrides: list[str]) -> list[str]:
@@ -82,7 +83,7 @@ def test_a_failed_manifest_update_keeps_the_last_good_manifest(tmp_path, monkeyp
 
 
 def test_a_failed_report_or_baseline_write_keeps_the_previous_one(tiny_run, tmp_path, monkeypatch):
-    from harness.reporting.gate import write_baseline
+    from harness.recipes.check import write_baseline
     from harness.reporting.report import write_reports
 
     baseline = write_baseline(tiny_run, tmp_path / "baseline.json")
@@ -100,7 +101,7 @@ def test_a_failed_report_or_baseline_write_keeps_the_previous_one(tiny_run, tmp_
 def test_run_folder_writers_go_through_atomic_writes():
     """Every artifact writer in these modules uses harness.io (append-only logs excepted)."""
     direct = re.compile(r"\.write_text\(|\.write_bytes\(|json\.dump\(|open\([^)]*[\"'][wx]b?[\"']")
-    for name in ("recipes/run.py", "runfolder.py", "reporting/report.py", "reporting/gate.py"):
+    for name in ("recipes/run.py", "runfolder.py", "reporting/report.py", "recipes/check.py"):
         path = REPO / "harness" / name
         if path.is_file():
             hits = [line.strip() for line in path.read_text().splitlines() if direct.search(line)]
@@ -230,7 +231,7 @@ def test_offline_hub_id_that_is_not_cached_is_one_line_and_no_network(tmp_path, 
     monkeypatch.setattr(socket.socket, "connect_ex", no_network)
     missing = "harness-test/model-that-is-not-cached"
     with pytest.raises(ModelError, match=f"'{missing}' is not in the local Hugging Face cache"):
-        models.resolve_base(missing)
+        base_files.resolve_base(missing)
     code = main(_run_args(tmp_path / "runs", [*TINY_OVERRIDES, f"model.base={missing}"]))
     assert code == 2
     line = _one_error_line(capsys)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from harness.cli import main
-from harness.data.records import read_prepared
+from harness.data.prepared import read_prepared
 from harness.serving.serve import is_loopback
 from tests.conftest import DEMO_DATA, REPO
 from tests.fixtures_loaded import loaded  # noqa: F401  (a fixture)

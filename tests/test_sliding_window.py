@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import models
+from harness import devices, models
 from harness.errors import HarnessError
+from harness.models import attention
 from harness.spec import ModelSpec, TaskSpec
-from harness.training import attention, train
+from harness.training import train
 from harness.training.train import fast_path_options
 from tests.conftest import TINY_GEMMA_WINDOW
 
@@ -58,7 +59,7 @@ def _full_causal_only(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1)
 
 def _gemma(folder, implementation: str):
     tokenizer = models.load_tokenizer(str(folder), ModelSpec(), uses_chat_template=False)
-    model = models.load_model(str(folder), ModelSpec(), tokenizer, models.Device("cpu"),
+    model = models.load_model(str(folder), ModelSpec(), tokenizer, devices.Device("cpu"),
                               attn_implementation=implementation)
     return model
 
@@ -201,18 +202,18 @@ def test_a_kernel_without_window_is_refused_for_sliding_models(tiny_gemma3_dir, 
     monkeypatch.setattr(varlen_module, "varlen_attn", _legacy_kernel)
     spec = _cuda_spec(tiny_gemma3_dir, monkeypatch)
     reasons = {}
-    fast = fast_path_options(spec, models.Device("cuda"), reasons)
+    fast = fast_path_options(spec, devices.Device("cuda"), reasons)
     assert fast["attention"] == "sdpa" and fast["cuda_graphs"] is False
     assert "sliding-window layers" in reasons["attention"] and "window_size" in reasons["attention"]
     assert "varlen attention kernel" in reasons["cuda_graphs"]
     spec.train.attention = "varlen"
     with pytest.raises(HarnessError, match="train.attention: 'varlen' cannot run this model: gemma3_text has sliding"):
-        fast_path_options(spec, models.Device("cuda"))
+        fast_path_options(spec, devices.Device("cuda"))
     spec.train.attention, spec.train.cuda_graphs = "auto", "on"
     with pytest.raises(HarnessError, match=r"cuda_graphs: 'on' needs packing with the varlen .*\(attention: gemma3"):
-        fast_path_options(spec, models.Device("cuda"))
+        fast_path_options(spec, devices.Device("cuda"))
     # The Llama keeps the kernel: it has no windows.
-    assert fast_path_options(_cuda_spec(tiny_model_dir, monkeypatch), models.Device("cuda"))["attention"] == "varlen"
+    assert fast_path_options(_cuda_spec(tiny_model_dir, monkeypatch), devices.Device("cuda"))["attention"] == "varlen"
 
 
 def test_a_kernel_with_window_keeps_the_fast_paths_for_gemma3(tiny_gemma3_dir, monkeypatch):
@@ -222,7 +223,7 @@ def test_a_kernel_with_window_keeps_the_fast_paths_for_gemma3(tiny_gemma3_dir, m
     monkeypatch.setattr(train, "weight_bytes", lambda ref: 536e6)  # Gemma 3 270M in bf16
     monkeypatch.setattr(train, "_has_bitsandbytes", lambda: True)
     reasons = {}
-    fast = fast_path_options(_cuda_spec(tiny_gemma3_dir, monkeypatch), models.Device("cuda"), reasons)
+    fast = fast_path_options(_cuda_spec(tiny_gemma3_dir, monkeypatch), devices.Device("cuda"), reasons)
     assert fast["attention"] == "varlen" and fast["packing"] and fast["fused_lora"] and fast["cuda_graphs"]
     assert "attention" not in reasons and "cuda_graphs" not in reasons
     assert "4 GB" in reasons["quantize"]
@@ -245,7 +246,7 @@ def test_attention_the_kernel_cannot_compute_is_refused(tiny_gemma3_dir, tmp_pat
     config[key] = value
     (folder / "config.json").write_text(json.dumps(config))
     reasons = {}
-    assert fast_path_options(_cuda_spec(folder, monkeypatch), models.Device("cuda"), reasons)["attention"] == "sdpa"
+    assert fast_path_options(_cuda_spec(folder, monkeypatch), devices.Device("cuda"), reasons)["attention"] == "sdpa"
     assert message in reasons["attention"]
 
 
@@ -260,21 +261,21 @@ def test_liger_is_used_only_for_model_types_it_patches(tiny_gemma3_dir, tiny_mod
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", table)
     monkeypatch.setattr(train, "_has_liger", lambda: True)
     for folder in (tiny_gemma3_dir, tiny_model_dir):
-        assert fast_path_options(_cuda_spec(folder, monkeypatch), models.Device("cuda"))["liger_kernels"] is True
+        assert fast_path_options(_cuda_spec(folder, monkeypatch), devices.Device("cuda"))["liger_kernels"] is True
     del table.MODEL_TYPE_TO_APPLY_LIGER_FN["gemma3_text"]
     reasons = {}
-    assert fast_path_options(_cuda_spec(tiny_gemma3_dir, monkeypatch), models.Device("cuda"), reasons)[
+    assert fast_path_options(_cuda_spec(tiny_gemma3_dir, monkeypatch), devices.Device("cuda"), reasons)[
         "liger_kernels"] is False
     assert reasons["liger_kernels"] == "liger-kernel has no kernels for model type 'gemma3_text'"
     with pytest.raises(HarnessError, match="liger_kernels: 'on': liger-kernel has no kernels for model type"):
-        fast_path_options(_cuda_spec(tiny_gemma3_dir, monkeypatch, liger_kernels="on"), models.Device("cuda"))
+        fast_path_options(_cuda_spec(tiny_gemma3_dir, monkeypatch, liger_kernels="on"), devices.Device("cuda"))
 
 
 def test_every_fast_path_off_on_cpu_says_why(tiny_gemma3_dir):
     spec = TaskSpec(name="t")
     spec.model.base = str(tiny_gemma3_dir)
     reasons = {}
-    fast = fast_path_options(spec, models.Device("cpu"), reasons)
+    fast = fast_path_options(spec, devices.Device("cpu"), reasons)
     off = {name for name, value in fast.items() if value in (False, "off", "sdpa")}
     assert off == set(reasons) and off == set(fast)
     assert reasons["cuda_graphs"] == "needs a CUDA device" and reasons["attention"] == "no CUDA device"
@@ -289,7 +290,7 @@ def talkative_gemma3(tiny_gemma3_dir):
     from harness.spec import PromptSpec
 
     tokenizer = models.load_tokenizer(str(tiny_gemma3_dir), ModelSpec(), uses_chat_template=False)
-    model = models.load_model(str(tiny_gemma3_dir), ModelSpec(), tokenizer, models.Device("cpu"))
+    model = models.load_model(str(tiny_gemma3_dir), ModelSpec(), tokenizer, devices.Device("cpu"))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -320,13 +321,14 @@ def _transformers_generate(model, tokenizer, prompts, max_new_tokens: int) -> li
 def test_every_engine_decodes_transformers_own_tokens_past_the_window(talkative_gemma3, engine):
     """Batched, left-padded decoding of prompts and outputs longer than the window gives what transformers'
     `generate` gives for each prompt alone (the graphs engine runs its step uncaptured off CUDA)."""
-    from harness.scoring.generation import GenerationStats, generate
+    from harness.scoring.decoding import GenerationStats
+    from harness.scoring.generation import generate
     from harness.spec import GenerationSpec
 
     model, tokenizer, prompts = talkative_gemma3
     gen = GenerationSpec(max_new_tokens=14, engine=engine, static_batch_size=4, batch_size=4, prompt_buckets=[64])
     stats = GenerationStats()
-    ours = generate(model, tokenizer, prompts, gen, models.Device("cpu"), stats=stats)
+    ours = generate(model, tokenizer, prompts, gen, devices.Device("cpu"), stats=stats)
     expected = _transformers_generate(model, tokenizer, prompts, gen.max_new_tokens)
     assert stats.engine == engine and [g.text for g in ours] == expected
     assert len(set(expected)) == len(prompts) and all(g.n_tokens > TINY_GEMMA_WINDOW for g in ours)
@@ -340,7 +342,7 @@ def test_the_graphs_engine_without_its_window_differs_so_the_check_has_teeth(tal
     model, tokenizer, prompts = talkative_gemma3
     monkeypatch.setattr(graph_decoding, "masked_window", lambda config: 10**6)  # every layer sees everything
     gen = GenerationSpec(max_new_tokens=14, engine="graphs", static_batch_size=4, prompt_buckets=[64])
-    unwindowed = [g.text for g in generate(model, tokenizer, prompts, gen, models.Device("cpu"))]
+    unwindowed = [g.text for g in generate(model, tokenizer, prompts, gen, devices.Device("cpu"))]
     expected = _transformers_generate(model, tokenizer, prompts, gen.max_new_tokens)
     assert sum(a != b for a, b in zip(unwindowed, expected)) >= len(prompts) // 2
 
@@ -350,7 +352,7 @@ def test_auto_decodes_gemma3_with_graphs_on_cuda_and_says_why_elsewhere(talkativ
     from harness.spec import GenerationSpec
 
     model, tokenizer, _ = talkative_gemma3
-    cuda, cpu = models.Device("cuda"), models.Device("cpu")
+    cuda, cpu = devices.Device("cuda"), devices.Device("cpu")
     assert resolve_engine(GenerationSpec(), cuda, model) == "graphs"
     assert auto_engine_reason(GenerationSpec(), cuda, model) == ""
     assert auto_engine_reason(GenerationSpec(), cpu, model).startswith("no CUDA device")
@@ -450,7 +452,7 @@ def test_the_graphed_training_step_keeps_the_window(tiny_gemma3_dir, tmp_path, m
     import torch.nn.attention.varlen as varlen_module
 
     from harness.data.records import prepare
-    from harness.scoring.generation import transformers_model
+    from harness.models import transformers_model
     from harness.spec import load_spec
     from harness.training.cuda_graph_step import StaticBatch, sft_loss
     from harness.training.train import build_trainer, tokenized_dataset
@@ -461,7 +463,7 @@ def test_the_graphed_training_step_keeps_the_window(tiny_gemma3_dir, tmp_path, m
     spec = load_spec(str(REPO / "tasks" / "amazon_desc.yaml"),
                      tiny_overrides(tiny_gemma3_dir, "prompt.template=alpaca", "train.packing=on", "lora.dropout=0.0",
                                     "train.max_length=64"))
-    device = models.Device("cpu")
+    device = devices.Device("cpu")
     tokenizer = models.load_tokenizer(str(tiny_gemma3_dir), spec.model, uses_chat_template=False)
     model = models.load_model(str(tiny_gemma3_dir), spec.model, tokenizer, device, attn_implementation="eager")
     data = tokenized_dataset(spec, tokenizer, prepare(spec).train[:24])

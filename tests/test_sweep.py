@@ -17,8 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from harness import devices
 from harness.cli import main
-from harness.data import records as data_mod
+from harness.data.cleaning import normalize_title
+from harness.data.records import prepare
+from harness.data.splitting import split_value
 from harness.errors import SpecError
 from harness.spec import SweepSpec, load_spec
 from tests.conftest import REPO, tiny_overrides
@@ -182,19 +185,19 @@ def test_validation_slice_is_carved_from_train_only(tmp_path):
     """A pure function of the normalized title under its own salt: a partition of train (file order
     kept), disjoint from held-out by id and title, capped at the smallest hashes."""
     spec = load_spec(TASK, ["data.max_heldout=null"])
-    prepared = data_mod.prepare(spec)
+    prepared = prepare(spec)
     sweep = SweepSpec(validation_fraction=0.25, max_validation=20)
     from harness.recipes.sweep import carve_validation
 
     kept, validation = carve_validation(prepared.train, sweep)
     assert len(validation) == 20 and len(kept) + len(validation) == len(prepared.train)
     assert [e.id for e in prepared.train if e in validation] == [e.id for e in validation]
-    key = lambda e: data_mod.normalize_title(e.title)  # noqa: E731
+    key = lambda e: normalize_title(e.title)  # noqa: E731
     heldout = {key(e) for e in prepared.heldout}
     assert not {key(e) for e in validation} & heldout
     assert not {e.id for e in validation} & {e.id for e in prepared.heldout}
-    values = sorted(data_mod.split_value(key(e), sweep.validation_salt) for e in prepared.train)
-    assert sorted(data_mod.split_value(key(e), sweep.validation_salt) for e in validation) == values[:20]
+    values = sorted(split_value(key(e), sweep.validation_salt) for e in prepared.train)
+    assert sorted(split_value(key(e), sweep.validation_salt) for e in validation) == values[:20]
     assert carve_validation(prepared.train, sweep)[1] == validation
 
     with pytest.raises(SpecError, match="sweep.validation_salt: must differ from data.split_salt"):
@@ -293,7 +296,8 @@ def test_retry_queues_what_failed_or_died_here_and_gives_up_after_three_failures
     import optuna
     from optuna.trial import TrialState
 
-    from harness.recipes.sweep import MAX_ATTEMPTS, choose, retry_unfinished
+    from harness.recipes.sweep import choose
+    from harness.recipes.sweep_study import MAX_ATTEMPTS, retry_unfinished
 
     assert MAX_ATTEMPTS == 3
     dead = subprocess.Popen(["true"])
@@ -329,7 +333,7 @@ def _hand_built_study(trials, select="rougeL", max_loop_share=0.1):
     sweep's own rule computes (`trial_value`)."""
     import optuna
 
-    from harness.recipes.sweep import loop_constraints, maximizes, trial_value
+    from harness.scoring.sweep_selection import loop_constraints, maximizes, trial_value
 
     sweep = SweepSpec(select=select, max_loop_share=max_loop_share)
     study = optuna.create_study(direction="maximize" if maximizes(select) else "minimize")
@@ -389,7 +393,8 @@ def test_worst_paired_gain_is_the_lowest_ci_bound_with_lower_is_better_flipped(t
     """From a fixed validation_metrics.json: a higher-is-better metric's gain is the lower CI bound of
     tuned − base, a lower-is-better one's (perplexity, loops) minus the upper bound; the trial's value is
     the smallest gain. A list of one metric keeps the gain rule; a bare name keeps the tuned value."""
-    from harness.recipes.sweep import VALIDATION_METRICS, maximizes, paired_gains, trial_value, validation_scores
+    from harness.scoring.sweep_selection import maximizes, paired_gains, trial_value
+    from harness.sweepfolder import VALIDATION_METRICS, validation_scores
 
     _validation_metrics(tmp_path / VALIDATION_METRICS)
     scores = validation_scores(tmp_path)
@@ -470,7 +475,7 @@ def test_list_select_sweep_ranks_by_worst_gain_and_reports_each_gain(tmp_path, t
     """End to end on the tiny model: every trial's value is the worst gain recomputed by hand from its own
     validation_metrics.json, the winner follows it, and the report labels the column and shows each
     listed metric's gain instead of Base and Δ."""
-    from harness.recipes.sweep import VALIDATION_METRICS
+    from harness.sweepfolder import VALIDATION_METRICS
 
     monkeypatch.chdir(tmp_path)
     select = ["rougeL", "chrf", "perplexity"]
@@ -551,8 +556,8 @@ def _train_keep_best(model_dir: Path, out: Path, resume_from: Path | None = None
     from harness.training.train import train
 
     spec = load_spec(TASK, tiny_overrides(model_dir, *KEEP_BEST))
-    examples = data_mod.prepare(spec).train
-    device = models.pick_device()
+    examples = prepare(spec).train
+    device = devices.pick_device()
     tokenizer = models.load_tokenizer(str(model_dir), spec.model, uses_chat_template=True)
     model = models.load_model(str(model_dir), spec.model, tokenizer, device)
     return train(spec, model, tokenizer, examples, out, device, resume_from=resume_from)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness import devices
 from tests.conftest import REPO
 
 
@@ -49,7 +50,7 @@ def _losses(model_dir: Path, out: Path, compiled: bool, steps: int = 4) -> list[
     spec = load_spec(str(REPO / "tasks" / "amazon_desc.yaml"),
                      [f"model.base={model_dir}", "lora.dropout=0.05", "train.max_length=96", "train.packing=on",
                       "train.lr=0.02"])
-    device = models.Device("cpu")
+    device = devices.Device("cpu")
     tokenizer = models.load_tokenizer(str(model_dir), spec.model, uses_chat_template=True)
     model = models.load_model(str(model_dir), spec.model, tokenizer, device)
     data = tokenized_dataset(spec, tokenizer, prepare(spec).train[:8 * steps])

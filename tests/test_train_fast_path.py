@@ -4,6 +4,8 @@ import json
 
 from tests.conftest import run_tiny
 
+from harness import devices
+
 
 def test_a_run_resolves_the_fast_path_once(tiny_model_dir, tmp_path, monkeypatch):
     from harness.recipes import run
@@ -34,7 +36,7 @@ def test_the_spec_decides_activation_checkpointing_not_trls_default(tiny_model_d
     from harness.training.train import build_trainer, checkpointing_field, tokenized_dataset
     from tests.conftest import REPO, tiny_overrides
 
-    device = models.pick_device()
+    device = devices.pick_device()
     for on in (False, True):
         spec = load_spec(str(REPO / "tasks" / "amazon_desc.yaml"),
                          tiny_overrides(tiny_model_dir, f"train.gradient_checkpointing={str(on).lower()}"))

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from harness.benchmarks.bench import _loss_check_lines, loss_check
+from harness.benchmarks.loss_check import loss_check, loss_check_lines
 
 SEED = 42
 
@@ -33,7 +33,7 @@ def test_a_gap_inside_the_band_is_noise_and_one_outside_is_not():
     assert check["recipes"]["unsloth"]["largest_gap"] == pytest.approx(0.10)
     assert check["recipes"]["unsloth"]["verdict"] == "beyond noise"
     assert "harness_eager" not in check["recipes"]  # the reference is not judged against itself
-    lines = _loss_check_lines([check])
+    lines = loss_check_lines([check])
     assert "noise band 0.0400 (step 20)" in lines[1] and "seed 43" in lines[1] and "chance 1/2" in lines[1]
     assert lines[2:] == ["  harness: largest |loss - reference| 0.0300 (step 20): within noise",
                          "  unsloth: largest |loss - reference| 0.1000 (step 20): beyond noise"]
@@ -75,7 +75,7 @@ def test_a_check_that_cannot_be_made_says_why_and_never_passes(rows, why):
     [check] = loss_check(rows, "harness", SEED)
     assert check["noise_band"] is None
     assert check["recipes"]["unsloth"] == {"largest_gap": None, "step": None, "verdict": f"not judged: {why}"}
-    assert _loss_check_lines([check])[-1] == f"  unsloth: not judged: {why}"
+    assert loss_check_lines([check])[-1] == f"  unsloth: not judged: {why}"
 
 
 def test_a_recipe_with_a_non_finite_or_no_loss_is_not_judged():

@@ -22,6 +22,8 @@ import yaml
 from harness import models
 from harness.cli import main
 from harness.errors import ModelError
+from harness.models import adapter_fit
+from harness.models import base_files
 from harness.spec import ModelSpec
 from tests.conftest import REPO, tiny_overrides
 
@@ -29,7 +31,7 @@ TASK = str(REPO / "tasks" / "amazon_desc.yaml")
 HAS = {name: importlib.util.find_spec(module) is not None
        for name, module in (("tensorboard", "tensorboard"), ("mlflow", "mlflow"))}
 TRACKERS = [name for name, installed in HAS.items() if installed]
-SMOLLM2 = models.EMBEDDED_MODELS["smollm2-135m-instruct"]
+SMOLLM2 = base_files.EMBEDDED_MODELS["smollm2-135m-instruct"]
 
 
 def needs(tracker: str):
@@ -48,10 +50,10 @@ def stand_ins(tiny_model_dir, tiny_gemma3_dir, tmp_path_factory):
                                     license="Apache-2.0", hub_license="apache-2.0")
         target = cache / "models" / f"{name}-bf16"
         shutil.copytree(folder, target)
-        (target / models.CONVERTED_MARKER).write_text(json.dumps({"sha256": entry.sha256}), encoding="utf-8")
+        (target / base_files.CONVERTED_MARKER).write_text(json.dumps({"sha256": entry.sha256}), encoding="utf-8")
         entries[name] = entry
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(models, "EMBEDDED_MODELS", {**models.EMBEDDED_MODELS, **entries})
+        mp.setattr(base_files, "EMBEDDED_MODELS", {**base_files.EMBEDDED_MODELS, **entries})
         mp.setenv("HARNESS_CACHE", str(cache))
         mp.setenv("HARNESS_SCORE_CACHE", str(root / "score-cache"))
         mp.setenv("HARNESS_DEVICE", "cpu")
@@ -145,13 +147,14 @@ def test_the_adapter_names_the_public_base_and_no_cache_path(travelled, stand_in
 @pytest.mark.slow
 def test_eval_matches_the_hub_id_to_the_embedded_base(travelled, stand_ins, tiny_arch):
     name = arch_name(tiny_arch)
-    model_ref = models.resolve_base(f"embedded:{name}")
-    models.check_adapter_fits(travelled / "adapter", model_ref, ModelSpec(base=f"embedded:{name}"))
+    model_ref = base_files.resolve_base(f"embedded:{name}")
+    adapter_fit.check_adapter_fits(travelled / "adapter", model_ref, ModelSpec(base=f"embedded:{name}"))
     # The same folder named by path: nothing says it is example-org/<name> unless an alias does.
     folder = str(tiny_arch[0])
     with pytest.raises(ModelError, match=f"names base model 'example-org/{name}'"):
-        models.check_adapter_fits(travelled / "adapter", folder, ModelSpec(base=folder))
-    models.check_adapter_fits(travelled / "adapter", folder, ModelSpec(base=folder, base_aliases=[f"example-org/{name}"]))
+        adapter_fit.check_adapter_fits(travelled / "adapter", folder, ModelSpec(base=folder))
+    adapter_fit.check_adapter_fits(travelled / "adapter", folder,
+                                   ModelSpec(base=folder, base_aliases=[f"example-org/{name}"]))
 
 
 def test_the_smollm2_record_names_its_hub_id_and_license():
@@ -272,7 +275,7 @@ def test_plain_transformers_decodes_the_runs_tuned_predictions(exported, travell
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from harness.data.prompts import build_prompt
-    from harness.recipes.run import load_run_spec
+    from harness.runfolder import load_run_spec
 
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"} <= \
         {p.name for p in exported.iterdir()}

@@ -33,8 +33,7 @@ import yaml
 import harness
 from harness.errors import HarnessError
 from harness.io import atomic_write_text
-from harness.recipes.run import SPEC_FILE
-from harness.serving.loaded_run import ADAPTER_DIR
+from harness.runfolder import ADAPTER_DIR, SPEC_FILE
 from harness.spec import TaskSpec, spec_to_dict
 
 log = logging.getLogger(__name__)
@@ -100,8 +99,9 @@ def write_bench_run(spec: TaskSpec, tokenizer, device, run_dir: Path) -> Path:
     from peft import LoraConfig, get_peft_model
 
     from harness import models
+    from harness.models import base_files
 
-    model = models.load_model(models.resolve_base(spec.model.base), spec.model, tokenizer, device)
+    model = models.load_model(base_files.resolve_base(spec.model.base), spec.model, tokenizer, device)
     lora = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                       target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
     get_peft_model(model, lora).save_pretrained(run_dir / ADAPTER_DIR)

@@ -43,7 +43,7 @@ def run_job(job: dict, import_s: float) -> dict:
     from trl import SFTConfig, SFTTrainer
     from unsloth import FastLanguageModel
 
-    from harness.benchmarks.bench import StepClock, _flops_per_token
+    from harness.benchmarks.train_clock import StepClock, flops_per_token
 
     device_kind = "cuda" if torch.cuda.is_available() else "cpu"
     lora, sft = job["lora"], job["sft"]
@@ -70,7 +70,7 @@ def run_job(job: dict, import_s: float) -> dict:
     base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     return {
         "figures": clock.measure(job["label"], "unsloth"),
-        "flops": _flops_per_token(base, job["mean_len"]),
+        "flops": flops_per_token(base, job["mean_len"]),
         "job_s": job_s, "import_s": import_s,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device_kind == "cuda" else 0.0,
         "attention": getattr(base.config, "_attn_implementation", None) or "unknown",
@@ -102,7 +102,8 @@ def measure_unsloth(spec, tokenizer, examples, device, label: str, batch: int, m
     """The `unsloth` recipe's TrainMeasure, from a subprocess on the same tokens and settings as harness'."""
     from dataclasses import replace
 
-    from harness.benchmarks.bench import TrainMeasure, _recipe_overrides, _with_mfu
+    from harness.benchmarks.bench_train import recipe_overrides
+    from harness.benchmarks.train_clock import TrainMeasure, with_mfu
     from harness.errors import HarnessError
     from harness.training.train import sft_options, tokenized_dataset
 
@@ -113,7 +114,7 @@ def measure_unsloth(spec, tokenizer, examples, device, label: str, batch: int, m
                                                    zip(tokenized["input_ids"], tokenized["labels"])), encoding="utf-8")
     harness_spec = replace(spec, train=replace(spec.train, packing="on"))
     sft = {**sft_options(harness_spec, tokenizer, device, folder / "trainer"),
-           **_recipe_overrides("harness", batch, device, loss_every=loss_every),
+           **recipe_overrides("harness", batch, device, loss_every=loss_every),
            "use_liger_kernel": False, "torch_compile": False}  # Unsloth brings its own kernels and compiler
     job = {"model_dir": str(model_dir), "label": label, "warmup": warmup, "sft": sft,
            "mean_len": sum(len(ids) for ids in tokenized["input_ids"]) / len(examples),
@@ -142,7 +143,7 @@ def measure_unsloth(spec, tokenizer, examples, device, label: str, batch: int, m
     measure = TrainMeasure(model=label, recipe="unsloth", batch=batch, attention=result["attention"],
                            job_s=result["job_s"], peak_mem_gb=result["peak_mem_gb"], notes=notes,
                            train_seed=sft["seed"],
-                           **_with_mfu(result["figures"], tuple(result["flops"]), device))
+                           **with_mfu(result["figures"], tuple(result["flops"]), device))
     return measure, v
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from harness.data.records import normalize_title
+from harness.data.cleaning import normalize_title
 from harness.errors import DataError
 
 # Edition/format words that mark the same product in another binding or release.

@@ -4,7 +4,7 @@ What is served is what was scored is what was trained: every caller builds promp
 token sequences through these functions and nowhere else.
 
 Where the answer ends (EOS) depends on the prompt format, and is set once on the tokenizer
-(`models.configure_tokenizer`): with the chat template (`prompt.template: null`) it is the
+(`models.end_of_turn.configure_tokenizer`): with the chat template (`prompt.template: null`) it is the
 template's end-of-turn token (`<|im_end|>` for ChatML); with a preset (`alpaca`, `llama2_inst`)
 or a custom format string it is the tokenizer's own `eos_token` (`</s>` for Llama-2), the token
 Unsloth and TRL notebooks append as `EOS_TOKEN`. Training appends it (`completion_text`),

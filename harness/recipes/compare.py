@@ -23,19 +23,15 @@ import shutil
 from pathlib import Path
 
 from harness.errors import SpecError
-from harness.recipes.run import SPEC_FILE, execute, load_run_spec, prepare_stage, resume_run, stage, start_run
-from harness.runfolder import Manifest, read_manifest
+from harness.models import model_label
+from harness.recipes.run import execute, prepare_stage, resume_run, stage, start_run
+from harness.runfolder import SPEC_FILE, Manifest, load_run_spec, read_manifest
 from harness.spec import load_spec
 
 log = logging.getLogger(__name__)
 MODELS_DIR, SWEEPS_DIR, SWEEP_RUNS_DIR = "models", "sweeps", "runs"
 PER_MODEL_PREFIX = "model@"
 PER_MODEL_SECTIONS = ("model", "prompt", "lora", "train", "generation")
-
-
-def model_label(base: str) -> str:
-    """A short name for a model.base: `embedded:gemma3-270m` -> gemma3-270m, a folder or hub id -> its last part."""
-    return base.split(":", 1)[1] if base.startswith("embedded:") else Path(base.rstrip("/")).name or base
 
 
 def parse_models(text: str) -> dict[str, str]:
@@ -171,7 +167,8 @@ def is_sweep_models_folder(folder: Path) -> bool:
 
 
 def _sweep_models_stages(spec, manifest: Manifest) -> None:
-    from harness.recipes.sweep import CHOICE_FILE, sweep_task
+    from harness.recipes.sweep import sweep_task
+    from harness.sweepfolder import CHOICE_FILE
 
     top = manifest.run_dir
     winners = []

@@ -25,15 +25,15 @@ from harness import models
 from harness.distributed import main_only
 from harness.errors import HarnessError, ModelError
 from harness.io import atomic_write_json, atomic_write_text
-from harness.recipes.run import (SPEC_FILE, command_line, execute, load_base_tokenizer, load_run_spec, prepare_stage,
-                                 probe_base, record_long_prompts, record_prompt, report_stage, resolve_device,
-                                 results_stage, stage, start_run, summary_line)
-from harness.runfolder import Manifest
+from harness.models import adapter_fit
+from harness.recipes.run import (command_line, execute, load_base_tokenizer, prepare_stage, probe_base,
+                                 record_long_prompts, record_prompt, report_stage, resolve_device, results_stage,
+                                 stage, start_run, summary_line)
+from harness.runfolder import ADAPTER_DIR, CANDIDATES_DIR, SPEC_FILE, Manifest, load_run_spec
 from harness.scoring.metrics import paired_comparison
 from harness.spec import TaskSpec
 
 log = logging.getLogger(__name__)
-CANDIDATES_DIR = "candidates"
 BASE_SCORE_FILES = ("base_generations.jsonl", "base_nll.json")
 SUMMARY_METRICS = ("rougeL", "bleu", "chrf", "perplexity")
 
@@ -113,14 +113,14 @@ def _stages(spec: TaskSpec, manifest: Manifest, adapters: list[Path]) -> None:
 
 # -- candidates --------------------------------------------------------------------------------
 def resolve_candidates(paths: list[Path]) -> list[Candidate]:
-    """What each --adapter is (models.candidate_weights), named after its folder, names made unique."""
+    """What each --adapter is (adapter_fit.candidate_weights), named after its folder, names made unique."""
     out: list[Candidate] = []
     for path in paths:
-        kind, weights = models.candidate_weights(path)
+        kind, weights = adapter_fit.candidate_weights(path)
         if any(c.weights.resolve() == weights.resolve() for c in out):
             raise HarnessError(f"--adapter {path}: given twice")
         folder = path.resolve()
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", folder.parent.name if folder.name == "adapter" else folder.name)
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", folder.parent.name if folder.name == ADAPTER_DIR else folder.name)
         name = stem.strip("-.") or "candidate"
         taken = {c.name for c in out}
         name = next(n for n in itertools.chain([name], (f"{name}-{i}" for i in itertools.count(2)))
@@ -139,18 +139,18 @@ def check_candidates(candidates: list[Candidate], spec: TaskSpec, model_ref: str
     adopted = None
     for c in candidates:
         if c.kind == "merged":
-            models.check_merged_fits(c.weights, model_ref, spec.model)
+            adapter_fit.check_merged_fits(c.weights, model_ref, spec.model)
         else:
-            models.check_adapter_fits(c.weights, model_ref, spec.model)
+            adapter_fit.check_adapter_fits(c.weights, model_ref, spec.model)
         saved = models.saved_tokenizer(c.weights, spec.model)
         if saved is None:
             continue
-        differ = models.tokenizer_differences(saved, tokenizer, chat)
+        differ = adapter_fit.tokenizer_differences(saved, tokenizer, chat)
         if differ and not spec.model.adapter_tokenizer:
             raise ModelError(f"{c.weights}: the tokenizer saved with it differs from the base model's in its "
                              f"{' and '.join(differ)}; set model.adapter_tokenizer: true to score with it")
         if spec.model.adapter_tokenizer:
-            if adopted is not None and models.tokenizer_differences(saved, adopted[1], chat):
+            if adopted is not None and adapter_fit.tokenizer_differences(saved, adopted[1], chat):
                 raise ModelError(f"{c.weights}: its tokenizer differs from the one saved with {adopted[0]}; "
                                  "score them in separate evals")
             adopted = (c.weights, saved)

@@ -29,11 +29,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from harness import models
+from harness import devices, models
 from harness.errors import HarnessError, ModelError, RunError
 from harness.io import atomic_write_json, atomic_write_text
-from harness.recipes.run import load_run_spec
-from harness.runfolder import read_manifest
+from harness.models import base_files, end_of_turn
+from harness.runfolder import ADAPTER_DIR, load_run_spec, read_manifest
 
 log = logging.getLogger(__name__)
 DTYPES = ("bf16", "fp16", "fp32")
@@ -48,7 +48,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "bf16", dequantize: bo
     if dtype not in DTYPES:
         raise HarnessError(f"export --dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
     manifest = read_manifest(run_dir)
-    adapter_dir = run_dir / "adapter"
+    adapter_dir = run_dir / ADAPTER_DIR
     if not (adapter_dir / "adapter_config.json").is_file():
         raise RunError(f"{run_dir}: no trained adapter in adapter/ (finish the run with "
                        f"`harness run --resume {run_dir}`)")
@@ -62,7 +62,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "bf16", dequantize: bo
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise HarnessError(f"export --out {out_dir}: exists and is not an empty folder; name a new one")
     spec = load_run_spec(run_dir)
-    model_ref = models.resolve_base(spec.model.base)
+    model_ref = base_files.resolve_base(spec.model.base)
     tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
     model = _merged(spec, model_ref, tokenizer, adapter_dir, dequantize)
     model = model.to(dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
@@ -98,20 +98,20 @@ def _merged(spec, model_ref: str, tokenizer, adapter_dir: Path, dequantize: bool
     """The base with the adapter merged (peft merge_and_unload): fp32 on the CPU, or with `dequantize` the nf4
     base of QLoRA training, de-quantized to bf16 on the GPU, merged there and brought to the CPU."""
     if dequantize:
-        device = models.pick_device()
+        device = devices.pick_device()
         if device.kind != "cuda":
             raise ModelError("export --dequantize: loading the nf4 base as training did needs a CUDA device and "
                              "bitsandbytes (pip install -e '.[cuda]')")
         base = models.load_model(model_ref, spec.model, tokenizer, device, quantize=True).dequantize()
     else:
-        base = models.load_model(model_ref, spec.model, tokenizer, models.Device("cpu"))
+        base = models.load_model(model_ref, spec.model, tokenizer, devices.Device("cpu"))
     merged = models.load_adapter(base, adapter_dir, spec.model.allow_pickle).merge_and_unload()
     return merged.to("cpu")
 
 
 def _stop_at_run_eos(model, tokenizer, gen) -> None:
     """generation_config.json: stop at the run's EOS, decode with the run's settings (greedy unless it sampled)."""
-    models.sync_eos(model, tokenizer)
+    end_of_turn.sync_eos(model, tokenizer)
     config = model.generation_config
     config.max_new_tokens = gen.max_new_tokens
     config.do_sample = gen.do_sample

@@ -19,19 +19,21 @@ from typing import Callable
 
 import yaml
 
-from harness import distributed, models
-from harness.data import records as data_mod
+from harness import devices, distributed, models
 from harness.data.leakage import assert_no_exact_leak, leakage_report
+from harness.data.prepared import PreparedData, read_prepared, write_prepared
+from harness.data.records import prepare
 from harness.distributed import main_only
 from harness.errors import HarnessError, RunError
 from harness.io import atomic_write_text, os_error_message
-from harness.runfolder import Manifest, new_run_dir, pid_alive, process_start, read_manifest
-from harness.spec import TaskSpec, build, load_spec, spec_to_dict
+from harness.models import base_files
+from harness.runfolder import (ADAPTER_DIR, SPEC_FILE, Manifest, load_run_spec, new_run_dir, pid_alive,
+                               process_start, read_manifest)
+from harness.spec import TaskSpec, load_spec, spec_to_dict
 from harness.training import tracking
 from harness.training.train import fast_path_options
 
 log = logging.getLogger(__name__)
-SPEC_FILE = "spec.yaml"
 
 
 @contextmanager
@@ -41,20 +43,6 @@ def stage(manifest: Manifest, name: str):
     yield
     manifest.timing(name, time.perf_counter() - started)
     manifest.update(stages_done=[*manifest.data.get("stages_done", []), name])
-
-
-def load_run_spec(run_dir: Path) -> TaskSpec:
-    """The resolved spec a run recorded (paths absolute), loaded through the same checks."""
-    path = Path(run_dir) / SPEC_FILE
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError:
-        raise RunError(f"{path}: missing; not a run folder") from None
-    except yaml.YAMLError:
-        raise RunError(f"{path}: damaged (not valid YAML)") from None
-    spec = build(TaskSpec, raw, "")
-    spec.base_dir = "/"
-    return spec
 
 
 def start_run(task: str, overrides: list[str], runs_root: Path,
@@ -175,7 +163,7 @@ def resolve_device(spec: TaskSpec, manifest: Manifest):
     """The device and the fast-path switches, before any work: an impossible switch fails here.
 
     `device` is rank 0's; `world_size` says how many processes (one a GPU) share the work."""
-    device = models.pick_device()
+    device = devices.pick_device()
     reasons: dict[str, str] = {}
     fast = fast_path_options(spec, device, reasons)
     manifest.update(device=device.describe(), world_size=distributed.world_size(), fast_path=fast,
@@ -188,34 +176,34 @@ def scoring_stages(manifest: Manifest, session, train: Callable[[], None], resul
     records it done (a resumed run goes on where it stopped)."""
     done = set(manifest.data.get("stages_done", []))
     for name, work in (("score_base", session.score_base), ("train", train),
-                       ("score_tuned", lambda: session.score_tuned(manifest.run_dir / "adapter")),
+                       ("score_tuned", lambda: session.score_tuned(manifest.run_dir / ADAPTER_DIR)),
                        ("metrics", results)):
         if name not in done:
             with stage(manifest, name):
                 work()
 
 
-def prepare_stage(spec: TaskSpec, manifest: Manifest) -> data_mod.PreparedData:
+def prepare_stage(spec: TaskSpec, manifest: Manifest) -> PreparedData:
     """Clean and split once (recorded in `data/`), then check the split for leaks on every start."""
     run_dir = manifest.run_dir
     if "prepare" not in manifest.data.get("stages_done", []):
         with stage(manifest, "prepare"):
             _write_prepared(spec, manifest)
-    prepared = data_mod.read_prepared(run_dir / "data")
+    prepared = read_prepared(run_dir / "data")
     _check_split(spec, manifest, prepared)
     return prepared
 
 
 @main_only
 def _write_prepared(spec: TaskSpec, manifest: Manifest) -> None:
-    prepared = data_mod.prepare(spec)
-    data_mod.write_prepared(prepared, manifest.run_dir / "data")
+    prepared = prepare(spec)
+    write_prepared(prepared, manifest.run_dir / "data")
     manifest.update(data_counts=prepared.counts)
     log.info("data: %d train, %d held-out", len(prepared.train), len(prepared.heldout))
 
 
 @main_only
-def _check_split(spec: TaskSpec, manifest: Manifest, prepared: data_mod.PreparedData) -> None:
+def _check_split(spec: TaskSpec, manifest: Manifest, prepared: PreparedData) -> None:
     leaks = leakage_report(prepared.train, prepared.heldout)
     manifest.update(leakage=leaks)
     assert_no_exact_leak(leaks)
@@ -230,8 +218,8 @@ def load_base_tokenizer(spec: TaskSpec, manifest: Manifest | None = None):
     """The base model's reference (fetched/converted once) and its tokenizer, set up for the prompt.
 
     With a manifest (a recipe about to train or score), the base model's probe perplexity is measured
-    first and recorded; a broken model stops the run here (models.check_base_probe)."""
-    model_ref = main_only(models.resolve_base)(spec.model.base)  # fetched or converted once, by rank 0
+    first and recorded; a broken model stops the run here (base_files.check_base_probe)."""
+    model_ref = main_only(base_files.resolve_base)(spec.model.base)  # fetched or converted once, by rank 0
     if manifest is not None:
         probe_base(spec, manifest, model_ref)
     tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
@@ -240,7 +228,7 @@ def load_base_tokenizer(spec: TaskSpec, manifest: Manifest | None = None):
 
 def probe_base(spec: TaskSpec, manifest: Manifest, model_ref: str) -> None:
     """Measure the base model's probe perplexity and record it; a broken model stops here (exit 4)."""
-    manifest.update(base_probe=main_only(models.check_base_probe)(spec.model, model_ref))
+    manifest.update(base_probe=main_only(base_files.check_base_probe)(spec.model, model_ref))
 
 
 def record_prompt(manifest: Manifest, spec: TaskSpec, tokenizer) -> None:

@@ -12,8 +12,6 @@ machines work on one study (the same command and data on each give the same stud
 
 from __future__ import annotations
 
-import collections
-import copy
 import functools
 import itertools
 import json
@@ -21,22 +19,23 @@ import logging
 import os
 import shutil
 import socket
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from harness.data import records as data_mod
+from harness.data.cleaning import normalize_title
+from harness.data.splitting import split_value
 from harness.errors import RunError, SpecError
 from harness.fingerprint import hash_json, split_fingerprint
 from harness.io import atomic_write_json, atomic_writer
-from harness.recipes.run import (SPEC_FILE, execute, load_base_tokenizer, load_run_spec, prepare_stage,
-                                 record_long_prompts, resolve_device, resume_run, scoring_stages, stage, start_run,
-                                 summary_line, train_stage)
-from harness.runfolder import Manifest, pid_alive, process_start, read_manifest
-from harness.scoring.metrics import HIGHER_IS_BETTER
+from harness.recipes.run import (execute, load_base_tokenizer, prepare_stage, record_long_prompts, resolve_device,
+                                 resume_run, scoring_stages, stage, start_run, summary_line, train_stage)
+from harness.recipes.sweep_study import (masked_url, open_storage, open_study, params_key, resumed_storage,
+                                         retry_unfinished, study_name)
+from harness.runfolder import ADAPTER_DIR, SPEC_FILE, Manifest, load_run_spec, process_start, read_manifest
+from harness.scoring.sweep_selection import loop_constraints, maximizes, paired_gains, select_label, trial_value
 from harness.spec import SweepSpec, TaskSpec, load_spec, spec_to_dict
+from harness.sweepfolder import (CHOICE_FILE, STUDY_FILE, TRIALS_CSV, TRIALS_DIR, TRIALS_JSONL, VALIDATION_FILE,
+                                 VALIDATION_METRICS, validation_scores)
 from harness.training import tracking
 
 log = logging.getLogger(__name__)
@@ -44,13 +43,6 @@ log = logging.getLogger(__name__)
 # Data is prepared once, and model/prompt fix the tokenizer and the base scores; metrics, gate and
 # sweep settings are the yardstick itself. A sweep varies only what trains and what generates.
 SWEEPABLE = ("train", "lora", "generation")
-TRIALS_DIR, STUDY_FILE = "trials", "study.db"
-VALIDATION_FILE, VALIDATION_METRICS, CHOICE_FILE = "validation.json", "validation_metrics.json", "choice.json"
-TRIALS_JSONL, TRIALS_CSV = "trials.jsonl", "trials.csv"
-# Shared storage: a running trial records a heartbeat; one silent for GRACE_S is failed and queued
-# again by the next worker (optuna's RetryHeartbeatStaleTrialCallback), at most HEARTBEAT_RETRIES times.
-HEARTBEAT_S, GRACE_S, HEARTBEAT_RETRIES = 60, 300, 2
-MAX_ATTEMPTS = 3  # a configuration that failed this often is left out on the next resume, not retried forever
 
 
 class NoFeasibleTrial(RunError):
@@ -76,7 +68,7 @@ def sweep_task(task: str | None, grid_args: list[str], overrides: list[str], swe
         record = read_manifest(resume).get("sweep")
         if record is None:
             raise RunError(f"{resume}: not a sweep folder (no sweep record in manifest.json)")
-        url = _resumed_storage(record["storage"], storage)
+        url = resumed_storage(record["storage"], storage)
     else:
         spec = load_spec(task, overrides)
         tracking.require_packages(spec)  # every trial trains with train.report_to's trackers
@@ -87,14 +79,14 @@ def sweep_task(task: str | None, grid_args: list[str], overrides: list[str], swe
         spec, manifest = resume_run(resume)
     else:
         spec, manifest = start_run(task, overrides, sweeps_root)
-        manifest.update(recipe="sweep", sweep={"grid": grid, "storage": _masked(url) if url else None,
+        manifest.update(recipe="sweep", sweep={"grid": grid, "storage": masked_url(url) if url else None,
                                                "runs_dir": str(Path(runs_root).resolve())})
     log.info("sweep folder: %s", manifest.run_dir)
     return execute(spec, manifest, stages=functools.partial(_sweep_stages, shared))
 
 
 def _sweep_stages(shared_storage, spec: TaskSpec, manifest: Manifest) -> None:
-    from harness.reporting.sweep_report import write_sweep_reports
+    from harness.reporting.sweep_report import write_sweep_reports  # matplotlib: only once a sweep runs
 
     sweep_dir = manifest.run_dir.resolve()  # trial folders are recorded in the study: absolute paths
     done = set(manifest.data.get("stages_done", []))
@@ -175,7 +167,7 @@ def carve_validation(train: list, sweep: SweepSpec) -> tuple[list, list]:
 
     Like the held-out split it is a pure function of the normalized title, under the sweep's own
     salt, so it is reproducible and a title is never on both sides; the cap keeps the smallest hashes."""
-    values = [data_mod.split_value(data_mod.normalize_title(e.title), sweep.validation_salt) for e in train]
+    values = [split_value(normalize_title(e.title), sweep.validation_salt) for e in train]
     chosen = {i for _, i in sorted((v, i) for i, v in enumerate(values) if v < sweep.validation_fraction)
               [:sweep.max_validation]}
     kept = [e for i, e in enumerate(train) if i not in chosen]
@@ -191,68 +183,6 @@ def _record_validation(sweep_dir: Path, sweep: SweepSpec, train: list, validatio
         "carved_from": "train", "fraction": sweep.validation_fraction, "salt": sweep.validation_salt,
         "max_validation": sweep.max_validation, "train_examples": len(train), "count": len(validation),
         "fingerprint": split_fingerprint(validation), "ids": [e.id for e in validation]})
-
-
-# -- the study --------------------------------------------------------------------------------
-def study_name(spec: TaskSpec, grid: dict, train: list, validation: list) -> str:
-    """The same spec, grid and data give the same name, so workers on one storage join one study."""
-    setup = spec_to_dict(spec)
-    setup["data"].pop("path")  # machines may keep the same files in different places
-    return f"{spec.name}-" + hash_json({"spec": setup, "grid": grid, "train": split_fingerprint(train),
-                                        "validation": split_fingerprint(validation)})[:12]
-
-
-def open_storage(url: str):
-    """optuna's RDB storage (SQLite file or a shared server), with heartbeats for trials that die."""
-    import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own log says what each trial did
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(HEARTBEAT_RETRIES))
-    except Exception as exc:  # a bad URL, an unreachable server or a missing driver (psycopg2): one line
-        detail = " ".join(str(exc).split())[:200]
-        raise RunError(f"storage {_masked(url)}: cannot open ({type(exc).__name__}: {detail})") from None
-
-
-def open_study(storage, name: str, sweep: SweepSpec, grid: dict):
-    import optuna
-
-    study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True,
-                                direction="maximize" if maximizes(sweep.select) else "minimize")
-    # TPE is seeded by the trials already there, so a resumed sweep does not replay its first suggestions.
-    study.sampler = (optuna.samplers.GridSampler(grid, seed=sweep.seed) if sweep.sampler == "grid"
-                     else optuna.samplers.TPESampler(seed=sweep.seed + len(study.trials)))
-    return study
-
-
-def _masked(url: str) -> str:
-    """The URL without its password: what the sweep folder records."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        raise SpecError(f"--storage {url.split('@')[-1]!r}: not a database URL "
-                        "(e.g. postgresql://user@host/db)") from None
-
-
-def _resumed_storage(recorded: str | None, given: str | None) -> str | None:
-    """The study's URL on resume: the recorded one, or the same one given again with its password."""
-    if recorded is None:
-        if given:
-            raise SpecError("--storage: this sweep keeps its study in its own folder; resume without --storage")
-        return None
-    url = given or recorded
-    if _masked(url) != recorded:
-        raise SpecError(f"--storage: this sweep's study is on {recorded}; give that URL or none")
-    if url == recorded and "***" in recorded:
-        raise SpecError(f"--storage: the sweep recorded {recorded} without its password; give the URL again")
-    return url
 
 
 def run_trials(sweep: Sweep) -> None:
@@ -272,43 +202,6 @@ def run_trials(sweep: Sweep) -> None:
                        f"when they finish, choose with: python -m harness sweep --resume {sweep.dir}")
 
 
-def retry_unfinished(study) -> None:
-    """Queue again each configuration whose last attempt failed, or died running on this host (a
-    kill -9 leaves it RUNNING); a configuration that completed, or is queued or running, is left alone,
-    and one that failed MAX_ATTEMPTS times is given up (choice.json lists it)."""
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-    from optuna.trial import TrialState
-
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        attrs = t.user_attrs
-        if attrs.get("host") == socket.gethostname() and not pid_alive(attrs.get("pid"), attrs.get("pid_started")):
-            # What optuna.storages.fail_stale_trials does for a stale heartbeat; study.tell would also run
-            # the sampler's after_trial, which stops a grid study outside optimize() (a RuntimeError).
-            study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-            log.warning("trial %d died while running (pid %s); it runs again", t.number, attrs.get("pid"))
-    trials = study.get_trials(deepcopy=False)
-    covered = {_key(t.params) for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING,
-                                                              TrialState.WAITING)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the callback class is marked experimental
-        retry = RetryHeartbeatStaleTrialCallback()
-    failures = collections.Counter(_key(t.params) for t in trials if t.state == TrialState.FAIL)
-    for t in reversed(trials):
-        key = _key(t.params)
-        if t.state != TrialState.FAIL or key in covered:
-            continue
-        covered.add(key)
-        if failures[key] >= MAX_ATTEMPTS:
-            log.warning("trial %d's configuration failed %d times; the sweep goes on without it", t.number,
-                        failures[key])
-        else:
-            retry(study, copy.deepcopy(t))  # a WAITING copy: same params, grid slot and trial folder
-
-
-def _key(params: dict) -> tuple:
-    return tuple(sorted(params.items()))
-
-
 def _more_to_run(sweep: Sweep) -> bool:
     from optuna.trial import TrialState
 
@@ -316,8 +209,8 @@ def _more_to_run(sweep: Sweep) -> bool:
     if any(t.state == TrialState.WAITING for t in trials):
         return True
     if sweep.spec.sweep.sampler == "grid":
-        tried = {_key(t.params) for t in trials}
-        return any(_key(dict(zip(sweep.grid, c))) not in tried for c in itertools.product(*sweep.grid.values()))
+        tried = {params_key(t.params) for t in trials}
+        return any(params_key(dict(zip(sweep.grid, c))) not in tried for c in itertools.product(*sweep.grid.values()))
     started = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING)]
     return len(started) < sweep.spec.sweep.n_trials
 
@@ -391,7 +284,7 @@ def _trained_twin(sweep: Sweep, key: str) -> Path | None:
 
     for t in sweep.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         folder = Path(t.user_attrs.get("trial_dir", ""))
-        if t.user_attrs.get("train_key") == key and (folder / "adapter" / "adapter_config.json").is_file():
+        if t.user_attrs.get("train_key") == key and (folder / ADAPTER_DIR / "adapter_config.json").is_file():
             return folder
     return None
 
@@ -412,58 +305,12 @@ def _copy_training(source: Path, manifest: Manifest) -> None:
     log.info("adapter copied from %s", source)
 
 
-def validation_scores(trial_dir: Path) -> dict:
-    """The numbers a trial is judged by: metric values (base, tuned, delta), the paired 95% CI of each
-    delta, and guards, on validation."""
-    metrics = json.loads((trial_dir / VALIDATION_METRICS).read_text(encoding="utf-8"))
-    values = {side: {m: block["value"] for m, block in metrics[side].items()} for side in ("base", "tuned", "delta")}
-    return {**values, "delta_ci95": {m: block["ci95"] for m, block in metrics["delta"].items()},
-            "n": next(iter(metrics["tuned"].values()))["n"], "guards": metrics["guards"]}
-
-
-# -- the selection rule -----------------------------------------------------------------------
-def paired_gains(scores: dict, metrics: list[str]) -> dict[str, float]:
-    """Each metric's worst plausible gain of tuned over base: the lower bound of the paired 95% CI of
-    tuned − base, sign-flipped where lower is better (perplexity: −upper bound). Above 0: tuned beat
-    base on that metric with the CI clear of zero; a bare point estimate would reward a lucky slice."""
-    gains = {}
-    for metric in metrics:
-        low, high = scores["delta_ci95"][metric]
-        gains[metric] = low if HIGHER_IS_BETTER[metric] else -high
-    return gains
-
-
-def trial_value(scores: dict, select: str | list[str]) -> float:
-    """What a trial is ranked by: one metric's tuned value (sweep.select a name), or the worst paired gain
-    over the listed metrics (sweep.select a list), so no listed metric may be traded for another."""
-    if isinstance(select, str):
-        return scores["tuned"][select]
-    return min(paired_gains(scores, select).values())
-
-
-def maximizes(select: str | list[str]) -> bool:
-    return not isinstance(select, str) or HIGHER_IS_BETTER[select]
-
-
-def select_label(select: str | list[str]) -> str:
-    """The rule's value in words: the metric's name, or "worst paired gain (rougeL, chrf)"."""
-    return select if isinstance(select, str) else f"worst paired gain ({', '.join(select)})"
-
-
 def _gains(t, sweep: SweepSpec) -> dict[str, float] | None:
     """The listed metrics' paired gains of a scored trial (null under a single-metric select)."""
     validation = t.user_attrs.get("validation")
     if isinstance(sweep.select, str) or validation is None:
         return None
     return paired_gains(validation, sweep.select)
-
-
-def loop_constraints(guards: dict, sweep: SweepSpec) -> dict[str, float]:
-    """Optuna constraints (feasible when every value <= 0): tuned outputs must loop no more often than
-    sweep.max_loop_share, nor than the base model's outputs on the same slice."""
-    tuned = guards["tuned"]["loop_share"]
-    return {"loop_share_over_max": tuned - sweep.max_loop_share,
-            "loop_share_over_base": tuned - guards["base"]["loop_share"]}
 
 
 # -- the choice -------------------------------------------------------------------------------
@@ -502,8 +349,9 @@ def _given_up(study, grid: dict) -> list[dict]:
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
-    done = {_key(t.params) for t in trials if t.state != TrialState.FAIL}
-    failed = {_key(t.params): t for t in trials if t.state == TrialState.FAIL and _key(t.params) not in done}
+    done = {params_key(t.params) for t in trials if t.state != TrialState.FAIL}
+    failed = {params_key(t.params): t for t in trials
+              if t.state == TrialState.FAIL and params_key(t.params) not in done}
     return [{"params": {k: t.params.get(k) for k in grid}, "last_trial": t.number} for t in failed.values()]
 
 
@@ -599,15 +447,3 @@ def summary_lines(sweep_dir: Path) -> list[str]:
     lines += [f"held-out run folder: {run_dir}", f"held-out: {summary_line(run_dir)}",
               f"reports: {Path(sweep_dir) / 'sweep.html'}  {Path(sweep_dir) / 'sweep.md'}  {run_dir / 'report.html'}"]
     return lines
-
-
-def read_trials(sweep_dir: Path) -> list[dict]:
-    path = Path(sweep_dir) / TRIALS_JSONL
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def sweep_record(sweep_dir: Path) -> tuple[dict, dict]:
-    """(manifest, spec) of a sweep folder, for the report."""
-    manifest = read_manifest(sweep_dir)
-    spec = yaml.safe_load((Path(sweep_dir) / SPEC_FILE).read_text(encoding="utf-8"))
-    return manifest, spec

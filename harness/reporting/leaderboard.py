@@ -26,9 +26,10 @@ import numpy as np
 
 from harness.errors import RunError
 from harness.io import atomic_write_json, atomic_write_text
-from harness.models import adapter_tensor_shapes
-from harness.recipes.compare import model_label
-from harness.reporting.report import Run, load_runs
+from harness.models import model_label
+from harness.models.adapter_fit import adapter_tensor_shapes
+from harness.reporting.loading import Run, load_runs
+from harness.runfolder import ADAPTER_DIR
 from harness.scoring.metrics import (HIGHER_IS_BETTER, METRICS, MetricSettings, ModelOutputs, paired_comparison,
                                      per_example_from_stats, sufficient_stats)
 
@@ -334,8 +335,8 @@ def cost(run: Run) -> dict:
 
 def _adapter_folder(run: Run) -> Path | None:
     """The run's adapter/, or the adapter an eval candidate scored (if still on this machine)."""
-    if (run.path / "adapter").is_dir():
-        return run.path / "adapter"
+    if (run.path / ADAPTER_DIR).is_dir():
+        return run.path / ADAPTER_DIR
     candidates = run.manifest.get("candidates") or []
     weights = Path(str(_dict(candidates[0]).get("weights", ""))) if len(candidates) == 1 else None
     if weights and _dict(candidates[0]).get("kind") != "merged" and (weights / "adapter_config.json").is_file():

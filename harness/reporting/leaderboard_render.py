@@ -15,7 +15,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from harness.reporting.report import MD_MAX_BYTES, PALETTE, TEMPLATES, md_escape, significance
+from harness.reporting.content import significance
+from harness.reporting.figures import PALETTE
+from harness.reporting.report import MD_MAX_BYTES, TEMPLATES, md_escape
 from harness.scoring.metrics import DEGENERATION
 
 GUARD_KEYS = (("length_ratio", "length ratio", "ratio"), ("empty_share", "empty", "share"),

@@ -19,6 +19,8 @@ import yaml
 from harness import models
 from harness.errors import RunError
 from harness.io import atomic_write_text
+from harness.models import base_files
+from harness.runfolder import ADAPTER_DIR
 from harness.scoring.metrics import DEGENERATION
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md.j2"
@@ -43,9 +45,9 @@ def write_model_cards(run_dir: Path) -> list[Path]:
             written.append(folder / EVAL_CARD_FILE)
             atomic_write_text(written[-1], str(model_card(folder)))
         return written
-    if not (run_dir / "adapter" / "adapter_config.json").is_file():
+    if not (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
         return []
-    path = run_dir / "adapter" / CARD_FILE
+    path = run_dir / ADAPTER_DIR / CARD_FILE
     atomic_write_text(path, str(model_card(run_dir)))
     return [path]
 
@@ -58,7 +60,7 @@ def model_card(run_dir: Path, export: dict | None = None):
     kind = "merged" if export else run.candidate_kind
     base = run.spec["model"]["base"]
     public = models.public_model_id(base)
-    embedded = models.embedded_model(base)
+    embedded = base_files.embedded_model(base)
     license_id = embedded.hub_license if embedded else None
     model_name = Path(run_dir).name
     dataset = ", ".join(run.heldout_files)

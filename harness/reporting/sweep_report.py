@@ -13,17 +13,19 @@ from pathlib import Path
 import numpy as np
 
 from harness.io import atomic_write_text
-from harness.recipes.sweep import CHOICE_FILE, VALIDATION_FILE, maximizes, read_trials, select_label, sweep_record
-from harness.reporting import report
+from harness.reporting import figures
+from harness.reporting.report import TEMPLATE_ENV
 from harness.scoring.metrics import HIGHER_IS_BETTER, METRICS
+from harness.scoring.sweep_selection import maximizes, select_label
+from harness.sweepfolder import CHOICE_FILE, VALIDATION_FILE, read_trials, sweep_record
 
 
 def write_sweep_reports(sweep_dir: Path) -> tuple[Path, Path]:
     """Render `sweep.html` and `sweep.md` into the sweep folder; return both paths."""
     sweep_dir = Path(sweep_dir)
     context = build_context(sweep_dir)
-    html = report._ENV.get_template("sweep.html.j2").render(**context)
-    markdown = report._ENV.get_template("sweep.md.j2").render(**context)
+    html = TEMPLATE_ENV.get_template("sweep.html.j2").render(**context)
+    markdown = TEMPLATE_ENV.get_template("sweep.md.j2").render(**context)
     html_path, md_path = sweep_dir / "sweep.html", sweep_dir / "sweep.md"
     atomic_write_text(html_path, html)
     atomic_write_text(md_path, markdown)
@@ -137,11 +139,11 @@ def _plots(trials: list[dict], grid: dict, select: str | list[str], roles: dict)
         {"id": "plot-trials", "title": f"Validation {label} per trial",
          "alt": f"Validation {label} of each trial; infeasible trials crossed, the winner starred",
          "caption": f"{what} Crossed: infeasible (loop constraint).",
-         "src": _trials_plot(done, select, roles) if done else report._placeholder("no completed trial")},
+         "src": _trials_plot(done, select, roles) if done else figures.placeholder("no completed trial")},
         {"id": "plot-params", "title": f"Validation {label} by setting",
          "alt": f"Validation {label} against each swept setting",
          "caption": "One panel per swept key: every completed trial at the value it used.",
-         "src": _params_plot(done, grid, select, roles) if done else report._placeholder("no completed trial")},
+         "src": _params_plot(done, grid, select, roles) if done else figures.placeholder("no completed trial")},
     ]
 
 
@@ -154,36 +156,36 @@ def _markers(ax, xs, trials: list[dict], roles: dict) -> None:
     values = np.array([t["value"] for t in trials], dtype=float)
     feasible = np.array([bool(t["feasible"]) for t in trials])
     xs = np.asarray(xs, dtype=float)
-    ax.scatter(xs[feasible], values[feasible], s=42, color=report.PALETTE[0], label="feasible", zorder=3)
+    ax.scatter(xs[feasible], values[feasible], s=42, color=figures.PALETTE[0], label="feasible", zorder=3)
     if (~feasible).any():
-        ax.scatter(xs[~feasible], values[~feasible], s=56, marker="x", color=report.PALETTE[3],
+        ax.scatter(xs[~feasible], values[~feasible], s=56, marker="x", color=figures.PALETTE[3],
                    label="infeasible (loops)", zorder=3)
     winner = [i for i, t in enumerate(trials) if roles.get(t["trial"]) == "winner"]
     if winner:
-        ax.scatter(xs[winner], values[winner], s=220, marker="*", color=report.PALETTE[1], label="winner", zorder=4)
+        ax.scatter(xs[winner], values[winner], s=220, marker="*", color=figures.PALETTE[1], label="winner", zorder=4)
 
 
 def _trials_plot(trials: list[dict], select: str | list[str], roles: dict) -> str:
-    fig = report._figure(3.4)
+    fig = figures.figure(3.4)
     ax = fig.add_subplot()
     numbers = [t["trial"] for t in trials]
     if isinstance(select, str):
         base = [(t["trial"], t["validation"]["base"][select]) for t in trials if t.get("validation")]
         if base:
-            ax.scatter(*zip(*base), marker="_", s=260, color=report.BASE_GREYS[0], label="base", zorder=2)
+            ax.scatter(*zip(*base), marker="_", s=260, color=figures.BASE_GREYS[0], label="base", zorder=2)
     else:  # a gain is already relative to base: its line is 0
-        ax.axhline(0.0, color=report.BASE_GREYS[0], linewidth=1, label="tuned = base", zorder=1)
+        ax.axhline(0.0, color=figures.BASE_GREYS[0], linewidth=1, label="tuned = base", zorder=1)
     _markers(ax, numbers, trials, roles)
     ax.set_xticks(numbers, [str(n) for n in numbers])
     ax.set_xlabel("trial")
     ax.set_ylabel(_axis_label(select))
-    report._legend(fig, ax)
-    report._style(ax)
-    return report._png(fig)
+    figures.legend_above(fig, ax)
+    figures.style_axes(ax)
+    return figures.png(fig)
 
 
 def _params_plot(trials: list[dict], grid: dict, select: str | list[str], roles: dict) -> str:
-    fig = report._figure(3.2)
+    fig = figures.figure(3.2)
     axes = fig.subplots(1, len(grid), squeeze=False)[0]
     for ax, (key, values) in zip(axes, grid.items()):
         labels = [_fmt_param(v) for v in values]
@@ -191,8 +193,8 @@ def _params_plot(trials: list[dict], grid: dict, select: str | list[str], roles:
         _markers(ax, xs, trials, roles)
         ax.set_xticks(range(len(labels)), labels)
         ax.set_xlim(-0.5, len(labels) - 0.5)
-        ax.set_xlabel(report._mpl(key))
-        report._style(ax)
+        ax.set_xlabel(figures.mpl_text(key))
+        figures.style_axes(ax)
     axes[0].set_ylabel(_axis_label(select))
-    report._legend(fig, axes[0])
-    return report._png(fig)
+    figures.legend_above(fig, axes[0])
+    return figures.png(fig)

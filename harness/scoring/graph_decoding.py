@@ -37,8 +37,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from harness.errors import ModelError, first_line
-from harness.scoring.generation import (GenerationStats, OutputPenalties, deterministic_algorithms, sampled,
-                                        transformers_model)
+from harness.models import transformers_model
+from harness.scoring.decoding import GenerationStats, OutputPenalties, deterministic_algorithms, sampled
 from harness.spec import GenerationSpec
 
 log = logging.getLogger(__name__)

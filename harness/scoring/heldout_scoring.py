@@ -26,10 +26,12 @@ from harness.data.prompts import encode_example, encode_prompt, fit_prompts
 from harness.distributed import main_only
 from harness.errors import ModelError
 from harness.io import atomic_write_json, atomic_write_text
+from harness.models import base_files
 from harness.scoring import degeneration
 from harness.scoring.constant_baseline import constant_baseline, floor_warnings
-from harness.scoring.generation import (Generation, GenerationStats, batch_rows, generate, left_pad,
-                                        length_sorted_batches, plan_prompt_batches, resolve_engine)
+from harness.scoring.decoding import GenerationStats
+from harness.scoring.generation import (Generation, batch_rows, generate, left_pad, length_sorted_batches,
+                                        plan_prompt_batches, resolve_engine)
 from harness.scoring.likelihood import reference_nll
 from harness.scoring.metrics import (MetricSettings, ModelOutputs, length_shift_warning, per_example_from_stats,
                                      score_outputs, settings_record, sufficient_stats)
@@ -40,7 +42,7 @@ ADAPTER_TOLERANCE = 1e-4
 
 def score_cache_dir() -> Path:
     """`$HARNESS_SCORE_CACHE`, else `<cache>/base_scores`: cached base-model predictions."""
-    return Path(os.environ.get("HARNESS_SCORE_CACHE") or models.cache_dir() / "base_scores")
+    return Path(os.environ.get("HARNESS_SCORE_CACHE") or base_files.cache_dir() / "base_scores")
 
 
 def metric_settings(spec) -> MetricSettings:

@@ -12,7 +12,9 @@ from typing import Sequence
 import numpy as np
 
 from harness.data.prompts import EncodedExample
-from harness.scoring.generation import deterministic_kernels, length_sorted_batches, transformers_model
+from harness.models import transformers_model
+from harness.scoring.decoding import deterministic_kernels
+from harness.scoring.generation import length_sorted_batches
 
 HEAD_CHUNK = 8192  # positions per LM-head call: 8192 x 49k vocabulary x fp32 is 1.6 GB of logits
 

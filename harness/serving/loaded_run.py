@@ -14,16 +14,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from harness import models
+from harness import devices, models
 from harness.data.prompts import FittedPrompt, PromptTooLong, fit_prompts
-from harness.data.records import clean_text
+from harness.data.cleaning import clean_text
 from harness.errors import DataError, RunError, SpecError
-from harness.recipes.run import load_run_spec
+from harness.models import base_files
+from harness.runfolder import ADAPTER_DIR, load_run_spec
 from harness.scoring.generation import Generation, generate
 from harness.spec import GenerationSpec, TaskSpec
 
 log = logging.getLogger(__name__)
-ADAPTER_DIR = "adapter"
 MAX_TITLE_CHARS = 500  # one limit for the CLI and the HTTP API; real product titles stay far below it
 
 
@@ -33,7 +33,7 @@ class LoadedRun:
 
     run_dir: Path
     spec: TaskSpec
-    device: models.Device
+    device: devices.Device
     tokenizer: object
     model: object  # a PeftModel: `disable_adapter()` gives the base model without a second copy
     adapter_dir: Path
@@ -50,8 +50,8 @@ class LoadedRun:
         if not (adapter_dir / "adapter_config.json").is_file():
             raise RunError(f"{run_dir}: no trained adapter in {ADAPTER_DIR}/ (unfinished run? "
                            f"finish it with `harness run --resume {run_dir}`)")
-        device = models.pick_device()
-        model_ref = models.resolve_base(spec.model.base)
+        device = devices.pick_device()
+        model_ref = base_files.resolve_base(spec.model.base)
         log.info("loading %s with the adapter of %s on %s", spec.model.base, run_dir, device.describe())
         tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
         model = models.load_model(model_ref, spec.model, tokenizer, device)

@@ -22,9 +22,13 @@ from pathlib import Path
 
 from harness import distributed
 from harness.data.prompts import encode_fitted, fit_prompts
+from harness.devices import Device
 from harness.errors import HarnessError
 from harness.io import atomic_write_text
-from harness.models import Device, embedded_model, sync_eos
+from harness.models import transformers_model
+from harness.models.base_files import embedded_model
+from harness.models.end_of_turn import sync_eos
+from harness.runfolder import ADAPTER_DIR
 from harness.spec import TaskSpec
 from harness.training import tracking
 from harness.training.fused_lora import fused_lora_add
@@ -51,9 +55,9 @@ class TrainResult:
 def fast_path_options(spec: TaskSpec, device: Device, reasons: dict | None = None) -> dict:
     """Resolve the `auto` switches: the fast paths are for CUDA; CPU keeps the plain path. `reasons`, when
     given, receives one line for each fast path that is off saying why (the manifest's `fast_path_reasons`):
-    where a fast path would compute something else than the model itself does (harness.training.attention
+    where a fast path would compute something else than the model itself does (harness.models.attention
     .unsupported, a model type Liger has no kernels for), `auto` leaves it off and a forced `on` fails here."""
-    from harness.training.attention import unsupported, varlen_available
+    from harness.models.attention import unsupported, varlen_available
 
     cuda = device.kind == "cuda"
     t = spec.train
@@ -94,7 +98,7 @@ def fast_path_options(spec: TaskSpec, device: Device, reasons: dict | None = Non
             ("train.compile is on (the compiler fuses the same operations)", lambda: t.compile == "off"),
             (lambda: liger_missing(config()), lambda: not liger_missing(config()))])),
         # A packed batch is one long row: sdpa computes a dense (L x L) masked attention over it,
-        # FlashAttention's varlen kernel attends within each example (harness.training.attention).
+        # FlashAttention's varlen kernel attends within each example (harness.models.attention).
         "attention": t.attention if t.attention != "auto" else
         "varlen" if _met("attention", why, [
             no_cuda, ("packing is off (the kernel attends within packed examples)", lambda: packing),
@@ -153,7 +157,7 @@ def base_config(spec: TaskSpec):
     model computes)."""
     from transformers import AutoConfig
 
-    from harness.models import resolve_base
+    from harness.models.base_files import resolve_base
 
     ref = resolve_base(spec.model.base)
     try:
@@ -197,7 +201,7 @@ def graph_blockers(spec: TaskSpec, fast: dict, cuda: bool) -> list[str]:
 def weight_bytes(model_ref: str) -> int:
     """Size of a model's weight files: safetensors, else pickled `.bin` ones (0 when it is not a local
     folder yet). Folders that ship both formats hold the same weights twice: one format is counted."""
-    from harness.models import resolve_base
+    from harness.models.base_files import resolve_base
 
     folder = Path(resolve_base(model_ref))
     if not folder.is_dir():
@@ -515,8 +519,6 @@ def modeling_module_restored(model):
     Liger (through the Trainer) swaps the Llama module's RMSNorm, SwiGLU and RoPE for its kernels
     module-wide, so every model loaded later in the process would use them: tuned outputs would be
     scored with other kernels than base outputs, and greedy decoding in bf16 changes with them."""
-    from harness.scoring.generation import transformers_model
-
     module = sys.modules[type(transformers_model(model)).__module__]
     saved = dict(vars(module))
     try:
@@ -578,7 +580,7 @@ def _train(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, run_dir: Path, d
     if stopper.received is not None:
         raise TrainingInterrupted(f"training interrupted by signal {stopper.received}; "
                                   f"resume with: python -m harness run --resume {run_dir}")
-    adapter_dir = run_dir / "adapter"
+    adapter_dir = run_dir / ADAPTER_DIR
     sync_eos(trainer.model, tokenizer)
     if trainer.is_world_process_zero():
         trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)

