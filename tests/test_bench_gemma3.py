@@ -82,6 +82,7 @@ def test_trl_baseline_trains_on_the_same_tokens_as_harness(tiny_arch):
 
     from harness.benchmarks import bench_train
     from harness.data import records
+    from harness.devices import pick_device
     from harness.spec import load_spec
     from harness.training.train import build_trainer, tokenized_dataset
     from tests.conftest import tiny_overrides
@@ -90,7 +91,7 @@ def test_trl_baseline_trains_on_the_same_tokens_as_harness(tiny_arch):
     spec = load_spec(str(REPO / "tasks" / "amazon_desc.yaml"), tiny_overrides(folder, *extra))
     models.resolve_prompt_template(spec)
     tokenizer = models.load_tokenizer(str(folder), spec.model, uses_chat_template=spec.prompt.template is None)
-    device = models.pick_device()
+    device = pick_device()
     examples = records.prepare(spec).train[:6]
     ours = tokenized_dataset(spec, tokenizer, examples)["input_ids"]
     options = {**bench_train.recipe_overrides("trl_tuned", 4, device), "packing": False, "padding_free": False}
