@@ -32,6 +32,15 @@ ADAPTER_DIR = "adapter"  # the trained LoRA adapter
 CANDIDATES_DIR = "candidates"  # an eval run's scored candidates, one folder each
 
 
+def trained_adapter(run_dir: Path) -> Path:
+    """The run's trained adapter folder; a run that has not trained yet is a one-line RunError."""
+    adapter_dir = Path(run_dir) / ADAPTER_DIR
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise RunError(f"{run_dir}: no trained adapter in {ADAPTER_DIR}/ (unfinished run? finish it with "
+                       f"`harness run --resume {run_dir}`)")
+    return adapter_dir
+
+
 def new_run_dir(runs_root: Path, task: str) -> Path:
     try:
         runs_root.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ from harness import devices, models
 from harness.errors import HarnessError, ModelError, RunError
 from harness.io import atomic_write_json, atomic_write_text
 from harness.models import base_files, end_of_turn
-from harness.runfolder import ADAPTER_DIR, load_run_spec, read_manifest
+from harness.runfolder import load_run_spec, read_manifest, trained_adapter
 
 log = logging.getLogger(__name__)
 DTYPES = ("bf16", "fp16", "fp32")
@@ -48,10 +48,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype: str = "bf16", dequantize: bo
     if dtype not in DTYPES:
         raise HarnessError(f"export --dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
     manifest = read_manifest(run_dir)
-    adapter_dir = run_dir / ADAPTER_DIR
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise RunError(f"{run_dir}: no trained adapter in adapter/ (finish the run with "
-                       f"`harness run --resume {run_dir}`)")
+    adapter_dir = trained_adapter(run_dir)
     quantized = bool((manifest.get("fast_path") or {}).get("quantize"))
     if quantized and not dequantize:
         raise RunError(f"{run_dir}: a QLoRA run (its adapter learned on the nf4-quantized base); pass --dequantize "

@@ -15,8 +15,8 @@ BASE_GREYS = ("#8a8f98", "#b3b8c0", "#6b7079", "#cfd3d9")
 REFERENCE_COLOR = "#222222"
 
 
-def figure(height: float = 3.6) -> Figure:
-    fig = Figure(figsize=(10, height), dpi=110, layout="constrained")
+def figure(height: float = 3.6, width: float = 10) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)  # explicit Agg: never touch pyplot's global backend
     return fig
 

@@ -7,16 +7,12 @@ fits a pull-request comment (under MD_MAX_BYTES), its strings escaped with `repo
 
 from __future__ import annotations
 
-import base64
-import io
 
 import jinja2
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from harness.reporting.content import significance
-from harness.reporting.figures import PALETTE
+from harness.reporting.figures import PALETTE, figure, mpl_text, png
 from harness.reporting.report import MD_MAX_BYTES, TEMPLATES, md_escape
 from harness.scoring.metrics import DEGENERATION
 
@@ -154,21 +150,6 @@ def _guard(value, kind: str) -> str:
 
 
 # -- plots ------------------------------------------------------------------------------------
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)  # explicit Agg: never pyplot's global backend
-    return fig
-
-
-def _png(fig: Figure) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _mpl(text: str) -> str:
-    """A model name as matplotlib text: `$` would start mathtext."""
-    return (text if len(text) <= 40 else text[:39] + "…").replace("$", r"\$")
 
 
 def plots(board) -> list[dict]:
@@ -183,7 +164,7 @@ def _cost_plot(board) -> dict:
     untimed = [m["name"] for m in doc["models"] if m["cost"]["train_seconds"] is None]
     cols = min(5, len(names))
     rows = -(-len(names) // cols)
-    fig = _figure(2.6 * cols, 2.4 * rows + 0.5)
+    fig = figure(2.4 * rows + 0.5, width=2.6 * cols)
     for i, metric in enumerate(names):
         ax = fig.add_subplot(rows, cols, i + 1)
         for k, m in enumerate(timed):
@@ -191,7 +172,7 @@ def _cost_plot(board) -> dict:
             low, high = est["ci95"]
             ax.errorbar([m["cost"]["train_seconds"]], [est["value"]], capsize=3, fmt="o",
                         yerr=[[max(est["value"] - low, 0)], [max(high - est["value"], 0)]],
-                        color=PALETTE[k % len(PALETTE)], label=_mpl(m["name"]) if i == 0 else None)
+                        color=PALETTE[k % len(PALETTE)], label=mpl_text(m["name"]) if i == 0 else None)
         ax.set_title(f"{metric} {'↑' if doc['higher_is_better'][metric] else '↓'}", fontsize=10)
         ax.set_xlabel("training seconds", fontsize=8)
         ax.tick_params(labelsize=8)
@@ -203,7 +184,7 @@ def _cost_plot(board) -> dict:
         caption += f" Not plotted (no training time recorded): {', '.join(untimed)}."
     if "perplexity" in names:
         caption += " Perplexity is per token of each model's own tokenizer."
-    return {"id": "plot-cost", "title": "Score against training cost", "caption": caption, "src": _png(fig),
+    return {"id": "plot-cost", "title": "Score against training cost", "caption": caption, "src": png(fig),
             "alt": "Scatter plots of each metric's tuned score against training seconds, one point per model"}
 
 
@@ -213,7 +194,7 @@ def _delta_plot(board) -> dict:
     pairs = doc["pairs"][:MAX_DELTA_PLOTS]
     cols = min(3, len(pairs))
     rows = -(-len(pairs) // cols)
-    fig = _figure(3.6 * cols, 2.8 * rows)
+    fig = figure(2.8 * rows, width=3.6 * cols)
     for i, pair in enumerate(pairs):
         deltas = np.array([row[pair["b"]]["tuned"][metric] - row[pair["a"]]["tuned"][metric]
                            for row in board.examples])
@@ -221,7 +202,7 @@ def _delta_plot(board) -> dict:
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.hist(deltas, bins=int(np.clip(2 * np.sqrt(deltas.size), 10, 40)), color=PALETTE[i % len(PALETTE)])
         ax.axvline(0, color="#222222", linestyle="--", linewidth=1)
-        ax.set_title(_mpl(f"{pair['b']} − {pair['a']}"), fontsize=9)
+        ax.set_title(mpl_text(f"{pair['b']} − {pair['a']}"), fontsize=9)
         ax.set_xlabel(f"{metric}, per example: mean {deltas.mean():+.2f}; b better on {int(np.sum(better > 1e-9))}, "
                       f"worse on {int(np.sum(better < -1e-9))}", fontsize=8)
         ax.tick_params(labelsize=8)
@@ -230,5 +211,5 @@ def _delta_plot(board) -> dict:
                "scores; the corpus delta and its CI are in the pairwise table).")
     if len(doc["pairs"]) > MAX_DELTA_PLOTS:
         caption += f" The first {MAX_DELTA_PLOTS} of {len(doc['pairs'])} pairs."
-    return {"id": "plot-deltas", "title": "Per-example deltas between models", "caption": caption, "src": _png(fig),
+    return {"id": "plot-deltas", "title": "Per-example deltas between models", "caption": caption, "src": png(fig),
             "alt": f"Histograms of per-example {metric} differences between the tuned models of each pair"}

@@ -19,7 +19,7 @@ from harness.data.prompts import FittedPrompt, PromptTooLong, fit_prompts
 from harness.data.cleaning import clean_text
 from harness.errors import DataError, RunError, SpecError
 from harness.models import base_files
-from harness.runfolder import ADAPTER_DIR, load_run_spec
+from harness.runfolder import load_run_spec, trained_adapter
 from harness.scoring.generation import Generation, generate
 from harness.spec import GenerationSpec, TaskSpec
 
@@ -46,10 +46,7 @@ class LoadedRun:
         if not run_dir.is_dir():
             raise RunError(f"{run_dir}: no such run folder")
         spec = load_run_spec(run_dir)
-        adapter_dir = run_dir / ADAPTER_DIR
-        if not (adapter_dir / "adapter_config.json").is_file():
-            raise RunError(f"{run_dir}: no trained adapter in {ADAPTER_DIR}/ (unfinished run? "
-                           f"finish it with `harness run --resume {run_dir}`)")
+        adapter_dir = trained_adapter(run_dir)
         device = devices.pick_device()
         model_ref = base_files.resolve_base(spec.model.base)
         log.info("loading %s with the adapter of %s on %s", spec.model.base, run_dir, device.describe())
