@@ -353,3 +353,15 @@ def test_a_resumed_run_writes_its_card(travelled, tmp_path):
               front_matter((run / "adapter" / "README.md").read_text(encoding="utf-8"))["model-index"][0]["results"][0]["metrics"]}
     assert logged == {m: s["value"] for m, s in read(run / "metrics.json")["tuned"].items()}
     assert read(run / "manifest.json")["stages_done"][-1] == "report"
+
+
+def test_the_adapter_config_is_written_in_one_order(tmp_path):
+    """PEFT saves target_modules from a set (its order follows the hash seed): harness rewrites them sorted,
+    so one training gives one adapter fingerprint; a local base model keeps its path."""
+    from harness.training.train import write_portable_adapter_config
+
+    config = {"target_modules": ["v_proj", "q_proj", "o_proj"], "base_model_name_or_path": str(tmp_path / "base")}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    write_portable_adapter_config(tmp_path, str(tmp_path / "base"))
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written == {**config, "target_modules": ["o_proj", "q_proj", "v_proj"]}

@@ -584,7 +584,7 @@ def _train(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, run_dir: Path, d
     sync_eos(trainer.model, tokenizer)
     if trainer.is_world_process_zero():
         trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
-        name_public_base(adapter_dir, spec.model.base)
+        write_portable_adapter_config(adapter_dir, spec.model.base)
     trainer.accelerator.wait_for_everyone()  # the others score with the adapter next
     n_tokens = sum(len(ids) for ids in train_ds["input_ids"]) * max(spec.train.epochs, 1)
     best = None
@@ -596,18 +596,23 @@ def _train(spec: TaskSpec, model, tokenizer, train_ds, eval_ds, run_dir: Path, d
                        seconds=time.perf_counter() - started, best=best)
 
 
-def name_public_base(adapter_dir: Path, base: str) -> None:
-    """Have a saved adapter of an embedded base model name it by its public id (adapter_config.json's
-    base_model_name_or_path, and the front matter of PEFT's README) rather than by this machine's cache
-    folder; `eval` matches that id to the embedded model. Rewritten after saving, so PEFT's own checks at
-    save time still read the local folder (with a hub id they would query the Hub)."""
-    embedded = embedded_model(base)
-    if embedded is None:
-        return
+def write_portable_adapter_config(adapter_dir: Path, base: str) -> None:
+    """Rewrite a saved adapter's adapter_config.json so it means the same everywhere: `target_modules` in
+    sorted order (PEFT saves a set, whose order follows the process's hash seed, and with it the adapter's
+    fingerprint), and for an embedded base model its public id as base_model_name_or_path (also in the front
+    matter of PEFT's README) rather than this machine's cache folder; `eval` matches that id to the embedded
+    model. Rewritten after saving, so PEFT's own checks at save time still read the local folder (with a
+    hub id they would query the Hub)."""
     path = adapter_dir / "adapter_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
-    atomic_write_text(path, json.dumps({**config, "base_model_name_or_path": embedded.hub_id}, indent=2,
-                                       sort_keys=True))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    embedded = embedded_model(base)
+    if embedded is not None:
+        config["base_model_name_or_path"] = embedded.hub_id
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True))
+    if embedded is None:
+        return
     readme = adapter_dir / "README.md"
     if readme.is_file():
         from huggingface_hub import ModelCard
