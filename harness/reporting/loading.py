@@ -38,7 +38,7 @@ def load_runs(path: Path) -> tuple[list[Run], list[dict]]:
     metrics_path = path / "metrics.json"
     if not metrics_path.is_file():
         return [load_run(path)], []
-    metrics = _read_json_object(metrics_path)
+    metrics = read_json_object(metrics_path)
     if "candidates" not in metrics:
         return [load_run(path)], []
     candidates, comparisons = metrics["candidates"], metrics.get("comparisons")
@@ -67,7 +67,7 @@ def load_run(path: Path) -> Run:
     """Read a run folder; anything missing or malformed is a one-line RunError naming the file."""
     if not path.is_dir():
         raise RunError(f"{path}: {'not a folder' if path.exists() else 'no such run folder'}")
-    manifest = _read_json_object(path / "manifest.json")
+    manifest = read_json_object(path / "manifest.json")
     spec_path = path / "spec.yaml"
     spec_text = _read_text(spec_path)
     try:
@@ -77,7 +77,7 @@ def load_run(path: Path) -> Run:
     if not isinstance(spec, dict):
         raise RunError(f"{spec_path}: expected a YAML mapping")
     metrics_path = path / "metrics.json"
-    metrics = _read_json_object(metrics_path)
+    metrics = read_json_object(metrics_path)
     _check_metrics(metrics_path, metrics)
     log_path = path / "train_log.jsonl"
     return Run(
@@ -102,7 +102,8 @@ def _read_text(path: Path) -> str:
         raise RunError(os_error_message(path, exc, "read")) from None
 
 
-def _read_json_object(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A run folder's JSON object file; missing, unreadable, invalid or not an object: a one-line RunError."""
     try:
         data = json.loads(_read_text(path))
     except ValueError as exc:

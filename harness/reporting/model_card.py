@@ -10,7 +10,6 @@ text (titles, references or outputs).
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from harness import models
 from harness.errors import RunError
 from harness.io import atomic_write_text
 from harness.models import base_files
+from harness.reporting.loading import read_json_object
 from harness.runfolder import ADAPTER_DIR
 from harness.scoring.metrics import DEGENERATION
 
@@ -35,9 +35,9 @@ def write_model_cards(run_dir: Path) -> list[Path]:
     """The card(s) of a finished run-shaped folder: a run's `adapter/README.md` (replacing PEFT's empty
     template), or per `eval` candidate a `model_card.md` in its folder. Returns the paths written."""
     run_dir = Path(run_dir)
-    manifest = _read_json(run_dir / "manifest.json")
+    manifest = read_json_object(run_dir / "manifest.json")
     if manifest.get("recipe") == "eval":
-        metrics = _read_json(run_dir / "metrics.json")
+        metrics = read_json_object(run_dir / "metrics.json")
         folders = [run_dir / c["folder"] for c in metrics["candidates"].values()] if "candidates" in metrics \
             else [run_dir]
         written = []
@@ -85,8 +85,8 @@ class _Run:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.manifest = _read_json(folder / "manifest.json")
-        self.metrics = _read_json(folder / "metrics.json")
+        self.manifest = read_json_object(folder / "manifest.json")
+        self.metrics = read_json_object(folder / "metrics.json")
         try:
             self.spec = yaml.safe_load((folder / "spec.yaml").read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError) as exc:
@@ -274,14 +274,3 @@ def _command(manifest: dict) -> str:
         return "# not recorded by this run (made before harness recorded commands, or by a sweep trial)"
     return "python -m harness " + shlex.join(command)
 
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunError(f"{path}: missing; not a finished run folder") from None
-    except (OSError, ValueError) as exc:
-        raise RunError(f"{path}: unreadable ({exc})") from None
-    if not isinstance(data, dict):
-        raise RunError(f"{path}: expected a JSON object")
-    return data
