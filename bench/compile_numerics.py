@@ -20,8 +20,9 @@ from harness import devices, models  # noqa: E402
 from harness.benchmarks import bench_train  # noqa: E402
 from harness.models import base_files  # noqa: E402
 from harness.spec import load_spec  # noqa: E402
-from harness.training.train import (build_trainer, compile_layers, lora_inputs_in_compute_dtype,  # noqa: E402
-                                    tokenized_dataset)
+from harness.training.model_patches import compile_layers, lora_inputs_in_compute_dtype  # noqa: E402
+from harness.training.tokenization import tokenized_dataset  # noqa: E402
+from harness.training.train import build_trainer  # noqa: E402
 
 args = sys.argv[1:]
 overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]

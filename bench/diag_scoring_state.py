@@ -80,7 +80,8 @@ def measure(task: str, overrides: list[str], train_steps: int, sdpa: list[str] |
     from harness.data.prompts import build_prompt
     from harness.recipes.run import load_base_tokenizer
     from harness.spec import load_spec
-    from harness.training.train import fast_path_options, train
+    from harness.training.fast_paths import fast_path_options
+    from harness.training.train import train
 
     spec = load_spec(task, overrides)
     device = devices.pick_device()

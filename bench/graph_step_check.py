@@ -26,7 +26,9 @@ from harness.spec import load_spec  # noqa: E402
 from harness.models.attention import varlen_call  # noqa: E402
 from harness.training.cuda_graph_step import GraphedTrainingStep  # noqa: E402
 from harness.training.fused_lora import fused_lora_add  # noqa: E402
-from harness.training.train import build_trainer, fast_path_options, tokenized_dataset  # noqa: E402
+from harness.training.fast_paths import fast_path_options  # noqa: E402
+from harness.training.tokenization import tokenized_dataset  # noqa: E402
+from harness.training.train import build_trainer  # noqa: E402
 
 WARM = 5
 

@@ -190,7 +190,7 @@ def _stage_seconds(manifest_path: Path) -> dict:
 
 
 def tokenize_one_at_a_time(spec, tokenizer, examples):
-    """What harness.training.train.tokenized_dataset did before: two tokenizer calls per example, one process."""
+    """What harness.training.tokenization.tokenized_dataset did before: two tokenizer calls per example, one process."""
     from datasets import Dataset
 
     from harness.data.prompts import build_prompt, encode_example
@@ -212,7 +212,7 @@ def measure_tokenize(data_dir: Path, model: str, n: int) -> dict:
     from harness.data.prepared import TRAIN_FILE, Example
     from harness.models import base_files
     from harness.spec import load_spec
-    from harness.training.train import tokenized_dataset
+    from harness.training.tokenization import tokenized_dataset
 
     spec = load_spec(str(SPEC), [f"model.base={model}"])
     tokenizer = models.load_tokenizer(base_files.resolve_base(model), spec.model,

@@ -22,7 +22,9 @@ from harness.benchmarks import bench_train  # noqa: E402
 from harness.models import base_files  # noqa: E402
 from harness.spec import load_spec  # noqa: E402
 from harness.training.fused_lora import fused_lora_add  # noqa: E402
-from harness.training.train import build_trainer, fast_path_options, tokenized_dataset  # noqa: E402
+from harness.training.fast_paths import fast_path_options  # noqa: E402
+from harness.training.tokenization import tokenized_dataset  # noqa: E402
+from harness.training.train import build_trainer  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("model")

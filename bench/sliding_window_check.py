@@ -41,7 +41,7 @@ from harness.models import attention  # noqa: E402
 from harness.scoring import graph_decoding  # noqa: E402
 from harness.scoring.decoding import GenerationStats  # noqa: E402
 from harness.spec import GenerationSpec  # noqa: E402
-from harness.training.train import modeling_module_restored  # noqa: E402
+from harness.training.model_patches import modeling_module_restored  # noqa: E402
 
 WINDOW = 512
 BF16_FACTOR, TEETH_FACTOR = 2.0, 5.0

@@ -84,7 +84,8 @@ def test_trl_baseline_trains_on_the_same_tokens_as_harness(tiny_arch):
     from harness.data import records
     from harness.devices import pick_device
     from harness.spec import load_spec
-    from harness.training.train import build_trainer, tokenized_dataset
+    from harness.training.tokenization import tokenized_dataset
+    from harness.training.train import build_trainer
     from tests.conftest import tiny_overrides
 
     folder, extra = tiny_arch

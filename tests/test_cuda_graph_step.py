@@ -8,7 +8,7 @@ import torch
 from harness import devices, models
 from harness.errors import HarnessError
 from harness.training.cuda_graph_step import StaticBatch, capture_training_steps, sft_loss
-from harness.training.train import fast_path_options, graph_blockers
+from harness.training.fast_paths import fast_path_options, graph_blockers
 
 
 def _trl_batch(*examples):
@@ -74,7 +74,8 @@ def test_batches_that_do_not_fit_the_capture_fail_with_the_switch_named():
 def _trainer(tiny_model_dir, tmp_path, batch: int = 4):
     from harness.data.records import prepare
     from harness.spec import load_spec
-    from harness.training.train import build_trainer, tokenized_dataset
+    from harness.training.tokenization import tokenized_dataset
+    from harness.training.train import build_trainer
     from tests.conftest import REPO, tiny_overrides
 
     spec = load_spec(str(REPO / "tasks" / "amazon_desc.yaml"),
@@ -146,13 +147,13 @@ def test_auto_captures_small_models_only(monkeypatch):
     """Launch-bound small models gain (SmolLM2-135M 6.2x), a GPU-bound 1.1B loses 5%: auto decides by weight size."""
     from harness.spec import TaskSpec
     from harness.models import attention
-    from harness.training import train
+    from harness.training import fast_paths
 
     monkeypatch.setattr(attention, "varlen_available", lambda: True)
     spec = TaskSpec(name="t")
     cuda = devices.Device("cuda")
     for size, expected in ((270e6, True), (2.2e9, False)):
-        monkeypatch.setattr(train, "weight_bytes", lambda ref, size=size: size)
+        monkeypatch.setattr(fast_paths, "weight_bytes", lambda ref, size=size: size)
         assert fast_path_options(spec, cuda)["cuda_graphs"] is expected
     spec.train.cuda_graphs = "on"
     assert fast_path_options(spec, cuda)["cuda_graphs"] is True  # a spec may still ask for it

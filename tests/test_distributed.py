@@ -95,10 +95,10 @@ def test_the_launchers_echo_of_ctrl_c_does_not_abort_the_checkpoint(monkeypatch)
     count as the second signal that aborts without a checkpoint; a later one still does."""
     import signal
 
-    from harness.training.train import _StopOnSignal
+    from harness.training.interruptions import StopOnSignal
 
     _as_rank(monkeypatch, 0, 2)
-    stopper = _StopOnSignal()
+    stopper = StopOnSignal()
     stopper.handler(signal.SIGINT, None)
     stopper.handler(signal.SIGINT, None)
     assert stopper.received == signal.SIGINT

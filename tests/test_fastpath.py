@@ -8,7 +8,7 @@ import torch
 from harness import devices, models
 from harness.errors import HarnessError
 from harness.spec import ModelSpec, TaskSpec
-from harness.training.train import fast_path_options
+from harness.training.fast_paths import fast_path_options
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "flex_attention"])
@@ -122,7 +122,8 @@ def test_trl_hands_packed_boundaries_to_varlen_through_peft(tiny_model_dir, monk
     import torch.nn.attention.varlen as varlen_module
 
     from harness.spec import load_spec
-    from harness.training.train import build_trainer, tokenized_dataset
+    from harness.training.tokenization import tokenized_dataset
+    from harness.training.train import build_trainer
     from tests.conftest import tiny_overrides
 
     seen = []
@@ -183,7 +184,7 @@ def test_lora_inputs_stay_in_the_compute_dtype(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from harness.training.train import lora_inputs_in_compute_dtype
+    from harness.training.model_patches import lora_inputs_in_compute_dtype
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
@@ -202,9 +203,9 @@ def test_lora_inputs_stay_in_the_compute_dtype(tiny_model_dir):
 def test_compile_leaves_liger_out_and_refuses_forced_liger(tiny_model_dir, monkeypatch):
     """Compiled layers get their fusions from the compiler: `auto` Liger stays off with `compile: on`,
     and a forced Liger (opaque to the compiler) is refused up front."""
-    from harness.training import train
+    from harness.training import fast_paths
 
-    monkeypatch.setattr(train, "_has_liger", lambda: True)
+    monkeypatch.setattr(fast_paths, "_has_liger", lambda: True)
     spec = TaskSpec(name="t")
     spec.model.base = str(tiny_model_dir)
     cuda = devices.Device("cuda")  # only read, never used: the decision is pure
@@ -222,7 +223,7 @@ def test_compiled_layers_train_like_eager_layers(tiny_model_dir, tmp_path):
     CPU check uses the `eager` backend: it tests the wiring and tracing, not inductor's code."""
     from peft import LoraConfig, get_peft_model
 
-    from harness.training.train import compile_layers, decoder_layers
+    from harness.training.model_patches import compile_layers, decoder_layers
 
     def lora_model():
         torch.manual_seed(0)
@@ -245,7 +246,7 @@ def test_compiled_layers_train_like_eager_layers(tiny_model_dir, tmp_path):
 
 
 def test_compile_refuses_a_model_without_decoder_layers():
-    from harness.training.train import decoder_layers
+    from harness.training.model_patches import decoder_layers
 
     with pytest.raises(HarnessError, match="no `model.layers` to compile"):
         decoder_layers(torch.nn.Linear(2, 2))
@@ -256,7 +257,7 @@ def test_training_patches_to_the_modeling_module_are_undone(tiny_model_dir):
     after training (the tuned model for scoring) must run the same kernels as the base model did."""
     import sys
 
-    from harness.training.train import modeling_module_restored
+    from harness.training.model_patches import modeling_module_restored
 
     tokenizer = models.load_tokenizer(str(tiny_model_dir), ModelSpec(), uses_chat_template=True)
     model = models.load_model(str(tiny_model_dir), ModelSpec(), tokenizer, devices.Device("cpu"))
@@ -271,7 +272,7 @@ def test_training_patches_to_the_modeling_module_are_undone(tiny_model_dir):
 def test_weight_size_counts_one_format(tmp_path):
     """The size the `auto` switches read: pickled weights count when there is no safetensors file, and a
     folder shipping both formats is not counted twice."""
-    from harness.training.train import weight_bytes
+    from harness.training.fast_paths import weight_bytes
 
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"x" * 10)

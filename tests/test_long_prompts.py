@@ -95,7 +95,7 @@ def test_a_frame_that_leaves_no_room_is_a_spec_error(tiny_arch):
 
 
 def test_skip_drops_and_truncate_keeps_every_example(tiny_arch):
-    from harness.training.train import tokenize_counting
+    from harness.training.tokenization import tokenize_counting
 
     model_dir, extra = tiny_arch
     spec, tok = spec_and_tokenizer(model_dir, arch_template(extra))

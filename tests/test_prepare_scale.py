@@ -226,7 +226,7 @@ def test_prepare_peak_rss_is_bounded_on_a_200k_line_file(tmp_path):
 
 @pytest.mark.parametrize("per_process", [10**9, 60], ids=["in-process", "2-processes"])
 def test_tokenized_dataset_matches_one_at_a_time_encoding(tiny_model_dir, monkeypatch, capsys, per_process):
-    import harness.training.train as T
+    import harness.training.tokenization as T
     from harness import models
     from harness.spec import load_spec
 

@@ -199,14 +199,14 @@ def test_sigint_and_sigterm_both_ask_for_checkpoint_then_stop_and_a_second_one_a
 
     from accelerate import Accelerator
 
-    from harness.training.train import _signals_to, _StopOnSignal
+    from harness.training.interruptions import signals_to, StopOnSignal
 
     accelerator = Accelerator(cpu=True)
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for signum in (signal.SIGINT, signal.SIGTERM):
-        stopper = _StopOnSignal()
+        stopper = StopOnSignal()
         control = types.SimpleNamespace(should_save=False, should_training_stop=False)
-        with _signals_to(stopper):
+        with signals_to(stopper):
             stopper.callback(accelerator).on_step_end(None, None, control)
             assert not control.should_save and not control.should_training_stop
             os.kill(os.getpid(), signum)

@@ -12,8 +12,8 @@ from harness import devices, models
 from harness.errors import HarnessError
 from harness.models import attention
 from harness.spec import ModelSpec, TaskSpec
-from harness.training import train
-from harness.training.train import fast_path_options
+from harness.training import fast_paths
+from harness.training.fast_paths import fast_path_options
 from tests.conftest import TINY_GEMMA_WINDOW
 
 LENGTHS = (13, 20, 11)  # every example longer than the window of 8
@@ -220,8 +220,8 @@ def test_a_kernel_with_window_keeps_the_fast_paths_for_gemma3(tiny_gemma3_dir, m
     import torch.nn.attention.varlen as varlen_module
 
     monkeypatch.setattr(varlen_module, "varlen_attn", flash_varlen_reference)
-    monkeypatch.setattr(train, "weight_bytes", lambda ref: 536e6)  # Gemma 3 270M in bf16
-    monkeypatch.setattr(train, "_has_bitsandbytes", lambda: True)
+    monkeypatch.setattr(fast_paths, "weight_bytes", lambda ref: 536e6)  # Gemma 3 270M in bf16
+    monkeypatch.setattr(fast_paths, "_has_bitsandbytes", lambda: True)
     reasons = {}
     fast = fast_path_options(_cuda_spec(tiny_gemma3_dir, monkeypatch), devices.Device("cuda"), reasons)
     assert fast["attention"] == "varlen" and fast["packing"] and fast["fused_lora"] and fast["cuda_graphs"]
@@ -259,7 +259,7 @@ def test_liger_is_used_only_for_model_types_it_patches(tiny_gemma3_dir, tiny_mod
     table = types.ModuleType("liger_kernel.transformers.monkey_patch")
     table.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": object(), "gemma3_text": object(), "gemma3": object()}
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", table)
-    monkeypatch.setattr(train, "_has_liger", lambda: True)
+    monkeypatch.setattr(fast_paths, "_has_liger", lambda: True)
     for folder in (tiny_gemma3_dir, tiny_model_dir):
         assert fast_path_options(_cuda_spec(folder, monkeypatch), devices.Device("cuda"))["liger_kernels"] is True
     del table.MODEL_TYPE_TO_APPLY_LIGER_FN["gemma3_text"]
@@ -455,7 +455,8 @@ def test_the_graphed_training_step_keeps_the_window(tiny_gemma3_dir, tmp_path, m
     from harness.models import transformers_model
     from harness.spec import load_spec
     from harness.training.cuda_graph_step import StaticBatch, sft_loss
-    from harness.training.train import build_trainer, tokenized_dataset
+    from harness.training.tokenization import tokenized_dataset
+    from harness.training.train import build_trainer
     from tests.conftest import REPO, tiny_overrides
 
     seen = []

@@ -609,7 +609,8 @@ def test_keep_best_survives_an_interruption_and_resume(keep_best_run, tiny_model
     checkpoint, with the adapter equal to the uninterrupted run's (best tracking was restored)."""
     import trl
 
-    from harness.training.train import TrainingInterrupted, latest_checkpoint
+    from harness.training.interruptions import latest_checkpoint
+    from harness.training.train import TrainingInterrupted
 
     reference_dir, reference = keep_best_run
     real_step = trl.SFTTrainer.training_step

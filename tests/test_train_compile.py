@@ -45,7 +45,9 @@ def _losses(model_dir: Path, out: Path, compiled: bool, steps: int = 4) -> list[
     from harness import models
     from harness.data.records import prepare
     from harness.spec import load_spec
-    from harness.training.train import build_trainer, compile_layers, tokenized_dataset
+    from harness.training.model_patches import compile_layers
+    from harness.training.tokenization import tokenized_dataset
+    from harness.training.train import build_trainer
 
     spec = load_spec(str(REPO / "tasks" / "amazon_desc.yaml"),
                      [f"model.base={model_dir}", "lora.dropout=0.05", "train.max_length=96", "train.packing=on",

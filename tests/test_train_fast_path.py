@@ -33,7 +33,8 @@ def test_the_spec_decides_activation_checkpointing_not_trls_default(tiny_model_d
     from harness import models
     from harness.data.records import prepare
     from harness.spec import load_spec
-    from harness.training.train import build_trainer, checkpointing_field, tokenized_dataset
+    from harness.training.tokenization import tokenized_dataset
+    from harness.training.train import build_trainer, checkpointing_field
     from tests.conftest import REPO, tiny_overrides
 
     device = devices.pick_device()

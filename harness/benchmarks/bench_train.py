@@ -84,7 +84,10 @@ def measure_training(spec, model_factory, tokenizer, examples, recipe: str, devi
     import torch
 
     from harness.training.fused_lora import fused_lora_add
-    from harness.training.train import build_trainer, fast_path_options, modeling_module_restored, tokenized_dataset
+    from harness.training.fast_paths import fast_path_options
+    from harness.training.model_patches import modeling_module_restored
+    from harness.training.tokenization import tokenized_dataset
+    from harness.training.train import build_trainer
 
     # The spec's liger_kernels stays (auto by default), so `--set train.liger_kernels=off` reaches
     # harness_eager too: harness against harness_eager then differs in compiling alone.

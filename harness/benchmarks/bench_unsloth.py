@@ -105,7 +105,8 @@ def measure_unsloth(spec, tokenizer, examples, device, label: str, batch: int, m
     from harness.benchmarks.bench_train import recipe_overrides
     from harness.benchmarks.train_clock import TrainMeasure, with_mfu
     from harness.errors import HarnessError
-    from harness.training.train import sft_options, tokenized_dataset
+    from harness.training.tokenization import tokenized_dataset
+    from harness.training.train import sft_options
 
     folder = work / f"unsloth-{label.split(' ')[0]}-{batch}"
     folder.mkdir(parents=True, exist_ok=True)

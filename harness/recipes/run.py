@@ -31,7 +31,7 @@ from harness.runfolder import (ADAPTER_DIR, SPEC_FILE, Manifest, load_run_spec, 
                                process_start, read_manifest)
 from harness.spec import TaskSpec, load_spec, spec_to_dict
 from harness.training import tracking
-from harness.training.train import fast_path_options
+from harness.training.fast_paths import fast_path_options
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def _user_error(exc: BaseException, run_dir: Path) -> RunError | None:
 
 
 def _last_checkpoint(run_dir: Path) -> str | None:
-    from harness.training.train import latest_checkpoint
+    from harness.training.interruptions import latest_checkpoint
 
     found = latest_checkpoint(run_dir / "checkpoints")
     return str(found) if found else None
@@ -258,7 +258,8 @@ def record_long_prompts(spec: TaskSpec, manifest: Manifest, session) -> None:
 def train_stage(spec: TaskSpec, manifest: Manifest, train_examples, model_ref: str, tokenizer, device,
                 fast: dict) -> None:
     """Train a LoRA adapter into `<run>/adapter`, continuing from the last checkpoint if there is one."""
-    from harness.training.train import latest_checkpoint, train
+    from harness.training.interruptions import latest_checkpoint
+    from harness.training.train import train
 
     run_dir = manifest.run_dir
     model = models.load_model(model_ref, spec.model, tokenizer, device, quantize=fast["quantize"],
