@@ -144,10 +144,30 @@ def tiny_overrides(model_dir: Path, *extra: str) -> list[str]:
 
 
 def run_tiny(tmp_path: Path, model_dir: Path, *extra: str) -> Path:
-    """A full `run` of the shipped task on the tiny model (a few seconds)."""
+    """A full `run` of the shipped task on the tiny model (a few seconds), from inside tmp_path: a run
+    copies its report into ./reports, which must not be the repository's."""
+    from contextlib import chdir
+
     from harness.recipes.run import run_task
 
-    return run_task(str(REPO / "tasks" / "amazon_desc.yaml"), tiny_overrides(model_dir, *extra), tmp_path / "runs")
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    with chdir(tmp_path):
+        return run_task(str(REPO / "tasks" / "amazon_desc.yaml"), tiny_overrides(model_dir, *extra), tmp_path / "runs")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def suite_leaves_the_repository_alone():
+    """Fails the session if a test wrote run, sweep or report folders into the checkout (they belong in
+    tmp_path: a test that runs from the repository's folder leaves the developer's reports/ littered)."""
+    watched = [REPO / "runs", REPO / "sweeps", REPO / "comparisons", REPO / "reports" / "amazon_desc"]
+
+    def listing() -> set[str]:
+        return {str(p) for folder in watched if folder.is_dir() for p in folder.iterdir()}
+
+    before = listing()
+    yield
+    written = sorted(listing() - before)
+    assert not written, f"tests wrote into the repository: {written}"
 
 
 @pytest.fixture(scope="session")
