@@ -1,11 +1,12 @@
 # The two commands a newcomer runs on a fresh machine (both idempotent):
 #   make demo   -- set everything up, then `python -m harness run amazon_desc`
-#   make test   -- set everything up, then run the test suite
+#   make test   -- set everything up, then run the test suite (end-to-end tests marked `slow` left out)
+#   make test-all -- the same with the slow tests: what CI runs (.ci/run)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test
+.PHONY: setup demo test test-all
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,4 +20,7 @@ demo: setup
 	$(PY) -m harness run amazon_desc
 
 test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: setup
 	$(PY) -m pytest -q

@@ -45,7 +45,7 @@ def _site(tmp_path, source: str):
 def test_bench_quick_runs_every_recipe_and_generation(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "bench.json"
     code = main(["-q", "bench", str(REPO / "tasks" / "amazon_desc.yaml"), "--quick", "--only", "smollm2,generate",
-                 "--recipes", "seed,trl_tuned,harness,unsloth", "--examples", "200", "--max-length", "128",
+                 "--recipes", "seed,trl_tuned,harness,unsloth", "--examples", "80", "--max-length", "128",
                  "--batch", "8", "--seed-steps", "6", "--warmup", "2", "--loss-every", "1", "--gen-examples", "6",
                  "--loop-examples", "3", "--work", str(tmp_path / "work"), "--out", str(out),
                  "--unsloth-site", _site(tmp_path, FAKE_UNSLOTH),
