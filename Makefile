@@ -1,6 +1,6 @@
 # The two commands a newcomer runs on a fresh machine (both idempotent):
 #   make demo   -- set everything up, then `python -m harness run amazon_desc`
-#   make test   -- set everything up, then run the test suite (end-to-end tests marked `slow` left out)
+#   make test   -- set everything up, then run the test suite (end-to-end tests marked `slow` left out; ~3.5 min)
 #   make test-all -- the same with the slow tests: what CI runs (.ci/run)
 PYTHON ?= python3
 VENV := .venv
