@@ -179,12 +179,9 @@ def tiny_run(tiny_model_dir, tmp_path_factory) -> Path:
     previous = _os.environ.get("HARNESS_SCORE_CACHE")
     _os.environ["HARNESS_SCORE_CACHE"] = str(root / "score-cache")
     _os.environ["HARNESS_DEVICE"] = "cpu"
-    cwd = Path.cwd()
-    _os.chdir(root)  # reports/ lands here, not in the repo
     try:
         return run_tiny(root, tiny_model_dir)
     finally:
-        _os.chdir(cwd)
         if previous is None:
             _os.environ.pop("HARNESS_SCORE_CACHE", None)
         else:

@@ -20,7 +20,6 @@ def test_a_run_resolves_the_fast_path_once(tiny_model_dir, tmp_path, monkeypatch
 
     monkeypatch.setattr(train, "fast_path_options", counted)
     monkeypatch.setattr(run, "fast_path_options", counted)
-    monkeypatch.chdir(tmp_path)  # reports/ lands here
     run_dir = run_tiny(tmp_path, tiny_model_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["train"]["steps"] == 4
